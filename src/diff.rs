@@ -1,0 +1,1 @@
+//! Changes of an upper layer against its lowers (docker diff rules).

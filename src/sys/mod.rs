@@ -1,0 +1,395 @@
+//! Thin wrappers over the Linux system calls layerfs needs.
+//!
+//! This is the only module with `unsafe`. Every path given to these functions
+//! is a single name component relative to a directory fd (the callers check
+//! that names contain no `/` and are not `.`/`..`), and every call that could
+//! follow a symlink in its last component is made with `O_NOFOLLOW` or
+//! `AT_SYMLINK_NOFOLLOW`, so nothing here can reach outside a layer.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+pub mod xattr;
+
+pub type Stat = libc::stat;
+
+/// Converts a name to a C string; a name with a NUL byte is invalid input.
+pub fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Retries a call interrupted by a signal.
+fn retry<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// `openat(2)`; `O_CLOEXEC` and `O_NOFOLLOW` are always added.
+pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    let flags = flags | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+    retry(|| {
+        // SAFETY: `name` is a valid NUL-terminated string and `dir` a live fd.
+        let fd = cvt(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode) })?;
+        // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    })
+}
+
+/// Opens a path given by the user (a layer root); symlinks in it are followed.
+pub fn open_path_dir(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c = cstr(path.as_os_str())?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let fd = cvt(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `fd` is fresh and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens a directory below `dir` for reading and xattr access, never following
+/// a symlink; falls back to an `O_PATH` fd when the directory is not readable.
+pub fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+    match openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0)
+        }
+        r => r,
+    }
+}
+
+pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: Stat = unsafe { std::mem::zeroed() };
+    let flags = libc::AT_SYMLINK_NOFOLLOW | if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    // SAFETY: valid fd, valid C string, `st` is writable and sized for `stat`.
+    cvt(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, flags) })?;
+    Ok(st)
+}
+
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    fstatat(fd, c"")
+}
+
+pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
+    // SAFETY: all-zero is a valid `statvfs`.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and a writable struct of the right type.
+    cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `buf` is writable for `buf.len()` bytes.
+    let n = cvt_size(unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid fd and C string.
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+}
+
+pub fn mknodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32, rdev: u64) -> io::Result<()> {
+    // SAFETY: valid fd and C string.
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) }).map(drop)
+}
+
+pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: valid C strings and fd.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+pub fn linkat(
+    odir: BorrowedFd<'_>,
+    oname: &CStr,
+    ndir: BorrowedFd<'_>,
+    nname: &CStr,
+) -> io::Result<()> {
+    let flags = if oname.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    // SAFETY: valid fds and C strings; linkat never follows a final symlink without AT_SYMLINK_FOLLOW.
+    cvt(unsafe {
+        libc::linkat(
+            odir.as_raw_fd(),
+            oname.as_ptr(),
+            ndir.as_raw_fd(),
+            nname.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, is_dir: bool) -> io::Result<()> {
+    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: valid fd and C string.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+}
+
+pub const RENAME_NOREPLACE: u32 = libc::RENAME_NOREPLACE;
+pub const RENAME_EXCHANGE: u32 = libc::RENAME_EXCHANGE;
+pub const RENAME_WHITEOUT: u32 = libc::RENAME_WHITEOUT;
+
+pub fn renameat2(
+    odir: BorrowedFd<'_>,
+    oname: &CStr,
+    ndir: BorrowedFd<'_>,
+    nname: &CStr,
+    flags: u32,
+) -> io::Result<()> {
+    // SAFETY: valid fds and C strings; renameat2 never follows symlinks.
+    cvt(unsafe {
+        libc::renameat2(
+            odir.as_raw_fd(),
+            oname.as_ptr(),
+            ndir.as_raw_fd(),
+            nname.as_ptr(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// `fchownat` with `AT_SYMLINK_NOFOLLOW` (an empty name means `dir` itself).
+pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    let flags = libc::AT_SYMLINK_NOFOLLOW | if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    // SAFETY: valid fd and C string.
+    cvt(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, flags) }).map(drop)
+}
+
+/// chmod of the object an fd refers to (also an `O_PATH` fd), never a symlink's target.
+pub fn fchmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // SAFETY: valid fd.
+    match cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }) {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
+            let p = proc_fd_path(fd.as_raw_fd());
+            // SAFETY: valid C string; the magic link names the fd's own object.
+            cvt(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
+        }
+        r => r.map(drop),
+    }
+}
+
+pub fn proc_fd_path(fd: RawFd) -> CString {
+    CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number")
+}
+
+/// `utimensat` with `AT_SYMLINK_NOFOLLOW`; an empty name means `dir` itself.
+pub fn utimensat(dir: BorrowedFd<'_>, name: &CStr, times: &[libc::timespec; 2]) -> io::Result<()> {
+    if name.is_empty() {
+        // SAFETY: valid fd and a two-element timespec array.
+        return cvt(unsafe { libc::futimens(dir.as_raw_fd(), times.as_ptr()) }).map(drop);
+    }
+    // SAFETY: valid fd, C string and a two-element timespec array.
+    cvt(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    retry(|| {
+        // SAFETY: `buf` is writable for its length.
+        cvt_size(unsafe {
+            libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off as i64)
+        })
+    })
+}
+
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
+    retry(|| {
+        // SAFETY: `buf` is readable for its length.
+        cvt_size(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64) })
+    })
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    // SAFETY: valid fd.
+    retry(|| cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }).map(drop))
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    // SAFETY: valid fd.
+    retry(|| cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as i64, len as i64) }).map(drop))
+}
+
+pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
+    // SAFETY: valid fd.
+    let r = unsafe {
+        if datasync {
+            libc::fdatasync(fd.as_raw_fd())
+        } else {
+            libc::fsync(fd.as_raw_fd())
+        }
+    };
+    cvt(r).map(drop)
+}
+
+/// `lseek`; returns `None` for `ENXIO` (no data/hole past the offset).
+pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: i32) -> io::Result<Option<i64>> {
+    // SAFETY: valid fd.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r))
+}
+
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source fd as its argument.
+    cvt(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) }).map(drop)
+}
+
+pub fn copy_file_range(
+    src: BorrowedFd<'_>,
+    src_off: u64,
+    dst: BorrowedFd<'_>,
+    dst_off: u64,
+    len: usize,
+) -> io::Result<usize> {
+    let mut so = src_off as i64;
+    let mut d = dst_off as i64;
+    retry(|| {
+        // SAFETY: valid fds and pointers to local offsets.
+        cvt_size(unsafe {
+            libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, len, 0)
+        } as libc::ssize_t)
+    })
+}
+
+/// The file handle of an object (`name_to_handle_at` with `AT_EMPTY_PATH`):
+/// its type and bytes, as the kernel's overlayfs stores in `overlay.origin`.
+pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<(i32, Vec<u8>)> {
+    const MAX: usize = 128;
+    #[repr(C)]
+    struct Handle {
+        bytes: u32,
+        kind: i32,
+        data: [u8; MAX],
+    }
+    let mut h = Handle {
+        bytes: MAX as u32,
+        kind: 0,
+        data: [0; MAX],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `h` has the layout of `struct file_handle` with MAX bytes of room.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            &mut h as *mut Handle,
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        ) as libc::c_int
+    })?;
+    let n = (h.bytes as usize).min(MAX);
+    Ok((h.kind, h.data[..n].to_vec()))
+}
+
+/// Reads all entries of a directory (`.` and `..` excluded) as raw names,
+/// with their `d_ino` and `d_type`.
+pub fn read_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
+    let dir = openat(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: `buf` is writable for its length; getdents64 fills it with dirents.
+        let n = cvt_size(unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                dir.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            ) as libc::ssize_t
+        })?;
+        if n == 0 {
+            break;
+        }
+        let mut off = 0;
+        while off < n {
+            // linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name
+            let ino = u64::from_ne_bytes(buf[off..off + 8].try_into().expect("8 bytes"));
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            let dtype = buf[off + 18];
+            let name = &buf[off + 19..off + reclen];
+            let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            let name = &name[..len];
+            if name != b"." && name != b".." {
+                out.push((name.to_vec(), ino, dtype));
+            }
+            off += reclen;
+        }
+    }
+    Ok(out)
+}
+
+pub fn umask(mask: u32) -> u32 {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(mask) }
+}
+
+/// Raises the soft open-file limit to the hard limit (the daemon holds one fd
+/// per looked-up directory and layer).
+pub fn raise_nofile_limit() {
+    // SAFETY: all-zero is a valid rlimit.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to an rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 {
+        rl.rlim_cur = rl.rlim_max;
+        // SAFETY: valid pointer to an rlimit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) };
+    }
+}
+
+/// Sets the thread's filesystem uid/gid (used to create objects as the caller).
+pub fn set_fsids(uid: u32, gid: u32) {
+    // SAFETY: setfsuid/setfsgid only change this thread's fs credentials.
+    unsafe {
+        libc::syscall(libc::SYS_setfsgid, gid);
+        libc::syscall(libc::SYS_setfsuid, uid);
+    }
+}
