@@ -1,1 +1,27 @@
-fn main() {}
+//! The `layerfs` binary: parse, run, map errors to exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use layerfs::cli::{Cli, Command};
+use layerfs::daemon;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let debug = cli.compat.debug;
+    let default_level = if debug { "debug" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .format_timestamp_millis()
+        .init();
+    let run = match cli.command {
+        Some(Command::Mount(m)) => daemon::mount_from_args(m),
+        None => daemon::mount_from_compat(cli.compat),
+    };
+    match run {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("layerfs: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -116,7 +116,10 @@ mod tests {
         assert_eq!(oci_whiteout_target(b".wh..wh..opq"), None);
         assert_eq!(oci_whiteout_target(b".wh."), None);
         assert_eq!(oci_whiteout_target(b".wh.."), None);
-        assert_eq!(oci_whiteout_target(b".wh..."), Some(&b"."[..]).filter(|_| false));
+        assert_eq!(
+            oci_whiteout_target(b".wh..."),
+            Some(&b"."[..]).filter(|_| false)
+        );
         assert_eq!(oci_whiteout_target(b"foo"), None);
         assert!(is_oci_marker(b".wh..wh..opq"));
     }

@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
+pub mod process;
 pub mod xattr;
 
 pub type Stat = libc::stat;
@@ -85,7 +86,12 @@ pub fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
 pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
     // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
     let mut st: Stat = unsafe { std::mem::zeroed() };
-    let flags = libc::AT_SYMLINK_NOFOLLOW | if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if name.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
     // SAFETY: valid fd, valid C string, `st` is writable and sized for `stat`.
     cvt(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, flags) })?;
     Ok(st)
@@ -139,7 +145,11 @@ pub fn linkat(
     ndir: BorrowedFd<'_>,
     nname: &CStr,
 ) -> io::Result<()> {
-    let flags = if oname.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    let flags = if oname.is_empty() {
+        libc::AT_EMPTY_PATH
+    } else {
+        0
+    };
     // SAFETY: valid fds and C strings; linkat never follows a final symlink without AT_SYMLINK_FOLLOW.
     cvt(unsafe {
         libc::linkat(
@@ -185,7 +195,12 @@ pub fn renameat2(
 
 /// `fchownat` with `AT_SYMLINK_NOFOLLOW` (an empty name means `dir` itself).
 pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
-    let flags = libc::AT_SYMLINK_NOFOLLOW | if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if name.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
     // SAFETY: valid fd and C string.
     cvt(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, flags) }).map(drop)
 }
@@ -229,7 +244,12 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> 
     retry(|| {
         // SAFETY: `buf` is writable for its length.
         cvt_size(unsafe {
-            libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off as i64)
+            libc::pread(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                off as i64,
+            )
         })
     })
 }
@@ -237,7 +257,9 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> 
 pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
     retry(|| {
         // SAFETY: `buf` is readable for its length.
-        cvt_size(unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64) })
+        cvt_size(unsafe {
+            libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off as i64)
+        })
     })
 }
 
@@ -248,7 +270,9 @@ pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
 
 pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64) -> io::Result<()> {
     // SAFETY: valid fd.
-    retry(|| cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as i64, len as i64) }).map(drop))
+    retry(|| {
+        cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as i64, len as i64) }).map(drop)
+    })
 }
 
 pub fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> io::Result<()> {
@@ -392,4 +416,35 @@ pub fn set_fsids(uid: u32, gid: u32) {
         libc::syscall(libc::SYS_setfsgid, gid);
         libc::syscall(libc::SYS_setfsuid, uid);
     }
+}
+
+/// `open_by_handle_at` with `O_PATH`: the object a file handle names, on the
+/// filesystem of `mount` (needs `CAP_DAC_READ_SEARCH`).
+pub fn open_by_handle(mount: BorrowedFd<'_>, kind: i32, handle: &[u8]) -> io::Result<OwnedFd> {
+    let mut buf = Vec::with_capacity(8 + handle.len());
+    buf.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(handle);
+    // SAFETY: `buf` has the layout of `struct file_handle` with its bytes.
+    let fd = cvt(unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            buf.as_mut_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        ) as libc::c_int
+    })?;
+    // SAFETY: `fd` is fresh and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reopens the object an fd (possibly `O_PATH`) refers to, through its
+/// `/proc/self/fd` magic link, which names that very object.
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+    let p = proc_fd_path(fd.as_raw_fd());
+    let flags = (flags & !libc::O_NOFOLLOW) | libc::O_CLOEXEC;
+    // SAFETY: valid C string.
+    let r = cvt(unsafe { libc::open(p.as_ptr(), flags, 0) })?;
+    // SAFETY: `r` is fresh and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
 }

@@ -45,10 +45,7 @@ fn is_ebadf(e: &io::Error) -> bool {
 }
 
 /// Calls `f` on the fd, or on its `/proc` path when the fd is `O_PATH`.
-fn with_target<T>(
-    t: Target<'_>,
-    mut f: impl FnMut(&Resolved) -> io::Result<T>,
-) -> io::Result<T> {
+fn with_target<T>(t: Target<'_>, mut f: impl FnMut(&Resolved) -> io::Result<T>) -> io::Result<T> {
     let r = t.resolve();
     match (f(&r), &r) {
         (Err(e), Resolved::Fd(fd)) if is_ebadf(&e) => f(&Resolved::Path(proc_fd_path(*fd), false)),
@@ -64,12 +61,9 @@ pub fn get(t: Target<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
             // SAFETY: valid C strings and a buffer writable for its length.
             cvt_size(unsafe {
                 match r {
-                    Resolved::Fd(fd) => libc::fgetxattr(
-                        *fd,
-                        name.as_ptr(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                    ),
+                    Resolved::Fd(fd) => {
+                        libc::fgetxattr(*fd, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                    }
                     Resolved::Path(p, true) => libc::lgetxattr(
                         p.as_ptr(),
                         name.as_ptr(),

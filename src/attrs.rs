@@ -1,0 +1,187 @@
+//! Modifying operations on existing objects: setattr, xattrs, and file
+//! data (write, fallocate, fsync, copy_file_range, lseek). Each one copies
+//! the object up first, then acts on the upper copy only.
+
+use std::ffi::CStr;
+use std::os::fd::AsFd;
+
+use crate::error::{Context, Error, Result};
+use crate::overlay::{Attr, OverlayFs};
+use crate::sys::{self, xattr};
+
+/// A time to set: a value, now, or unchanged.
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Omit,
+    Now,
+    At(i64, i64),
+}
+
+impl SetTime {
+    fn timespec(self) -> libc::timespec {
+        match self {
+            SetTime::Omit => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            SetTime::Now => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
+            SetTime::At(s, ns) => libc::timespec {
+                tv_sec: s,
+                tv_nsec: ns,
+            },
+        }
+    }
+}
+
+/// The changes of one setattr call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub fh: Option<u64>,
+}
+
+impl OverlayFs {
+    pub fn setattr(&self, ino: u64, a: SetAttr) -> Result<Attr> {
+        self.writable()?;
+        let node = self.node(ino)?;
+        let truncating_to_zero =
+            a.size == Some(0) && a.mode.is_none() && a.uid.is_none() && a.gid.is_none();
+        let loc = self.copy_up(&node, truncating_to_zero)?;
+        let (dir, name) = (loc.dir.as_fd(), loc.name.as_c_str());
+        let what = || format!("setattr {name:?}");
+        if a.uid.is_some() || a.gid.is_some() {
+            let uid = a.uid.unwrap_or(u32::MAX);
+            let gid = a.gid.unwrap_or(u32::MAX);
+            sys::fchownat(dir, name, uid, gid).ctx(what)?;
+        }
+        if let Some(mode) = a.mode {
+            let o = sys::openat(dir, name, libc::O_PATH, 0).ctx(what)?;
+            sys::fchmod_fd(o.as_fd(), mode & 0o7777).ctx(what)?;
+        }
+        if let Some(size) = a.size {
+            self.truncate(a.fh, dir, name, size)?;
+        }
+        if a.atime.is_some() || a.mtime.is_some() {
+            let t = [
+                a.atime.unwrap_or(SetTime::Omit).timespec(),
+                a.mtime.unwrap_or(SetTime::Omit).timespec(),
+            ];
+            sys::utimensat(dir, name, &t).ctx(what)?;
+        }
+        self.getattr(ino, None)
+    }
+
+    fn truncate(
+        &self,
+        fh: Option<u64>,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &CStr,
+        size: u64,
+    ) -> Result<()> {
+        if let Some(fh) = fh
+            && let Ok((_, fd)) = self.file_fd(fh)
+            && sys::ftruncate(fd.as_fd(), size).is_ok()
+        {
+            return Ok(());
+        }
+        let f = sys::openat(dir, name, libc::O_WRONLY, 0)
+            .ctx(|| format!("open {name:?} to truncate"))?;
+        sys::ftruncate(f.as_fd(), size).ctx(|| format!("truncate {name:?}"))
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        self.writable()?;
+        let stored = self.stack.private.escape(name);
+        let node = self.node(ino)?;
+        self.copy_up(&node, false)?;
+        let s = node.snapshot();
+        let c = xattr::name(&stored)?;
+        xattr::set(self.target_of(&s)?, &c, value, flags).ctx(|| format!("setxattr {c:?}"))
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.writable()?;
+        let stored = self.stack.private.escape(name);
+        let node = self.node(ino)?;
+        let c = xattr::name(&stored)?;
+        // Nothing to copy up for an xattr that is not there.
+        if let Err(e) = self.getxattr(ino, name) {
+            return Err(e);
+        }
+        self.copy_up(&node, false)?;
+        let s = node.snapshot();
+        xattr::remove(self.target_of(&s)?, &c).ctx(|| format!("removexattr {c:?}"))
+    }
+
+    fn target_of<'a>(&self, s: &'a crate::inode::NodeState) -> Result<xattr::Target<'a>> {
+        if let Some(d) = s.dirs.first() {
+            return Ok(xattr::Target::Fd(d.fd.as_fd()));
+        }
+        let loc = s
+            .loc
+            .as_ref()
+            .ok_or_else(|| Error::new(libc::ENOENT, "deleted"))?;
+        Ok(xattr::Target::At(loc.dir.as_fd(), &loc.name))
+    }
+
+    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
+        let (_h, fd) = self.file_fd(fh)?;
+        let mut done = 0;
+        while done < data.len() {
+            done +=
+                sys::pwrite(fd.as_fd(), &data[done..], off + done as u64).ctx(|| "write".into())?;
+        }
+        Ok(done as u32)
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let (_h, fd) = self.file_fd(fh)?;
+        sys::fsync(fd.as_fd(), datasync).ctx(|| "fsync".into())
+    }
+
+    pub fn fsyncdir(&self, ino: u64, datasync: bool) -> Result<()> {
+        let node = self.node(ino)?;
+        if let Some(d) = node.snapshot().dirs.first()
+            && self.stack.is_upper(d.layer)
+        {
+            return sys::fsync(d.fd.as_fd(), datasync).ctx(|| "fsyncdir".into());
+        }
+        Ok(())
+    }
+
+    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        let (_h, fd) = self.file_fd(fh)?;
+        sys::fallocate(fd.as_fd(), mode, off, len).ctx(|| "fallocate".into())
+    }
+
+    pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
+        let (_h, fd) = self.file_fd(fh)?;
+        sys::lseek(fd.as_fd(), off, whence)
+            .ctx(|| "lseek".into())?
+            .ok_or_else(|| Error::new(libc::ENXIO, "no data or hole past offset"))
+    }
+
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u32> {
+        let (_a, src) = self.file_fd(fh_in)?;
+        let (_b, dst) = self.file_fd(fh_out)?;
+        let len = len.min(u32::MAX as u64 & !0xfff) as usize;
+        let n = sys::copy_file_range(src.as_fd(), off_in, dst.as_fd(), off_out, len)
+            .ctx(|| "copy_file_range".into())?;
+        Ok(n as u32)
+    }
+}

@@ -1,0 +1,381 @@
+//! A validated mount configuration, and the parser for fuse-overlayfs style
+//! `-o` option strings.
+//!
+//! Invariant: a `MountConfig` that `validate` returned names existing,
+//! non-overlapping directories, with upper and work together on one
+//! filesystem; every rule violation is one error line naming the option and
+//! the path.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::whiteout::Private;
+
+/// Everything a mount needs, after parsing.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// Lower layers, topmost first.
+    pub lowers: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+    pub options: Options,
+}
+
+/// Behaviour switches (from `-o` or the builder).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Refuse every modification even if an upper is given.
+    pub read_only: bool,
+    /// Store private xattrs as `user.overlay.*` (rootless).
+    pub userxattr: bool,
+    /// Skip fsync on copy-up (`volatile`, `fsync=0`).
+    pub volatile: bool,
+    /// Let users other than the mounter in (default when root).
+    pub allow_other: bool,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Extra options passed to the kernel mount (nodev, nosuid, noexec, ...).
+    pub kernel_flags: Vec<String>,
+    /// Options accepted but not acted on, to warn about.
+    pub ignored: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            read_only: false,
+            userxattr: false,
+            volatile: false,
+            // SAFETY-free: reading the euid has no preconditions.
+            allow_other: is_root(),
+            threads: default_threads(),
+            kernel_flags: Vec::new(),
+            ignored: Vec::new(),
+        }
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| (n.get() * 2).clamp(2, 16))
+        .unwrap_or(4)
+}
+
+impl Options {
+    pub fn private(&self) -> Private {
+        if self.userxattr {
+            Private::USER
+        } else {
+            Private::TRUSTED
+        }
+    }
+}
+
+/// Splits an `-o` string at commas that are neither escaped (`\,`) nor
+/// inside double quotes; empty items are dropped.
+pub fn split_options(s: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut quoted = false;
+    let mut iter = s.iter().copied();
+    while let Some(b) = iter.next() {
+        match b {
+            b'\\' => {
+                cur.push(b);
+                if let Some(n) = iter.next() {
+                    cur.push(n);
+                }
+            }
+            b'"' => {
+                quoted = !quoted;
+                cur.push(b);
+            }
+            b',' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            _ => cur.push(b),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Splits a `lowerdir=` value at unescaped `:` and removes the escapes
+/// (`\:`, `\,`, `\\`).
+pub fn split_lowerdirs(s: &[u8]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut iter = s.iter().copied();
+    while let Some(b) = iter.next() {
+        match b {
+            b'\\' => cur.push(iter.next().unwrap_or(b'\\')),
+            b':' => {
+                if !cur.is_empty() {
+                    out.push(PathBuf::from(OsString::from_vec(std::mem::take(&mut cur))));
+                }
+            }
+            _ => cur.push(b),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(PathBuf::from(OsString::from_vec(cur)));
+    }
+    out
+}
+
+fn unescape_path(v: &[u8]) -> PathBuf {
+    let mut out = Vec::with_capacity(v.len());
+    let mut iter = v.iter().copied();
+    while let Some(b) = iter.next() {
+        out.push(if b == b'\\' {
+            iter.next().unwrap_or(b)
+        } else {
+            b
+        });
+    }
+    PathBuf::from(OsString::from_vec(out))
+}
+
+/// Applies one `-o` string to a configuration.
+pub fn apply_option_string(cfg: &mut MountConfig, s: &OsStr) -> Result<(), String> {
+    for item in split_options(s.as_bytes()) {
+        apply_option(cfg, &item)?;
+    }
+    Ok(())
+}
+
+fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
+    let (key, val) = match item.iter().position(|&b| b == b'=') {
+        Some(i) => (&item[..i], Some(&item[i + 1..])),
+        None => (item, None),
+    };
+    let key = String::from_utf8_lossy(key).into_owned();
+    let o = &mut cfg.options;
+    match (key.as_str(), val) {
+        ("lowerdir", Some(v)) => cfg.lowers = split_lowerdirs(v),
+        ("upperdir", Some(v)) => cfg.upper = Some(unescape_path(v)),
+        ("workdir", Some(v)) => cfg.work = Some(unescape_path(v)),
+        ("ro", None) => o.read_only = true,
+        ("rw", None) => o.read_only = false,
+        ("userxattr", None) => o.userxattr = true,
+        ("volatile", None) => o.volatile = true,
+        ("fsync", Some(b"0")) => o.volatile = true,
+        ("fsync", Some(_)) => o.volatile = false,
+        ("allow_other", None) => o.allow_other = true,
+        ("allow_root", None) => o.allow_other = true,
+        ("threaded", Some(v)) | ("threads", Some(v)) => {
+            let n: usize = String::from_utf8_lossy(v)
+                .parse()
+                .map_err(|_| format!("option {key}: expected a number of threads"))?;
+            o.threads = n.clamp(1, 64);
+        }
+        ("nodev" | "nosuid" | "noexec" | "dev" | "suid" | "exec" | "noatime" | "atime", None) => {
+            o.kernel_flags.push(key)
+        }
+        ("default_permissions" | "noacl" | "static_nlink" | "fast_ino" | "nonempty", None) => {}
+        _ => o.ignored.push(String::from_utf8_lossy(item).into_owned()),
+    }
+    Ok(())
+}
+
+/// Why a configuration cannot be mounted; one line naming option and path.
+fn err(option: &str, path: &Path, why: &str) -> String {
+    format!("{option} '{}': {why}", path.display())
+}
+
+fn canonical_dir(option: &str, p: &Path) -> Result<(PathBuf, u64), String> {
+    let md = std::fs::metadata(p).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => err(option, p, "does not exist"),
+        _ => err(option, p, &format!("cannot be read: {e}")),
+    })?;
+    if !md.is_dir() {
+        return Err(err(option, p, "is not a directory"));
+    }
+    let c = std::fs::canonicalize(p).map_err(|e| err(option, p, &e.to_string()))?;
+    Ok((c, md.dev()))
+}
+
+fn nested(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+impl MountConfig {
+    pub fn new(lowers: Vec<PathBuf>) -> MountConfig {
+        MountConfig {
+            lowers,
+            upper: None,
+            work: None,
+            options: Options::default(),
+        }
+    }
+
+    /// Checks every rule of SPEC §1 and returns the configuration with
+    /// canonical paths. The work directory may hold only what a previous
+    /// mount left (`work/`, `index/`); anything else is refused.
+    pub fn validate(mut self) -> Result<MountConfig, String> {
+        if self.lowers.is_empty() {
+            return Err("lowerdir: at least one lower directory is required (--lower DIR or -o lowerdir=DIR)".into());
+        }
+        let mut seen: Vec<(String, PathBuf)> = Vec::new();
+        let mut lowers = Vec::new();
+        for l in &self.lowers {
+            let (c, _) = canonical_dir("lowerdir", l)?;
+            lowers.push(c);
+        }
+        match (&self.upper, &self.work) {
+            (Some(_), None) => {
+                return Err(
+                    "workdir: upperdir needs a workdir too (--work DIR or -o workdir=DIR)".into(),
+                );
+            }
+            (None, Some(w)) => return Err(err("workdir", w, "given without an upperdir")),
+            _ => {}
+        }
+        if let (Some(u), Some(w)) = (&self.upper, &self.work) {
+            let (uc, udev) = canonical_dir("upperdir", u)?;
+            let (wc, wdev) = canonical_dir("workdir", w)?;
+            if udev != wdev {
+                return Err(err(
+                    "workdir",
+                    w,
+                    &format!(
+                        "is not on the same filesystem as upperdir '{}'",
+                        u.display()
+                    ),
+                ));
+            }
+            if uc == wc {
+                return Err(err("workdir", w, "is the same directory as upperdir"));
+            }
+            if nested(&uc, &wc) {
+                return Err(err(
+                    "workdir",
+                    w,
+                    &format!("and upperdir '{}' are nested in each other", u.display()),
+                ));
+            }
+            check_workdir_contents(&wc)?;
+            seen.push(("upperdir".into(), uc.clone()));
+            seen.push(("workdir".into(), wc.clone()));
+            self.upper = Some(uc);
+            self.work = Some(wc);
+        }
+        for (i, l) in lowers.iter().enumerate() {
+            if lowers[..i].contains(l) {
+                return Err(err("lowerdir", &self.lowers[i], "is given twice"));
+            }
+            for (opt, p) in &seen {
+                if nested(l, p) {
+                    return Err(err(
+                        "lowerdir",
+                        &self.lowers[i],
+                        &format!("overlaps {opt} '{}'", p.display()),
+                    ));
+                }
+            }
+        }
+        self.lowers = lowers;
+        Ok(self)
+    }
+}
+
+fn check_workdir_contents(w: &Path) -> Result<(), String> {
+    let rd = std::fs::read_dir(w).map_err(|e| err("workdir", w, &e.to_string()))?;
+    for ent in rd.flatten() {
+        let name = ent.file_name();
+        if name != "work" && name != "index" {
+            return Err(err(
+                "workdir",
+                w,
+                &format!(
+                    "is not empty (it holds '{}'); give an empty directory on the upper's filesystem",
+                    name.to_string_lossy()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_options_with_quotes_and_escapes() {
+        let v = split_options(br#"lowerdir=a\,b:c,,upperdir=u,context="x,y",volatile,"#);
+        let v: Vec<&[u8]> = v.iter().map(Vec::as_slice).collect();
+        assert_eq!(
+            v,
+            vec![
+                &br"lowerdir=a\,b:c"[..],
+                b"upperdir=u",
+                br#"context="x,y""#,
+                b"volatile"
+            ]
+        );
+    }
+
+    #[test]
+    fn splits_lowerdirs_with_escapes() {
+        let v = split_lowerdirs(br"/a\:b:/c\,d::/e\\f");
+        assert_eq!(
+            v,
+            vec![
+                PathBuf::from("/a:b"),
+                PathBuf::from("/c,d"),
+                PathBuf::from(r"/e\f")
+            ]
+        );
+    }
+
+    #[test]
+    fn applies_options() {
+        let mut c = MountConfig::new(vec![]);
+        apply_option_string(
+            &mut c,
+            OsStr::new("lowerdir=/x:/y,upperdir=/u,workdir=/w,ro,fsync=0,bogus=1"),
+        )
+        .unwrap();
+        assert_eq!(c.lowers, vec![PathBuf::from("/x"), PathBuf::from("/y")]);
+        assert_eq!(c.upper, Some(PathBuf::from("/u")));
+        assert!(c.options.read_only && c.options.volatile);
+        assert_eq!(c.options.ignored, vec!["bogus=1".to_string()]);
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let t = tempfile::tempdir().unwrap();
+        let l = t.path().join("l");
+        std::fs::create_dir(&l).unwrap();
+        let missing = MountConfig::new(vec![t.path().join("nope")])
+            .validate()
+            .unwrap_err();
+        assert!(
+            missing.contains("lowerdir") && missing.contains("does not exist"),
+            "{missing}"
+        );
+        let mut c = MountConfig::new(vec![l.clone()]);
+        c.upper = Some(l.clone());
+        c.work = Some(t.path().join("w"));
+        std::fs::create_dir(t.path().join("w")).unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("overlaps upperdir"), "{e}");
+        let mut c = MountConfig::new(vec![l.clone()]);
+        c.upper = Some(t.path().join("w"));
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("workdir"), "{e}");
+    }
+}

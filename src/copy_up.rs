@@ -1,0 +1,322 @@
+//! Copy-up: bringing a lower object into the upper layer before its first
+//! modification (SPEC §5).
+//!
+//! Order, and why: parents first (an object can only be linked into an
+//! upper directory); the copy is built in the work directory — data, then
+//! owner, then mode (chown clears setuid bits), then xattrs and origin, then
+//! fsync (unless volatile), then times (anything earlier would touch them) —
+//! and only then renamed into place, so a crash leaves either no upper copy
+//! or a complete one. The upper parent's times are saved before the rename
+//! and restored after it, so copied-up directories keep the lower's times.
+
+use std::ffi::CStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use log::debug;
+
+use crate::error::{Context, Error, Result};
+use crate::inode::{DirLayer, Loc, Node};
+use crate::layer;
+use crate::overlay::OverlayFs;
+use crate::sys::{self, Stat, xattr};
+use crate::whiteout::Opaque;
+
+/// What is being copied and where it goes.
+struct CopyUp<'a> {
+    src_dir: BorrowedFd<'a>,
+    name: &'a CStr,
+    st: Stat,
+    /// The upper directory receiving the copy.
+    dest: BorrowedFd<'a>,
+    work: BorrowedFd<'a>,
+    tmp: std::ffi::CString,
+    /// `O_TRUNC` open: the data would be thrown away anyway.
+    skip_data: bool,
+}
+
+pub fn timespecs(st: &Stat) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ]
+}
+
+impl OverlayFs {
+    /// Makes sure `node`'s topmost entry is in the upper layer and returns
+    /// its upper location. `skip_data` is for opens with `O_TRUNC`.
+    pub(crate) fn copy_up(&self, node: &Arc<Node>, skip_data: bool) -> Result<Loc> {
+        self.writable()?;
+        let s = node.snapshot();
+        if let Some(loc) = self.upper_loc(&s) {
+            return Ok(loc);
+        }
+        let parent = s
+            .parent
+            .clone()
+            .ok_or_else(|| Error::new(libc::EIO, "copy-up of the root"))?;
+        self.copy_up(&parent, false)?;
+        let _g = node.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = node.snapshot();
+        if let Some(loc) = self.upper_loc(&s) {
+            return Ok(loc);
+        }
+        let src = s
+            .loc
+            .clone()
+            .ok_or_else(|| Error::new(libc::ENOENT, "copy-up of a deleted object"))?;
+        let pdirs = parent.snapshot().dirs;
+        let dest = pdirs
+            .first()
+            .filter(|d| self.stack.is_upper(d.layer))
+            .ok_or_else(|| Error::new(libc::EIO, "parent not in upper after copy-up"))?
+            .clone();
+        let st = sys::fstatat(src.dir.as_fd(), &src.name)
+            .ctx(|| format!("copy-up stat {:?}", src.name))?;
+        let ctx = CopyUp {
+            src_dir: src.dir.as_fd(),
+            name: &src.name,
+            st,
+            dest: dest.fd.as_fd(),
+            work: self.stack.work_fd()?,
+            tmp: self.tmp_name(),
+            skip_data,
+        };
+        debug!("copy-up {:?} (ino {})", src.name, node.ino);
+        self.build_and_link(&ctx)?;
+        let loc = Loc {
+            layer: dest.layer,
+            dir: dest.fd.clone(),
+            name: src.name.clone(),
+        };
+        if node.is_dir() {
+            let upper =
+                sys::open_dir_at(dest.fd.as_fd(), &src.name).ctx(|| "open copied-up dir".into())?;
+            let mut dirs = vec![DirLayer {
+                layer: dest.layer,
+                fd: Arc::new(upper),
+                opaque: Opaque::No,
+            }];
+            dirs.extend(s.dirs.iter().cloned());
+            node.set_state(|st| {
+                st.loc = Some(loc.clone());
+                st.dirs = dirs;
+            });
+        } else if st.st_nlink > 1 {
+            // A lower hard link: the copy is a new file with its own inode
+            // (the kernel's index=off behaviour); the kernel must look the
+            // copied name up again, the other names keep the lower data.
+            if let Some(inv) = self.invalidator.get() {
+                inv.inval_entry(parent.ino, &src.name);
+            }
+            return Ok(loc);
+        } else {
+            node.set_state(|st| st.loc = Some(loc.clone()));
+        }
+        node.generation.fetch_add(1, Ordering::Release);
+        Ok(loc)
+    }
+
+    fn upper_loc(&self, s: &crate::inode::NodeState) -> Option<Loc> {
+        match (s.dirs.first(), &s.loc) {
+            (Some(d), Some(loc)) if self.stack.is_upper(d.layer) => Some(loc.clone()),
+            (Some(d), None) if self.stack.is_upper(d.layer) => {
+                // the root
+                Some(Loc {
+                    layer: d.layer,
+                    dir: d.fd.clone(),
+                    name: c".".to_owned(),
+                })
+            }
+            (None, Some(loc)) if self.stack.is_upper(loc.layer) => Some(loc.clone()),
+            _ => None,
+        }
+    }
+
+    fn build_and_link(&self, c: &CopyUp<'_>) -> Result<()> {
+        let built = self.build(c);
+        if let Err(e) = built {
+            let _ = sys::unlinkat(c.work, &c.tmp, c.st.st_mode & libc::S_IFMT == libc::S_IFDIR);
+            return Err(e);
+        }
+        let parent_st = sys::fstat(c.dest).ctx(|| "stat upper parent".into())?;
+        if let Err(e) = sys::renameat2(c.work, &c.tmp, c.dest, c.name, sys::RENAME_NOREPLACE) {
+            let _ = sys::unlinkat(c.work, &c.tmp, c.st.st_mode & libc::S_IFMT == libc::S_IFDIR);
+            return Err(e).ctx(|| format!("copy-up rename {:?} into place", c.name));
+        }
+        let impure = self.stack.xname("impure");
+        let _ = xattr::set(xattr::Target::Fd(c.dest), &impure, b"y", 0);
+        let _ = sys::utimensat(c.dest, c"", &timespecs(&parent_st));
+        Ok(())
+    }
+
+    /// Builds the copy in the work directory under `c.tmp`.
+    fn build(&self, c: &CopyUp<'_>) -> Result<()> {
+        let fmt = c.st.st_mode & libc::S_IFMT;
+        let perm = c.st.st_mode & 0o7777;
+        let what = || format!("copy-up {:?}", c.name);
+        match fmt {
+            libc::S_IFREG => {
+                let dst = sys::openat(
+                    c.work,
+                    &c.tmp,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                    0o600,
+                )
+                .ctx(what)?;
+                if !c.skip_data && c.st.st_size > 0 {
+                    let src = sys::openat(c.src_dir, c.name, libc::O_RDONLY, 0).ctx(what)?;
+                    copy_data(src.as_fd(), dst.as_fd(), c.st.st_size as u64).ctx(what)?;
+                }
+                self.finish_fd(c, &dst, perm)?;
+                if !self.opts.volatile {
+                    sys::fsync(dst.as_fd(), false).ctx(what)?;
+                }
+                sys::utimensat(dst.as_fd(), c"", &timespecs(&c.st)).ctx(what)?;
+            }
+            libc::S_IFDIR => {
+                sys::mkdirat(c.work, &c.tmp, 0o700).ctx(what)?;
+                let d = sys::open_dir_at(c.work, &c.tmp).ctx(what)?;
+                self.finish_fd(c, &d, perm)?;
+                sys::utimensat(d.as_fd(), c"", &timespecs(&c.st)).ctx(what)?;
+            }
+            libc::S_IFLNK => {
+                let target = sys::readlinkat(c.src_dir, c.name).ctx(what)?;
+                let t = std::ffi::CString::new(target)
+                    .map_err(|_| Error::new(libc::EINVAL, "NUL in link"))?;
+                sys::symlinkat(&t, c.work, &c.tmp).ctx(what)?;
+                self.finish_at(c)?;
+            }
+            _ => {
+                sys::mknodat(c.work, &c.tmp, fmt | 0o600, c.st.st_rdev).ctx(what)?;
+                self.finish_at(c)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Owner, mode, xattrs and origin of a copy open as `fd`.
+    fn finish_fd(&self, c: &CopyUp<'_>, fd: &OwnedFd, perm: u32) -> Result<()> {
+        let what = || format!("copy-up attrs of {:?}", c.name);
+        sys::fchownat(fd.as_fd(), c"", c.st.st_uid, c.st.st_gid).ctx(what)?;
+        sys::fchmod_fd(fd.as_fd(), perm).ctx(what)?;
+        self.copy_xattrs(c, xattr::Target::Fd(fd.as_fd()))?;
+        Ok(())
+    }
+
+    /// Owner, mode, xattrs, origin and times of a symlink or special file.
+    fn finish_at(&self, c: &CopyUp<'_>) -> Result<()> {
+        let what = || format!("copy-up attrs of {:?}", c.name);
+        sys::fchownat(c.work, &c.tmp, c.st.st_uid, c.st.st_gid).ctx(what)?;
+        if c.st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            let p = sys::openat(c.work, &c.tmp, libc::O_PATH, 0).ctx(what)?;
+            sys::fchmod_fd(p.as_fd(), c.st.st_mode & 0o7777).ctx(what)?;
+        }
+        self.copy_xattrs(c, xattr::Target::At(c.work, &c.tmp))?;
+        sys::utimensat(c.work, &c.tmp, &timespecs(&c.st)).ctx(what)
+    }
+
+    /// Copies the lower's xattrs (not the overlay's private ones, which
+    /// describe the lower layer) and writes `overlay.origin`.
+    fn copy_xattrs(&self, c: &CopyUp<'_>, dst: xattr::Target<'_>) -> Result<()> {
+        let src = xattr::Target::At(c.src_dir, c.name);
+        let what = || format!("copy-up xattrs of {:?}", c.name);
+        for n in xattr::list(src).ctx(what)? {
+            if self.stack.private.unescape(&n).is_none() {
+                continue;
+            }
+            let cn = xattr::name(&n)?;
+            if let Some(v) = xattr::get(src, &cn).ctx(what)? {
+                match xattr::set(dst, &cn, &v, 0) {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::ENOTSUP)
+                            || e.raw_os_error() == Some(libc::EPERM) =>
+                    {
+                        debug!("copy-up: xattr {cn:?} not copied: {e}")
+                    }
+                    r => r.ctx(what)?,
+                }
+            }
+        }
+        if let Ok(o) = sys::openat(c.src_dir, c.name, libc::O_PATH, 0)
+            && let Ok(origin) = layer::make_origin(o.as_fd())
+        {
+            let _ = xattr::set(dst, &self.stack.xname("origin"), &origin, 0);
+        }
+        Ok(())
+    }
+}
+
+/// Copies file data: reflink when the filesystem can, else
+/// `copy_file_range` over the data segments (holes stay holes), else
+/// read/write.
+pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> std::io::Result<()> {
+    if sys::ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut off: u64 = 0;
+    while off < size {
+        let Some(data) = sys::lseek(src, off as i64, libc::SEEK_DATA)? else {
+            break;
+        };
+        let hole = sys::lseek(src, data, libc::SEEK_HOLE)?.unwrap_or(size as i64) as u64;
+        copy_range(src, dst, data as u64, hole.min(size))?;
+        off = hole;
+    }
+    sys::ftruncate(dst, size)
+}
+
+fn copy_range(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    mut off: u64,
+    end: u64,
+) -> std::io::Result<()> {
+    while off < end {
+        let len = ((end - off) as usize).min(1 << 30);
+        let n = match sys::copy_file_range(src, off, dst, off, len) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                ) =>
+            {
+                return copy_rw(src, dst, off, end);
+            }
+            Err(e) => return Err(e),
+        };
+        off += n as u64;
+    }
+    Ok(())
+}
+
+fn copy_rw(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    mut off: u64,
+    end: u64,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    while off < end {
+        let want = ((end - off) as usize).min(buf.len());
+        let n = sys::pread(src, &mut buf[..want], off)?;
+        if n == 0 {
+            break;
+        }
+        let mut w = 0;
+        while w < n {
+            w += sys::pwrite(dst, &buf[w..n], off + w as u64)?;
+        }
+        off += n as u64;
+    }
+    Ok(())
+}

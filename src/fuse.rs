@@ -1,0 +1,729 @@
+//! The only module that speaks `fuser`: decode a request, call the core
+//! (`OverlayFs`), reply. Each core call runs under `catch_unwind`, so a bug
+//! answers `EIO` instead of taking the mount down; every request gets
+//! exactly one reply.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use log::{debug, error, warn};
+
+use crate::attrs::{SetAttr, SetTime};
+use crate::error::{Error, Result};
+use crate::namespace::NewObject;
+use crate::overlay::{Attr, Caller, OverlayFs};
+
+pub struct LayerFs {
+    pub ov: Arc<OverlayFs>,
+    pub ttl: Duration,
+}
+
+/// Runs a core call; a panic becomes `EIO` with a log line.
+fn guard<T>(op: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => {
+            if let Err(e) = &r {
+                if e.is_expected() {
+                    debug!("{op}: {e}");
+                } else {
+                    warn!("{op}: {e}");
+                }
+            }
+            r
+        }
+        Err(_) => {
+            error!("{op}: internal error (panic); answered EIO");
+            Err(Error::new(libc::EIO, "panic"))
+        }
+    }
+}
+
+fn errno(e: &Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn cname(name: &OsStr) -> Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| Error::new(libc::EINVAL, "NUL in name"))
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn systime(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+pub fn file_type(fmt: u32) -> FileType {
+    match fmt & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn to_fuse(a: &Attr) -> FileAttr {
+    let st = &a.st;
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: systime(st.st_atime, st.st_atime_nsec),
+        mtime: systime(st.st_mtime, st.st_mtime_nsec),
+        ctime: systime(st.st_ctime, st.st_ctime_nsec),
+        crtime: UNIX_EPOCH,
+        kind: file_type(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(st) => match st.duration_since(UNIX_EPOCH) {
+            Ok(d) => SetTime::At(d.as_secs() as i64, d.subsec_nanos() as i64),
+            Err(e) => {
+                let d = e.duration();
+                let (s, ns) = (d.as_secs() as i64, d.subsec_nanos() as i64);
+                if ns == 0 {
+                    SetTime::At(-s, 0)
+                } else {
+                    SetTime::At(-s - 1, 1_000_000_000 - ns)
+                }
+            }
+        },
+    })
+}
+
+impl LayerFs {
+    fn entry(&self, reply: ReplyEntry, r: Result<Attr>) {
+        match r {
+            Ok(a) => reply.entry(&self.ttl, &to_fuse(&a), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn empty(reply: ReplyEmpty, r: Result<()>) {
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        obj: NewObject<'_>,
+    ) -> Result<Attr> {
+        let n = cname(name)?;
+        self.ov
+            .create_object(caller(req), parent.0, &n, mode, obj)
+            .map(|(a, _)| a)
+    }
+}
+
+impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_EXPORT_SUPPORT;
+        let supported = config.capabilities() & wanted;
+        let _ = config.add_capabilities(supported);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        debug!("lookup({parent}, {name:?})");
+        let r = guard("lookup", || self.ov.lookup(parent.0, &cname(name)?));
+        self.entry(reply, r)
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        debug!("forget({ino}, {nlookup})");
+        self.ov.forget(ino.0, nlookup)
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        debug!("getattr({ino})");
+        match guard("getattr", || self.ov.getattr(ino.0, fh.map(|f| f.0))) {
+            Ok(a) => reply.attr(&self.ttl, &to_fuse(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        debug!("setattr({ino}, mode={mode:?}, uid={uid:?}, gid={gid:?}, size={size:?})");
+        let a = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+            fh: fh.map(|f| f.0),
+        };
+        match guard("setattr", || self.ov.setattr(ino.0, a)) {
+            Ok(a) => reply.attr(&self.ttl, &to_fuse(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        debug!("readlink({ino})");
+        match guard("readlink", || self.ov.readlink(ino.0)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        debug!("mknod({parent}, {name:?}, {mode:o}, {rdev})");
+        let mode = mode & !(umask & 0o777);
+        let r = guard("mknod", || {
+            self.make(
+                req,
+                parent,
+                name,
+                mode,
+                NewObject::Node { rdev: rdev as u64 },
+            )
+        });
+        self.entry(reply, r)
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        debug!("mkdir({parent}, {name:?}, {mode:o})");
+        let mode = (mode & !(umask & 0o777)) | libc::S_IFDIR;
+        let r = guard("mkdir", || {
+            self.make(req, parent, name, mode, NewObject::Dir)
+        });
+        self.entry(reply, r)
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        debug!("unlink({parent}, {name:?})");
+        Self::empty(
+            reply,
+            guard("unlink", || self.ov.remove(parent.0, &cname(name)?, false)),
+        )
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        debug!("rmdir({parent}, {name:?})");
+        Self::empty(
+            reply,
+            guard("rmdir", || self.ov.remove(parent.0, &cname(name)?, true)),
+        )
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        debug!("symlink({parent}, {link_name:?}, {target:?})");
+        let r = guard("symlink", || {
+            let t = cname(target.as_os_str())?;
+            self.make(
+                req,
+                parent,
+                link_name,
+                libc::S_IFLNK | 0o777,
+                NewObject::Symlink { target: &t },
+            )
+        });
+        self.entry(reply, r)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        debug!("rename({parent}, {name:?}, {newparent}, {newname:?}, {flags:?})");
+        let r = guard("rename", || {
+            self.ov.rename(
+                parent.0,
+                &cname(name)?,
+                newparent.0,
+                &cname(newname)?,
+                flags.bits(),
+            )
+        });
+        Self::empty(reply, r)
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        debug!("link({ino}, {newparent}, {newname:?})");
+        let r = guard("link", || {
+            self.ov.link(ino.0, newparent.0, &cname(newname)?)
+        });
+        self.entry(reply, r)
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        debug!("open({ino}, {:#x})", flags.0);
+        match guard("open", || self.ov.open(ino.0, flags.0)) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        debug!("read({ino}, {fh}, {offset}, {size})");
+        match guard("read", || self.ov.read(fh.0, offset, size)) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        debug!("write({ino}, {fh}, {offset}, {})", data.len());
+        match guard("write", || self.ov.write(fh.0, offset, data)) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        debug!("flush({ino}, {fh})");
+        reply.ok()
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        debug!("release({ino}, {fh})");
+        self.ov.release(fh.0);
+        reply.ok()
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        debug!("fsync({ino}, {fh})");
+        Self::empty(reply, guard("fsync", || self.ov.fsync(fh.0, datasync)))
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        debug!("opendir({ino})");
+        match guard("opendir", || self.ov.opendir(ino.0)) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        debug!("readdir({ino}, {fh}, {offset})");
+        match guard("readdir", || self.ov.readdir(fh.0, offset)) {
+            Ok((list, off)) => {
+                for (i, e) in list.iter().enumerate().skip(off as usize) {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        (i + 1) as u64,
+                        file_type(e.fmt),
+                        OsStr::from_bytes(&e.name),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        debug!("readdirplus({ino}, {fh}, {offset})");
+        let list = match guard("readdirplus", || self.ov.readdir(fh.0, offset)) {
+            Ok((list, _)) => list,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        for (i, e) in list.iter().enumerate().skip(offset as usize) {
+            let name = OsStr::from_bytes(&e.name);
+            let full = if e.name == b"." || e.name == b".." {
+                let a = self.ov.getattr(e.ino, None).ok();
+                match a {
+                    Some(a) => reply.add(
+                        INodeNo(e.ino),
+                        (i + 1) as u64,
+                        name,
+                        &self.ttl,
+                        &to_fuse(&a),
+                        Generation(0),
+                    ),
+                    None => continue,
+                }
+            } else {
+                match guard("readdirplus lookup", || {
+                    self.ov.lookup_entry(ino.0, &e.name)
+                }) {
+                    Ok(a) => {
+                        let full = reply.add(
+                            INodeNo(a.ino),
+                            (i + 1) as u64,
+                            name,
+                            &self.ttl,
+                            &to_fuse(&a),
+                            Generation(0),
+                        );
+                        if full {
+                            // Not sent: give the lookup back.
+                            self.ov.forget(a.ino, 1);
+                        }
+                        full
+                    }
+                    Err(_) => continue,
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        debug!("releasedir({ino}, {fh})");
+        self.ov.releasedir(fh.0);
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        debug!("fsyncdir({ino})");
+        Self::empty(
+            reply,
+            guard("fsyncdir", || self.ov.fsyncdir(ino.0, datasync)),
+        )
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        debug!("statfs");
+        match guard("statfs", || self.ov.statfs()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        debug!("setxattr({ino}, {name:?})");
+        Self::empty(
+            reply,
+            guard("setxattr", || {
+                self.ov.setxattr(ino.0, name.as_bytes(), value, flags)
+            }),
+        )
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        debug!("getxattr({ino}, {name:?}, {size})");
+        match guard("getxattr", || self.ov.getxattr(ino.0, name.as_bytes())) {
+            Ok(v) => xattr_reply(reply, &v, size),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        debug!("listxattr({ino}, {size})");
+        match guard("listxattr", || self.ov.listxattr(ino.0)) {
+            Ok(v) => xattr_reply(reply, &v, size),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        debug!("removexattr({ino}, {name:?})");
+        Self::empty(
+            reply,
+            guard("removexattr", || {
+                self.ov.removexattr(ino.0, name.as_bytes())
+            }),
+        )
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        debug!("access({ino}, {mask:?})");
+        Self::empty(
+            reply,
+            guard("access", || self.ov.access(ino.0, mask.bits())),
+        )
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        debug!("create({parent}, {name:?}, {mode:o}, {flags:#x})");
+        let mode = mode & !(umask & 0o777);
+        match guard("create", || {
+            self.ov
+                .create(caller(req), parent.0, &cname(name)?, mode, flags)
+        }) {
+            Ok((a, fh)) => reply.created(
+                &self.ttl,
+                &to_fuse(&a),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        debug!("fallocate({ino}, {fh}, {offset}, {length}, {mode})");
+        Self::empty(
+            reply,
+            guard("fallocate", || {
+                self.ov.fallocate(fh.0, offset, length, mode)
+            }),
+        )
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        debug!("lseek({ino}, {fh}, {offset}, {whence})");
+        match guard("lseek", || self.ov.lseek(fh.0, offset, whence)) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        debug!("copy_file_range({ino_in}, {fh_in}, {offset_in}, {fh_out}, {offset_out}, {len})");
+        match guard("copy_file_range", || {
+            self.ov
+                .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+        }) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(v.len() as u32)
+    } else if v.len() > size as usize {
+        reply.error(Errno::from_i32(libc::ERANGE))
+    } else {
+        reply.data(v)
+    }
+}
+
+/// Sends kernel invalidations from their own thread (never from inside a
+/// request, which could hold a lock the invalidation needs).
+pub struct Notify(pub fuser::Notifier);
+
+impl crate::overlay::Invalidator for Notify {
+    fn inval_entry(&self, parent: u64, name: &CStr) {
+        let n = self.0.clone();
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            if let Err(e) = n.inval_entry(INodeNo(parent), OsStr::from_bytes(name.to_bytes())) {
+                debug!("inval_entry: {e}");
+            }
+        });
+    }
+}

@@ -1,0 +1,77 @@
+//! Open files and directories, by FUSE file handle.
+//!
+//! A file handle keeps the fd it was opened with and the copy-up generation
+//! of its node at that time: a handle opened on a lower file before the
+//! object was copied up is reopened on the upper copy at its next read, so
+//! readers see what writers wrote (as the kernel's overlayfs does).
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::inode::Node;
+use crate::readdir::DirEntry;
+
+pub struct FileHandle {
+    pub node: Arc<Node>,
+    /// The open fd and the node's copy-up generation when it was opened.
+    pub fd: RwLock<(Arc<OwnedFd>, u64)>,
+    pub flags: i32,
+}
+
+pub struct DirHandle {
+    pub node: Arc<Node>,
+    /// The listing snapshot; refreshed when the caller rewinds to offset 0.
+    pub entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+}
+
+pub enum Handle {
+    File(FileHandle),
+    Dir(DirHandle),
+}
+
+const SHARDS: usize = 32;
+
+pub struct Handles {
+    next: AtomicU64,
+    shards: Vec<Mutex<HashMap<u64, Arc<Handle>>>>,
+}
+
+impl Default for Handles {
+    fn default() -> Self {
+        Handles {
+            next: AtomicU64::new(1),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl Handles {
+    fn shard(&self, fh: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Handle>>> {
+        self.shards[fh as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn insert(&self, h: Handle) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed);
+        self.shard(fh).insert(fh, Arc::new(h));
+        fh
+    }
+
+    pub fn get(&self, fh: u64) -> Option<Arc<Handle>> {
+        self.shard(fh).get(&fh).cloned()
+    }
+
+    pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
+        self.shard(fh).remove(&fh)
+    }
+
+    pub fn count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+}

@@ -1,0 +1,198 @@
+//! The inode table: FUSE inode number ↔ overlay object, with lookup counts.
+//!
+//! A node's number is the inode number it reports (see `layer::Stack::map_ino`),
+//! so it is stable across copy-up and shared by hard links within a layer.
+//! Invariants: a node stays in the table while the kernel holds lookups on
+//! it (`forget` drops them); a child holds an `Arc` of its parent, so the
+//! parent chain needed for copy-up is always there; a node's location only
+//! ever moves from a lower layer to the upper, never back (except when the
+//! object is deleted).
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::whiteout::Opaque;
+
+pub const ROOT_INO: u64 = 1;
+
+/// One layer's directory that contributes to a merged directory.
+#[derive(Clone)]
+pub struct DirLayer {
+    pub layer: usize,
+    pub fd: Arc<OwnedFd>,
+    /// The directory's `overlay.opaque` value in this layer (`x` matters:
+    /// it may hold xattr whiteouts).
+    pub opaque: Opaque,
+}
+
+/// Where an object's topmost entry lives: a name in a layer directory.
+#[derive(Clone)]
+pub struct Loc {
+    pub layer: usize,
+    /// The containing directory, in that layer.
+    pub dir: Arc<OwnedFd>,
+    pub name: CString,
+}
+
+/// The mutable part of a node.
+#[derive(Clone)]
+pub struct NodeState {
+    /// Merged-tree parent (None for the root).
+    pub parent: Option<Arc<Node>>,
+    /// Topmost entry; None for the root and for deleted objects.
+    pub loc: Option<Loc>,
+    /// For directories: the contributing layer directories, top to bottom.
+    pub dirs: Vec<DirLayer>,
+    /// An `O_PATH` fd kept when the object's last known name went away
+    /// (unlinked while open, or a hard link's other name).
+    pub detached: Option<Arc<OwnedFd>>,
+    /// Deleted from the merged namespace (reports `st_nlink` 0).
+    pub unlinked: bool,
+}
+
+impl NodeState {
+    /// The layer of the topmost entry.
+    pub fn top_layer(&self) -> Option<usize> {
+        self.dirs
+            .first()
+            .map(|d| d.layer)
+            .or(self.loc.as_ref().map(|l| l.layer))
+    }
+}
+
+pub struct Node {
+    pub ino: u64,
+    /// `S_IFMT` bits; an object never changes type.
+    pub fmt: u32,
+    lookups: AtomicU64,
+    pub state: RwLock<NodeState>,
+    /// Serialises copy-up and namespace changes of this object.
+    pub lock: Mutex<()>,
+    /// Bumped each time the object moves to a new underlying file (copy-up),
+    /// so open handles know to reopen.
+    pub generation: AtomicU64,
+}
+
+impl Node {
+    pub fn new(ino: u64, fmt: u32, state: NodeState) -> Node {
+        Node {
+            ino,
+            fmt,
+            lookups: AtomicU64::new(0),
+            state: RwLock::new(state),
+            lock: Mutex::new(()),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.fmt == libc::S_IFDIR
+    }
+
+    /// A snapshot of the state (cheap: Arcs and small vectors).
+    pub fn snapshot(&self) -> NodeState {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_state(&self, f: impl FnOnce(&mut NodeState)) {
+        let mut g = self.state.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut g)
+    }
+}
+
+/// The table, sharded to keep lock contention low under many threads.
+pub struct NodeTable {
+    shards: Vec<RwLock<HashMap<u64, Arc<Node>>>>,
+}
+
+const SHARDS: usize = 64;
+
+impl NodeTable {
+    pub fn new(root: Node) -> NodeTable {
+        let shards: Vec<_> = (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect();
+        let t = NodeTable { shards };
+        let root = Arc::new(root);
+        root.lookups.store(1, Ordering::Relaxed);
+        t.shard(ROOT_INO)
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ROOT_INO, root);
+        t
+    }
+
+    fn shard(&self, ino: u64) -> &RwLock<HashMap<u64, Arc<Node>>> {
+        &self.shards[(ino as usize ^ (ino >> 32) as usize) % SHARDS]
+    }
+
+    pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
+        self.shard(ino)
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+            .cloned()
+    }
+
+    /// Records one kernel lookup of an object: inserts a new node, or
+    /// refreshes an existing one with `state` (unless that would move it from
+    /// the upper layer back to a lower one, which only a stale lookup racing
+    /// a copy-up could ask for).
+    pub fn lookup(
+        &self,
+        ino: u64,
+        fmt: u32,
+        state: NodeState,
+        is_upper: impl Fn(usize) -> bool,
+    ) -> Arc<Node> {
+        let mut shard = self.shard(ino).write().unwrap_or_else(|e| e.into_inner());
+        let node = match shard.get(&ino) {
+            Some(n) if n.fmt == fmt => {
+                n.set_state(|s| {
+                    let was_upper = s.top_layer().is_some_and(&is_upper);
+                    let now_upper = state.top_layer().is_some_and(&is_upper);
+                    if !was_upper || now_upper {
+                        *s = state;
+                    }
+                });
+                n.clone()
+            }
+            _ => {
+                let n = Arc::new(Node::new(ino, fmt, state));
+                shard.insert(ino, n.clone());
+                n
+            }
+        };
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+        node
+    }
+
+    /// Drops `n` kernel lookups; the node leaves the table at zero.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut shard = self.shard(ino).write().unwrap_or_else(|e| e.into_inner());
+        if let Some(node) = shard.get(&ino) {
+            let prev = node.lookups.fetch_sub(
+                n.min(node.lookups.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+            if prev <= n {
+                shard.remove(&ino);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,159 @@
+//! Mounting: the library's `Overlay` builder and `MountGuard`, and the
+//! serve loop the daemon runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+
+use crate::config::MountConfig;
+use crate::fuse::{LayerFs, Notify};
+use crate::layer::Stack;
+use crate::overlay::OverlayFs;
+
+/// Builds an overlay and mounts it; see the crate docs for an example.
+#[derive(Clone, Debug)]
+pub struct Overlay {
+    cfg: MountConfig,
+}
+
+impl Default for Overlay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Overlay {
+    pub fn new() -> Overlay {
+        Overlay {
+            cfg: MountConfig::new(Vec::new()),
+        }
+    }
+
+    /// Adds a lower layer below those already added (the first is topmost).
+    pub fn lower(mut self, dir: impl Into<PathBuf>) -> Overlay {
+        self.cfg.lowers.push(dir.into());
+        self
+    }
+
+    /// Makes the overlay writable: changes go to `upper`, built in `work`
+    /// (an empty directory on the same filesystem).
+    pub fn upper(mut self, upper: impl Into<PathBuf>, work: impl Into<PathBuf>) -> Overlay {
+        self.cfg.upper = Some(upper.into());
+        self.cfg.work = Some(work.into());
+        self
+    }
+
+    /// Applies a fuse-overlayfs style option string (`volatile`, `ro`, ...).
+    pub fn options(mut self, opts: &str) -> Result<Overlay, String> {
+        crate::config::apply_option_string(&mut self.cfg, std::ffi::OsStr::new(opts))?;
+        Ok(self)
+    }
+
+    /// Validates and mounts at `mountpoint`; unmounted when the guard drops.
+    pub fn mount(self, mountpoint: impl AsRef<Path>) -> Result<MountGuard, String> {
+        let cfg = self.cfg.validate()?;
+        let mp = mountpoint.as_ref().to_path_buf();
+        let session = new_session(&cfg, &mp)?;
+        let bg = session
+            .spawn()
+            .map_err(|e| format!("cannot start the filesystem thread: {e}"))?;
+        Ok(MountGuard {
+            session: Some(bg),
+            mountpoint: mp,
+        })
+    }
+}
+
+/// A mounted overlay; dropping it (also while unwinding) unmounts it.
+pub struct MountGuard {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+}
+
+impl MountGuard {
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmounts now, reporting errors that `drop` would swallow.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take()
+            && let Err(e) = s.umount_and_join()
+        {
+            log::warn!("unmount {}: {e}", self.mountpoint.display());
+        }
+    }
+}
+
+/// Opens the layers and mounts; the returned session is ready to serve
+/// (the kernel's INIT has been answered).
+pub fn new_session(cfg: &MountConfig, mountpoint: &Path) -> Result<Session<LayerFs>, String> {
+    let md = std::fs::metadata(mountpoint)
+        .map_err(|e| format!("mountpoint '{}': {e}", mountpoint.display()))?;
+    if !md.is_dir() {
+        return Err(format!(
+            "mountpoint '{}': is not a directory",
+            mountpoint.display()
+        ));
+    }
+    crate::sys::umask(0);
+    crate::sys::raise_nofile_limit();
+    let stack = Stack::open(cfg).map_err(|e| format!("cannot open the layers: {e}"))?;
+    let ov = OverlayFs::new(stack, cfg.options.clone())
+        .map_err(|e| format!("cannot read the layers: {e}"))?;
+    let ov = Arc::new(ov);
+    let fs = LayerFs {
+        ov: ov.clone(),
+        ttl: Duration::from_secs(1),
+    };
+    let mut config = Config::default();
+    config.mount_options = mount_options(cfg);
+    config.acl = if cfg.options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(cfg.options.threads);
+    let session = Session::new(fs, mountpoint, &config)
+        .map_err(|e| format!("cannot mount on '{}': {e}", mountpoint.display()))?;
+    ov.set_invalidator(Box::new(Notify(session.notifier())));
+    Ok(session)
+}
+
+fn mount_options(cfg: &MountConfig) -> Vec<MountOption> {
+    let mut v = vec![
+        MountOption::FSName("layerfs".into()),
+        MountOption::Subtype("layerfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    let writable = cfg.upper.is_some() && !cfg.options.read_only;
+    v.push(if writable {
+        MountOption::RW
+    } else {
+        MountOption::RO
+    });
+    for f in &cfg.options.kernel_flags {
+        v.push(match f.as_str() {
+            "nodev" => MountOption::NoDev,
+            "nosuid" => MountOption::NoSuid,
+            "noexec" => MountOption::NoExec,
+            "dev" => MountOption::Dev,
+            "suid" => MountOption::Suid,
+            "exec" => MountOption::Exec,
+            "noatime" => MountOption::NoAtime,
+            _ => MountOption::Atime,
+        });
+    }
+    v
+}

@@ -1,0 +1,531 @@
+//! Namespace changes in the upper layer (SPEC §6): create, mkdir, mknod,
+//! symlink, link, unlink, rmdir, rename.
+//!
+//! Rules kept here: an object is created directly in the upper parent unless
+//! a whiteout sits at its name, in which case it is built in the work
+//! directory and swapped in atomically (`RENAME_EXCHANGE`, then the old
+//! whiteout is removed); a new directory over a whiteout is opaque; deleting
+//! a name that a lower layer has leaves a whiteout (made atomically with
+//! `RENAME_WHITEOUT` where possible).
+
+use std::ffi::{CStr, CString};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use crate::error::{Context, Error, Result};
+use crate::inode::{DirLayer, Node};
+use crate::layer;
+use crate::overlay::{Attr, Caller, OverlayFs};
+use crate::readdir;
+use crate::resolve::{self, Resolved};
+use crate::sys::{self, xattr};
+
+/// What kind of object a create makes.
+pub enum NewObject<'a> {
+    File { flags: i32 },
+    Dir,
+    Node { rdev: u64 },
+    Symlink { target: &'a CStr },
+}
+
+/// A parent directory ready for changes: its node and its upper directory.
+struct Parent {
+    node: Arc<Node>,
+    upper: DirLayer,
+    /// The parent's lower directories (where a whiteout's need is decided).
+    lowers: Vec<DirLayer>,
+}
+
+impl OverlayFs {
+    fn prepare_parent(&self, ino: u64) -> Result<Parent> {
+        self.writable()?;
+        let node = self.node(ino)?;
+        if !node.is_dir() {
+            return Err(Error::new(libc::ENOTDIR, "parent is not a directory"));
+        }
+        self.copy_up(&node, false)?;
+        let dirs = node.snapshot().dirs;
+        let (upper, lowers) = dirs
+            .split_first()
+            .ok_or_else(|| Error::new(libc::EIO, "directory without layers"))?;
+        Ok(Parent {
+            upper: upper.clone(),
+            lowers: lowers.to_vec(),
+            node: node.clone(),
+        })
+    }
+
+    /// Does some lower layer show `name` in this parent (so deleting it needs
+    /// a whiteout)?
+    fn lower_has(&self, p: &Parent, name: &CStr) -> Result<bool> {
+        Ok(resolve::lookup(&self.stack, &p.lowers, name)?.exists())
+    }
+
+    /// Is there a whiteout at `name` in the upper parent?
+    fn upper_whiteout(&self, p: &Parent, name: &CStr) -> Result<bool> {
+        match sys::fstatat(p.upper.fd.as_fd(), name) {
+            Ok(st) => Ok(crate::whiteout::is_whiteout_stat(&st)),
+            Err(e) if crate::error::is_enoent(&e) => Ok(false),
+            Err(e) => Err(e).ctx(|| format!("stat {name:?}")),
+        }
+    }
+
+    fn check_name(name: &CStr) -> Result<()> {
+        if !layer::valid_name(name) {
+            return Err(Error::new(libc::EINVAL, format!("invalid name {name:?}")));
+        }
+        if name.to_bytes().len() > 255 {
+            return Err(Error::new(libc::ENAMETOOLONG, "name too long"));
+        }
+        Ok(())
+    }
+
+    /// Creates a new object at `name` in directory `parent`, owned by the
+    /// caller; returns its attributes and, for files, an open fd.
+    pub fn create_object(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        obj: NewObject<'_>,
+    ) -> Result<(Attr, Option<std::os::fd::OwnedFd>)> {
+        Self::check_name(name)?;
+        if let NewObject::Node { rdev: 0 } = obj
+            && mode & libc::S_IFMT == libc::S_IFCHR
+        {
+            return Err(Error::new(
+                libc::EPERM,
+                "a 0/0 character device is a whiteout",
+            ));
+        }
+        let p = self.prepare_parent(parent)?;
+        let _g = p.node.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let pdirs = p.node.snapshot().dirs;
+        if resolve::lookup(&self.stack, &pdirs, name)?.exists() {
+            return Err(Error::new(libc::EEXIST, format!("{name:?} exists")));
+        }
+        let over_whiteout = self.upper_whiteout(&p, name)?;
+        let (dir, target) = if over_whiteout {
+            (self.stack.work_fd()?, self.tmp_name())
+        } else {
+            (p.upper.fd.as_fd(), name.to_owned())
+        };
+        let pst = sys::fstat(p.upper.fd.as_fd()).ctx(|| "stat parent".into())?;
+        let fd = self.make(dir, &target, mode, &obj, caller, &pst)?;
+        if over_whiteout {
+            if let Err(e) = self.swap_in(&p, &target, name, matches!(obj, NewObject::Dir)) {
+                let _ = sys::unlinkat(dir, &target, matches!(obj, NewObject::Dir));
+                return Err(e);
+            }
+        }
+        let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, name)?;
+        let (_, attr) = self.record(&p.node, r)?;
+        Ok((attr, fd))
+    }
+
+    /// Makes the object itself in `dir` and gives it the caller's ownership.
+    fn make(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &CStr,
+        mode: u32,
+        obj: &NewObject<'_>,
+        caller: Caller,
+        parent: &sys::Stat,
+    ) -> Result<Option<std::os::fd::OwnedFd>> {
+        let what = || format!("create {name:?}");
+        let perm = mode & 0o7777;
+        let mut fd = None;
+        match obj {
+            NewObject::File { flags } => {
+                let f = (flags & !(libc::O_APPEND | libc::O_TRUNC | libc::O_NOFOLLOW))
+                    | libc::O_CREAT
+                    | libc::O_EXCL;
+                fd = Some(sys::openat(dir, name, f, perm).ctx(what)?);
+            }
+            NewObject::Dir => sys::mkdirat(dir, name, perm).ctx(what)?,
+            NewObject::Node { rdev } => sys::mknodat(dir, name, mode, *rdev).ctx(what)?,
+            NewObject::Symlink { target } => sys::symlinkat(target, dir, name).ctx(what)?,
+        }
+        let setgid_dir = parent.st_mode & libc::S_ISGID != 0;
+        let gid = if setgid_dir {
+            parent.st_gid
+        } else {
+            caller.gid
+        };
+        let (cur_uid, cur_gid) = (0, if setgid_dir { parent.st_gid } else { 0 });
+        if caller.uid != cur_uid || gid != cur_gid {
+            sys::fchownat(dir, name, caller.uid, gid).ctx(what)?;
+            if perm & (libc::S_ISUID | libc::S_ISGID) != 0
+                && !matches!(obj, NewObject::Symlink { .. })
+            {
+                let o = sys::openat(dir, name, libc::O_PATH, 0).ctx(what)?;
+                let mut m = perm;
+                if matches!(obj, NewObject::Dir) && setgid_dir {
+                    m |= libc::S_ISGID;
+                }
+                sys::fchmod_fd(o.as_fd(), m).ctx(what)?;
+            }
+        }
+        Ok(fd)
+    }
+
+    /// Puts the object built as `tmp` in the work dir in place of the
+    /// whiteout at `name`; a directory put there becomes opaque.
+    fn swap_in(&self, p: &Parent, tmp: &CStr, name: &CStr, is_dir: bool) -> Result<()> {
+        let work = self.stack.work_fd()?;
+        if is_dir {
+            xattr::set(
+                xattr::Target::At(work, tmp),
+                &self.stack.xname("opaque"),
+                b"y",
+                0,
+            )
+            .ctx(|| "set opaque".into())?;
+        }
+        sys::renameat2(work, tmp, p.upper.fd.as_fd(), name, sys::RENAME_EXCHANGE)
+            .ctx(|| format!("replace whiteout {name:?}"))?;
+        sys::unlinkat(work, tmp, false).ctx(|| "remove old whiteout".into())
+    }
+
+    /// Makes a whiteout in the work directory.
+    fn make_whiteout(&self) -> Result<CString> {
+        let tmp = self.tmp_name();
+        sys::mknodat(self.stack.work_fd()?, &tmp, libc::S_IFCHR, 0)
+            .ctx(|| "create whiteout".into())?;
+        Ok(tmp)
+    }
+
+    /// Puts a whiteout at `name` in the upper parent, over whatever is there
+    /// (nothing, a file, or an empty-but-for-whiteouts directory).
+    fn whiteout_at(&self, p: &Parent, name: &CStr, upper_kind: Option<u32>) -> Result<()> {
+        let work = self.stack.work_fd()?;
+        let wh = self.make_whiteout()?;
+        let pfd = p.upper.fd.as_fd();
+        let r = match upper_kind {
+            None => sys::renameat2(work, &wh, pfd, name, sys::RENAME_NOREPLACE),
+            Some(libc::S_IFDIR) => sys::renameat2(work, &wh, pfd, name, sys::RENAME_EXCHANGE),
+            Some(_) => sys::renameat2(work, &wh, pfd, name, 0),
+        };
+        if let Err(e) = r {
+            let _ = sys::unlinkat(work, &wh, false);
+            return Err(e).ctx(|| format!("whiteout {name:?}"));
+        }
+        if upper_kind == Some(libc::S_IFDIR) {
+            // the old directory is now in the work dir under `wh`
+            let d = sys::open_dir_at(work, &wh).ctx(|| "open removed dir".into())?;
+            layer::clean_dir(d.as_fd()).ctx(|| "clean removed dir".into())?;
+            sys::unlinkat(work, &wh, true).ctx(|| "remove dir".into())?;
+        }
+        Ok(())
+    }
+
+    /// unlink and rmdir.
+    pub fn remove(&self, parent: u64, name: &CStr, dir: bool) -> Result<()> {
+        self.writable()?;
+        let pnode = self.node(parent)?;
+        let r = resolve::lookup(&self.stack, &pnode.snapshot().dirs, name)?;
+        match (&r, dir) {
+            (Resolved::Absent, _) => {
+                return Err(Error::new(libc::ENOENT, format!("{name:?} not found")));
+            }
+            (Resolved::Dir { .. }, false) => {
+                return Err(Error::new(libc::EISDIR, "unlink of a directory"));
+            }
+            (Resolved::NonDir { .. }, true) => {
+                return Err(Error::new(libc::ENOTDIR, "rmdir of a non-directory"));
+            }
+            (Resolved::Dir { dirs, .. }, true) => {
+                if !readdir::list(&self.stack, dirs)?.is_empty() {
+                    return Err(Error::new(libc::ENOTEMPTY, format!("{name:?} not empty")));
+                }
+            }
+            _ => {}
+        }
+        let ino = resolve::ino_of(&self.stack, &r)?;
+        let p = self.prepare_parent(parent)?;
+        let _g = p.node.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let upper_kind = match sys::fstatat(p.upper.fd.as_fd(), name) {
+            Ok(st) => Some(st.st_mode & libc::S_IFMT),
+            Err(e) if crate::error::is_enoent(&e) => None,
+            Err(e) => return Err(e).ctx(|| format!("stat {name:?}")),
+        };
+        self.detach(ino, &r);
+        if self.lower_has(&p, name)? {
+            return self.whiteout_at(&p, name, upper_kind);
+        }
+        match upper_kind {
+            Some(libc::S_IFDIR) => {
+                let d = sys::open_dir_at(p.upper.fd.as_fd(), name).ctx(|| "open dir".into())?;
+                layer::clean_dir(d.as_fd()).ctx(|| "clean whiteouts".into())?;
+                sys::unlinkat(p.upper.fd.as_fd(), name, true).ctx(|| format!("rmdir {name:?}"))
+            }
+            Some(_) => {
+                sys::unlinkat(p.upper.fd.as_fd(), name, false).ctx(|| format!("unlink {name:?}"))
+            }
+            None => Err(Error::new(libc::ENOENT, "vanished")),
+        }
+    }
+
+    /// Keeps a deleted object reachable for those who still hold it (open
+    /// files, a cwd): an `O_PATH` fd on it, and no name.
+    fn detach(&self, ino: u64, r: &Resolved) {
+        let Some(node) = self.nodes.get(ino) else {
+            return;
+        };
+        let fd = match r {
+            Resolved::NonDir { loc, .. } => {
+                sys::openat(loc.dir.as_fd(), &loc.name, libc::O_PATH, 0).ok()
+            }
+            _ => None,
+        };
+        let upper = matches!(r, Resolved::NonDir { loc, .. } if self.stack.is_upper(loc.layer));
+        node.set_state(|s| {
+            s.loc = None;
+            s.unlinked = !upper || node.is_dir();
+            s.detached = fd.map(Arc::new);
+        });
+    }
+
+    /// rename, with `RENAME_NOREPLACE` and `RENAME_EXCHANGE`.
+    pub fn rename(
+        &self,
+        oldp: u64,
+        oldname: &CStr,
+        newp: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> Result<()> {
+        Self::check_name(newname)?;
+        self.writable()?;
+        let exchange = flags & sys::RENAME_EXCHANGE != 0;
+        let op = self.node(oldp)?;
+        let np = self.node(newp)?;
+        let old = resolve::lookup(&self.stack, &op.snapshot().dirs, oldname)?;
+        let new = resolve::lookup(&self.stack, &np.snapshot().dirs, newname)?;
+        if !old.exists() || (exchange && !new.exists()) {
+            return Err(Error::new(libc::ENOENT, "rename source not found"));
+        }
+        if new.exists() && flags & sys::RENAME_NOREPLACE != 0 {
+            return Err(Error::new(libc::EEXIST, "rename target exists"));
+        }
+        if oldp == newp && oldname == newname {
+            return Ok(());
+        }
+        self.check_rename_types(&old, &new, exchange)?;
+        let old_ino = resolve::ino_of(&self.stack, &old)?;
+        let old_node = self.record(&op, old)?.0;
+        let new_node = match &new {
+            Resolved::Absent => None,
+            _ => {
+                let ino = resolve::ino_of(&self.stack, &new)?;
+                Some(
+                    self.record(
+                        &np,
+                        resolve::lookup(&self.stack, &np.snapshot().dirs, newname)?,
+                    )?
+                    .0,
+                )
+                .filter(|n| n.ino == ino)
+            }
+        };
+        self.movable(&old_node)?;
+        self.copy_up(&old_node, false)?;
+        if let Some(n) = &new_node
+            && exchange
+        {
+            self.movable(n)?;
+            self.copy_up(n, false)?;
+        }
+        if !exchange && new.exists() {
+            let ino = resolve::ino_of(&self.stack, &new)?;
+            self.detach(ino, &new);
+        }
+        let po = self.prepare_parent(oldp)?;
+        let pn = self.prepare_parent(newp)?;
+        let result = self.do_rename(&po, oldname, &pn, newname, exchange, &old_node);
+        let result = result.and_then(|()| {
+            if exchange && let Some(n) = &new_node {
+                self.after_move(&po, oldname, n)?;
+            }
+            self.after_move(&pn, newname, &old_node)
+        });
+        self.forget(old_ino, 1);
+        if let Some(n) = new_node {
+            self.forget(n.ino, 1);
+        }
+        result
+    }
+
+    fn check_rename_types(&self, old: &Resolved, new: &Resolved, exchange: bool) -> Result<()> {
+        if exchange {
+            return Ok(());
+        }
+        match (old, new) {
+            (Resolved::Dir { .. }, Resolved::NonDir { .. }) => {
+                Err(Error::new(libc::ENOTDIR, "dir over non-dir"))
+            }
+            (Resolved::NonDir { .. }, Resolved::Dir { .. }) => {
+                Err(Error::new(libc::EISDIR, "non-dir over dir"))
+            }
+            (Resolved::Dir { .. }, Resolved::Dir { dirs, .. }) => {
+                if readdir::list(&self.stack, dirs)?.is_empty() {
+                    Ok(())
+                } else {
+                    Err(Error::new(libc::ENOTEMPTY, "rename over a non-empty dir"))
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A directory with lower contents cannot be moved without the kernel's
+    /// redirect format: `EXDEV`, as the kernel's default (`mv` then copies).
+    fn movable(&self, node: &Node) -> Result<()> {
+        let s = node.snapshot();
+        if node.is_dir() && s.dirs.iter().any(|d| self.stack.is_lower(d.layer)) {
+            return Err(Error::new(
+                libc::EXDEV,
+                "renaming a directory with lower contents",
+            ));
+        }
+        Ok(())
+    }
+
+    fn do_rename(
+        &self,
+        po: &Parent,
+        oldname: &CStr,
+        pn: &Parent,
+        newname: &CStr,
+        exchange: bool,
+        moved: &Arc<Node>,
+    ) -> Result<()> {
+        let (ofd, nfd) = (po.upper.fd.as_fd(), pn.upper.fd.as_fd());
+        if exchange {
+            return sys::renameat2(ofd, oldname, nfd, newname, sys::RENAME_EXCHANGE)
+                .ctx(|| format!("exchange {oldname:?} {newname:?}"));
+        }
+        let old_needs_wh = self.lower_has(po, oldname)?;
+        let new_has_lower = self.lower_has(pn, newname)?;
+        let new_upper = match sys::fstatat(nfd, newname) {
+            Ok(st) => Some(st),
+            Err(e) if crate::error::is_enoent(&e) => None,
+            Err(e) => return Err(e).ctx(|| format!("stat {newname:?}")),
+        };
+        let target_is_wh = new_upper
+            .as_ref()
+            .is_some_and(crate::whiteout::is_whiteout_stat);
+        if let Some(st) = &new_upper
+            && st.st_mode & libc::S_IFMT == libc::S_IFDIR
+        {
+            let d = sys::open_dir_at(nfd, newname).ctx(|| "open target dir".into())?;
+            layer::clean_dir(d.as_fd()).ctx(|| "clean target dir".into())?;
+        }
+        if moved.is_dir() && (new_has_lower || target_is_wh) {
+            let d = sys::open_dir_at(ofd, oldname).ctx(|| "open moved dir".into())?;
+            xattr::set(
+                xattr::Target::Fd(d.as_fd()),
+                &self.stack.xname("opaque"),
+                b"y",
+                0,
+            )
+            .ctx(|| "set opaque".into())?;
+        }
+        if target_is_wh && moved.is_dir() {
+            // A directory cannot replace a whiteout by plain rename.
+            sys::renameat2(ofd, oldname, nfd, newname, sys::RENAME_EXCHANGE)
+                .ctx(|| "rename over whiteout".into())?;
+            if !old_needs_wh {
+                sys::unlinkat(ofd, oldname, false).ctx(|| "remove swapped whiteout".into())?;
+            }
+        } else if old_needs_wh {
+            match sys::renameat2(ofd, oldname, nfd, newname, sys::RENAME_WHITEOUT) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    sys::renameat2(ofd, oldname, nfd, newname, 0).ctx(|| "rename".into())?;
+                    self.whiteout_at(po, oldname, None)?;
+                }
+                r => r.ctx(|| format!("rename {oldname:?} to {newname:?}"))?,
+            }
+        } else {
+            sys::renameat2(ofd, oldname, nfd, newname, 0)
+                .ctx(|| format!("rename {oldname:?} to {newname:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// Points the moved node at its new place.
+    fn after_move(&self, pn: &Parent, newname: &CStr, moved: &Arc<Node>) -> Result<()> {
+        let r = resolve::lookup(&self.stack, &pn.node.snapshot().dirs, newname)?;
+        let (loc, dirs) = match r {
+            Resolved::Dir { loc, dirs, .. } => (loc, dirs),
+            Resolved::NonDir { loc, .. } => (loc, Vec::new()),
+            Resolved::Absent => return Err(Error::new(libc::EIO, "moved object vanished")),
+        };
+        moved.set_state(|s| {
+            s.parent = Some(pn.node.clone());
+            s.loc = Some(loc);
+            if !dirs.is_empty() {
+                s.dirs = dirs;
+            }
+        });
+        Ok(())
+    }
+
+    /// link: a new name for an existing non-directory.
+    pub fn link(&self, ino: u64, newp: u64, newname: &CStr) -> Result<Attr> {
+        Self::check_name(newname)?;
+        self.writable()?;
+        let node = self.node(ino)?;
+        if node.is_dir() {
+            return Err(Error::new(libc::EPERM, "hard link to a directory"));
+        }
+        let src = self.copy_up(&node, false)?;
+        let p = self.prepare_parent(newp)?;
+        let _g = p.node.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?.exists() {
+            return Err(Error::new(libc::EEXIST, format!("{newname:?} exists")));
+        }
+        let pst = sys::fstat(p.upper.fd.as_fd()).ctx(|| "stat parent".into())?;
+        if self.upper_whiteout(&p, newname)? {
+            let tmp = self.tmp_name();
+            sys::linkat(src.dir.as_fd(), &src.name, self.stack.work_fd()?, &tmp)
+                .ctx(|| "link".into())?;
+            self.swap_in(&p, &tmp, newname, false)?;
+        } else {
+            sys::linkat(src.dir.as_fd(), &src.name, p.upper.fd.as_fd(), newname)
+                .ctx(|| "link".into())?;
+        }
+        let _ = pst;
+        let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?;
+        Ok(self.record(&p.node, r)?.1)
+    }
+}
+
+impl OverlayFs {
+    /// create: a new regular file, opened.
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, u64)> {
+        let mode = (mode & 0o7777) | libc::S_IFREG;
+        let (attr, fd) =
+            self.create_object(caller, parent, name, mode, NewObject::File { flags })?;
+        let node = self.node(attr.ino)?;
+        let fd = fd.ok_or_else(|| Error::new(libc::EIO, "create returned no fd"))?;
+        let generation = node.generation.load(std::sync::atomic::Ordering::Acquire);
+        let fh = self
+            .handles
+            .insert(crate::handles::Handle::File(crate::handles::FileHandle {
+                node,
+                fd: std::sync::RwLock::new((Arc::new(fd), generation)),
+                flags,
+            }));
+        Ok((attr, fh))
+    }
+}

@@ -1,0 +1,404 @@
+//! The core: every filesystem operation as a method returning
+//! `Result<T, Error>`, with no FUSE types. `fuse.rs` adapts it to `fuser`.
+//!
+//! Locking: the node table and handle table are sharded; a node's `lock`
+//! serialises copy-up and namespace changes of that object; no lock is held
+//! across a read or write of file data.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+use crate::config::Options;
+use crate::error::{Context, Error, Result};
+use crate::handles::{DirHandle, FileHandle, Handle, Handles};
+use crate::inode::{Node, NodeState, NodeTable, ROOT_INO};
+use crate::layer::{self, Stack};
+use crate::readdir::{self, DirEntry};
+use crate::resolve::{self, Resolved};
+use crate::sys::{self, Stat, xattr};
+
+/// Attributes as reported: the underlying `stat` with the overlay's inode
+/// number (and `st_nlink` 1 for merged directories, as the kernel reports).
+#[derive(Clone, Copy)]
+pub struct Attr {
+    pub ino: u64,
+    pub st: Stat,
+}
+
+/// Who asks: the calling process's credentials.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// Invalidations the core asks the kernel for (a copy-up that broke a hard
+/// link gives the copied name a new inode).
+pub trait Invalidator: Send + Sync {
+    fn inval_entry(&self, parent: u64, name: &CStr);
+}
+
+pub struct OverlayFs {
+    pub(crate) stack: Stack,
+    pub(crate) nodes: NodeTable,
+    pub(crate) handles: Handles,
+    pub(crate) opts: Options,
+    pub(crate) invalidator: OnceLock<Box<dyn Invalidator>>,
+    tmp_counter: std::sync::atomic::AtomicU64,
+}
+
+/// `O_ACCMODE` and flags that make an open modify the file.
+fn opens_for_write(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+impl OverlayFs {
+    pub fn new(stack: Stack, opts: Options) -> Result<OverlayFs> {
+        let dirs = resolve::root_dirs(&stack)?;
+        let root = Node::new(
+            ROOT_INO,
+            libc::S_IFDIR,
+            NodeState {
+                parent: None,
+                loc: None,
+                dirs,
+                detached: None,
+                unlinked: false,
+            },
+        );
+        Ok(OverlayFs {
+            stack,
+            nodes: NodeTable::new(root),
+            handles: Handles::default(),
+            opts,
+            invalidator: OnceLock::new(),
+            tmp_counter: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    pub fn set_invalidator(&self, inv: Box<dyn Invalidator>) {
+        let _ = self.invalidator.set(inv);
+    }
+
+    pub fn stack(&self) -> &Stack {
+        &self.stack
+    }
+
+    pub(crate) fn node(&self, ino: u64) -> Result<Arc<Node>> {
+        self.nodes
+            .get(ino)
+            .ok_or_else(|| Error::new(libc::ESTALE, format!("unknown inode {ino}")))
+    }
+
+    pub(crate) fn writable(&self) -> Result<()> {
+        match self.stack.upper() {
+            Some(_) => Ok(()),
+            None => Err(Error::new(libc::EROFS, "read-only overlay")),
+        }
+    }
+
+    /// A fresh name for an object being built in the work directory.
+    pub(crate) fn tmp_name(&self) -> CString {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        CString::new(format!("#{:x}.{n:x}", std::process::id())).expect("no NUL")
+    }
+
+    // ---- attributes -------------------------------------------------------
+
+    /// `stat` of a node's topmost entry.
+    pub(crate) fn stat_state(&self, s: &NodeState) -> Result<Stat> {
+        if let Some(d) = s.dirs.first() {
+            return sys::fstat(d.fd.as_fd()).ctx(|| "stat dir".into());
+        }
+        if let Some(fd) = &s.detached {
+            return sys::fstat(fd.as_fd()).ctx(|| "stat detached".into());
+        }
+        match &s.loc {
+            Some(loc) => {
+                sys::fstatat(loc.dir.as_fd(), &loc.name).ctx(|| format!("stat {:?}", loc.name))
+            }
+            None => Err(Error::new(libc::ENOENT, "deleted object")),
+        }
+    }
+
+    pub(crate) fn attr_of(&self, node: &Node, s: &NodeState) -> Result<Attr> {
+        let mut st = self.stat_state(s)?;
+        if s.dirs.len() > 1 {
+            st.st_nlink = 1;
+        }
+        if s.unlinked {
+            st.st_nlink = 0;
+        }
+        Ok(Attr { ino: node.ino, st })
+    }
+
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
+        let node = self.node(ino)?;
+        if let Some(Handle::File(h)) = fh.and_then(|fh| self.handles.get(fh)).as_deref() {
+            let fd = h.fd.read().unwrap_or_else(|e| e.into_inner()).0.clone();
+            if let Ok(st) = sys::fstat(fd.as_fd()) {
+                return Ok(Attr { ino, st });
+            }
+        }
+        self.attr_of(&node, &node.snapshot())
+    }
+
+    // ---- lookup -----------------------------------------------------------
+
+    /// Resolves `name` in directory `parent` and records a kernel lookup.
+    pub fn lookup(&self, parent: u64, name: &CStr) -> Result<Attr> {
+        if !layer::valid_name(name) {
+            return Err(Error::new(libc::ENOENT, format!("invalid name {name:?}")));
+        }
+        let pnode = self.node(parent)?;
+        let ps = pnode.snapshot();
+        if ps.dirs.is_empty() {
+            return Err(Error::new(libc::ENOTDIR, "lookup in a non-directory"));
+        }
+        if ps.unlinked {
+            return Err(Error::new(libc::ENOENT, "lookup in a deleted directory"));
+        }
+        let r = resolve::lookup(&self.stack, &ps.dirs, name)?;
+        self.record(&pnode, r).map(|(_, a)| a)
+    }
+
+    /// Enters a resolved object in the node table (one kernel lookup).
+    pub(crate) fn record(&self, parent: &Arc<Node>, r: Resolved) -> Result<(Arc<Node>, Attr)> {
+        let ino = resolve::ino_of(&self.stack, &r)?;
+        let (st, state) = match r {
+            Resolved::Absent => return Err(Error::new(libc::ENOENT, "no such entry")),
+            Resolved::Dir { loc, dirs, st } => (
+                st,
+                NodeState {
+                    parent: Some(parent.clone()),
+                    loc: Some(loc),
+                    dirs,
+                    detached: None,
+                    unlinked: false,
+                },
+            ),
+            Resolved::NonDir { loc, st } => (
+                st,
+                NodeState {
+                    parent: Some(parent.clone()),
+                    loc: Some(loc),
+                    dirs: Vec::new(),
+                    detached: None,
+                    unlinked: false,
+                },
+            ),
+        };
+        let merged = state.dirs.len() > 1;
+        let fmt = st.st_mode & libc::S_IFMT;
+        let node = self
+            .nodes
+            .lookup(ino, fmt, state, |l| self.stack.is_upper(l));
+        let mut st = st;
+        if merged {
+            st.st_nlink = 1;
+        }
+        Ok((node, Attr { ino, st }))
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.nodes.forget(ino, n);
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let s = self.node(ino)?.snapshot();
+        if let Some(fd) = &s.detached {
+            return sys::readlinkat(fd.as_fd(), c"").ctx(|| "readlink".into());
+        }
+        let loc = s.loc.ok_or_else(|| Error::new(libc::ENOENT, "deleted"))?;
+        sys::readlinkat(loc.dir.as_fd(), &loc.name).ctx(|| format!("readlink {:?}", loc.name))
+    }
+
+    // ---- files ------------------------------------------------------------
+
+    /// Opens the topmost entry of a non-directory (`O_PATH`-free, real open).
+    pub(crate) fn open_loc(&self, s: &NodeState, flags: i32) -> Result<OwnedFd> {
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+        if let Some(fd) = &s.detached {
+            return sys::reopen(fd.as_fd(), flags).ctx(|| "reopen detached".into());
+        }
+        let loc = s
+            .loc
+            .as_ref()
+            .ok_or_else(|| Error::new(libc::ENOENT, "deleted"))?;
+        sys::openat(loc.dir.as_fd(), &loc.name, flags, 0).ctx(|| format!("open {:?}", loc.name))
+    }
+
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        let node = self.node(ino)?;
+        if opens_for_write(flags) {
+            self.writable()?;
+            self.copy_up(&node, flags & libc::O_TRUNC != 0)?;
+        }
+        let generation = node.generation.load(Ordering::Acquire);
+        let s = node.snapshot();
+        let fd = self.open_loc(&s, flags & !libc::O_APPEND)?;
+        Ok(self.handles.insert(Handle::File(FileHandle {
+            node,
+            fd: std::sync::RwLock::new((Arc::new(fd), generation)),
+            flags,
+        })))
+    }
+
+    /// The fd of an open file, reopened on the upper copy if the object was
+    /// copied up since the handle was opened.
+    pub(crate) fn file_fd(&self, fh: u64) -> Result<(Arc<Handle>, Arc<OwnedFd>)> {
+        let h = self
+            .handles
+            .get(fh)
+            .ok_or_else(|| Error::new(libc::EBADF, format!("unknown file handle {fh}")))?;
+        let Handle::File(f) = &*h else {
+            return Err(Error::new(libc::EISDIR, "file op on a directory handle"));
+        };
+        let generation = f.node.generation.load(Ordering::Acquire);
+        let (fd, g) = f.fd.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if g == generation {
+            return Ok((h.clone(), fd));
+        }
+        let newfd = Arc::new(self.open_loc(
+            &f.node.snapshot(),
+            f.flags & !(libc::O_TRUNC | libc::O_APPEND),
+        )?);
+        *f.fd.write().unwrap_or_else(|e| e.into_inner()) = (newfd.clone(), generation);
+        Ok((h.clone(), newfd))
+    }
+
+    pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        let (_h, fd) = self.file_fd(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = sys::pread(fd.as_fd(), &mut buf[done..], off + done as u64)
+                .ctx(|| "read".into())?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.remove(fh);
+    }
+
+    // ---- directories ------------------------------------------------------
+
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let node = self.node(ino)?;
+        if !node.is_dir() {
+            return Err(Error::new(libc::ENOTDIR, "opendir of a non-directory"));
+        }
+        Ok(self.handles.insert(Handle::Dir(DirHandle {
+            node,
+            entries: std::sync::Mutex::new(None),
+        })))
+    }
+
+    /// The listing of an open directory from `offset` on. Offsets: 1 is
+    /// `.`, 2 is `..`, 3.. the merged entries; each entry's offset is the
+    /// one after it.
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<(Arc<Vec<DirEntry>>, u64)> {
+        let h = self
+            .handles
+            .get(fh)
+            .ok_or_else(|| Error::new(libc::EBADF, "unknown dir handle"))?;
+        let Handle::Dir(d) = &*h else {
+            return Err(Error::new(libc::ENOTDIR, "readdir on a file handle"));
+        };
+        let mut g = d.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if offset == 0 || g.is_none() {
+            let s = d.node.snapshot();
+            let mut list = vec![
+                DirEntry {
+                    name: b".".to_vec(),
+                    ino: d.node.ino,
+                    fmt: libc::S_IFDIR,
+                },
+                DirEntry {
+                    name: b"..".to_vec(),
+                    ino: s.parent.as_ref().map_or(ROOT_INO, |p| p.ino),
+                    fmt: libc::S_IFDIR,
+                },
+            ];
+            list.extend(readdir::list(&self.stack, &s.dirs)?);
+            *g = Some(Arc::new(list));
+        }
+        Ok((g.clone().unwrap_or_default(), offset))
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.remove(fh);
+    }
+
+    /// Looks up one listed entry for readdirplus (a counted lookup).
+    pub fn lookup_entry(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        let c = layer::cname(name)?;
+        self.lookup(parent, &c)
+    }
+
+    // ---- misc -------------------------------------------------------------
+
+    pub fn statfs(&self) -> Result<libc::statvfs> {
+        let l = self.stack.upper().unwrap_or(&self.stack.layers[0]);
+        sys::fstatvfs(l.root.as_fd()).ctx(|| "statfs".into())
+    }
+
+    pub fn access(&self, ino: u64, mask: i32) -> Result<()> {
+        self.node(ino)?;
+        if mask & libc::W_OK != 0 {
+            self.writable()?;
+        }
+        Ok(())
+    }
+
+    // ---- xattrs -----------------------------------------------------------
+
+    fn xattr_target<'a>(s: &'a NodeState) -> Result<xattr::Target<'a>> {
+        if let Some(d) = s.dirs.first() {
+            return Ok(xattr::Target::Fd(d.fd.as_fd()));
+        }
+        if let Some(fd) = &s.detached {
+            return Ok(xattr::Target::Fd(fd.as_fd()));
+        }
+        let loc = s
+            .loc
+            .as_ref()
+            .ok_or_else(|| Error::new(libc::ENOENT, "deleted"))?;
+        Ok(xattr::Target::At(loc.dir.as_fd(), &loc.name))
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        let stored = self.stack.private.escape(name);
+        if self.stack.private.unescape(&stored).is_none() {
+            return Err(Error::new(libc::ENODATA, "private xattr"));
+        }
+        let s = self.node(ino)?.snapshot();
+        let c = xattr::name(&stored)?;
+        xattr::get(Self::xattr_target(&s)?, &c)
+            .ctx(|| format!("getxattr {c:?}"))?
+            .ok_or_else(|| Error::new(libc::ENODATA, "no such xattr"))
+    }
+
+    /// Names as the caller sees them: private ones hidden, escaped ones unescaped.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let s = self.node(ino)?.snapshot();
+        let names = xattr::list(Self::xattr_target(&s)?).ctx(|| "listxattr".into())?;
+        let mut out = Vec::new();
+        for n in names {
+            if let Some(u) = self.stack.private.unescape(&n) {
+                out.extend_from_slice(&u);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,142 @@
+//! Merged directory listings (SPEC §3).
+//!
+//! A listing is computed once per `opendir` (and again on a rewind to offset
+//! 0) and kept in the handle, so offsets stay valid while the directory is
+//! modified — `rm -rf` while iterating works. Each name appears once, with
+//! the type of its topmost entry; whiteouts, OCI markers in lowers and names
+//! they hide are left out; `d_ino` equals the `st_ino` a lookup reports.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::os::fd::AsFd;
+
+use crate::error::{Context, Result};
+use crate::inode::DirLayer;
+use crate::layer::Stack;
+use crate::resolve;
+use crate::sys::{self, xattr};
+use crate::whiteout::{self, Opaque};
+
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    /// `S_IFMT` bits of the topmost entry.
+    pub fmt: u32,
+}
+
+fn fmt_of_dtype(d: u8) -> Option<u32> {
+    Some(match d {
+        libc::DT_REG => libc::S_IFREG,
+        libc::DT_DIR => libc::S_IFDIR,
+        libc::DT_LNK => libc::S_IFLNK,
+        libc::DT_FIFO => libc::S_IFIFO,
+        libc::DT_SOCK => libc::S_IFSOCK,
+        libc::DT_BLK => libc::S_IFBLK,
+        libc::DT_CHR => libc::S_IFCHR,
+        _ => return None,
+    })
+}
+
+/// Lists a merged directory made of `dirs` (top to bottom).
+pub fn list(stack: &Stack, dirs: &[DirLayer]) -> Result<Vec<DirEntry>> {
+    let mut seen: HashSet<Vec<u8>> = HashSet::new();
+    let mut out = Vec::new();
+    // Upper entries of a merged or impure upper dir may be copy-ups whose
+    // inode number is their origin's: those are resolved fully.
+    let resolve_upper = match dirs.first() {
+        Some(d) if stack.is_upper(d.layer) => dirs.len() > 1 || is_impure(stack, d)?,
+        _ => false,
+    };
+    for dl in dirs {
+        let lower = stack.is_lower(dl.layer);
+        let mut hidden_below = Vec::new();
+        let entries =
+            sys::read_dir(dl.fd.as_fd()).ctx(|| format!("read dir in layer {}", dl.layer))?;
+        for (name, d_ino, dtype) in entries {
+            if lower && whiteout::is_oci_marker(&name) {
+                if let Some(t) = whiteout::oci_whiteout_target(&name) {
+                    hidden_below.push(t.to_vec());
+                }
+                continue;
+            }
+            if seen.contains(&name) {
+                continue;
+            }
+            seen.insert(name.clone());
+            let Some(e) = entry(stack, dl, name, d_ino, dtype, resolve_upper, dirs)? else {
+                continue;
+            };
+            out.push(e);
+        }
+        seen.extend(hidden_below);
+    }
+    Ok(out)
+}
+
+fn is_impure(stack: &Stack, d: &DirLayer) -> Result<bool> {
+    Ok(
+        xattr::get(xattr::Target::Fd(d.fd.as_fd()), &stack.xname("impure"))
+            .ctx(|| "read impure xattr".into())?
+            .is_some(),
+    )
+}
+
+/// The listing entry for one name first seen in layer `dl`, or `None` when it
+/// is a whiteout.
+fn entry(
+    stack: &Stack,
+    dl: &DirLayer,
+    name: Vec<u8>,
+    d_ino: u64,
+    dtype: u8,
+    resolve_upper: bool,
+    dirs: &[DirLayer],
+) -> Result<Option<DirEntry>> {
+    let needs_stat = matches!(dtype, libc::DT_CHR | libc::DT_UNKNOWN)
+        || (dtype == libc::DT_REG && dl.opaque == Opaque::XattrWhiteouts);
+    let cname = || CString::new(name.clone()).expect("no NUL in dir entries");
+    if resolve_upper && stack.is_upper(dl.layer) {
+        let r = resolve::lookup(stack, dirs, &cname())?;
+        if !r.exists() {
+            return Ok(None);
+        }
+        let ino = resolve::ino_of(stack, &r)?;
+        let fmt = match &r {
+            resolve::Resolved::Dir { .. } => libc::S_IFDIR,
+            resolve::Resolved::NonDir { st, .. } => st.st_mode & libc::S_IFMT,
+            resolve::Resolved::Absent => return Ok(None),
+        };
+        return Ok(Some(DirEntry { name, ino, fmt }));
+    }
+    let mut fmt = fmt_of_dtype(dtype);
+    if needs_stat {
+        let c = cname();
+        let st = match sys::fstatat(dl.fd.as_fd(), &c) {
+            Ok(st) => st,
+            Err(e) if crate::error::is_enoent(&e) => return Ok(None),
+            Err(e) => return Err(e).ctx(|| format!("stat {c:?}")),
+        };
+        if whiteout::is_whiteout_stat(&st) {
+            return Ok(None);
+        }
+        if dl.opaque == Opaque::XattrWhiteouts
+            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && st.st_size == 0
+            && xattr::get(
+                xattr::Target::At(dl.fd.as_fd(), &c),
+                &stack.xname("whiteout"),
+            )
+            .ctx(|| "read whiteout xattr".into())?
+            .is_some()
+        {
+            return Ok(None);
+        }
+        fmt = Some(st.st_mode & libc::S_IFMT);
+    }
+    Ok(Some(DirEntry {
+        name,
+        ino: stack.map_ino(dl.layer, d_ino),
+        fmt: fmt.unwrap_or(libc::S_IFREG),
+    }))
+}
