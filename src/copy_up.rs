@@ -109,6 +109,10 @@ impl OverlayFs {
                 st.loc = Some(loc.clone());
                 st.dirs = dirs;
             });
+            // A merged directory reports st_nlink 1: the cached value is stale.
+            if let Some(inv) = self.invalidator.get() {
+                inv.inval_attr(node.ino);
+            }
         } else if st.st_nlink > 1 {
             // A lower hard link: the copy is a new file with its own inode
             // (the kernel's index=off behaviour); the kernel must look the

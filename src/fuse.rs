@@ -717,6 +717,13 @@ fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
 pub struct Notify(pub fuser::Notifier);
 
 impl crate::overlay::Invalidator for Notify {
+    /// Synchronous: attribute invalidation takes no inode lock in the kernel.
+    fn inval_attr(&self, ino: u64) {
+        if let Err(e) = self.0.inval_inode(INodeNo(ino), -1, 0) {
+            debug!("inval_inode: {e}");
+        }
+    }
+
     fn inval_entry(&self, parent: u64, name: &CStr) {
         let n = self.0.clone();
         let name = name.to_owned();

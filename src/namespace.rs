@@ -423,7 +423,10 @@ impl OverlayFs {
             let d = sys::open_dir_at(nfd, newname).ctx(|| "open target dir".into())?;
             layer::clean_dir(d.as_fd()).ctx(|| "clean target dir".into())?;
         }
-        if moved.is_dir() && (new_has_lower || target_is_wh) {
+        // Like the kernel: a directory moved into a merged directory (or
+        // onto a hidden lower name) becomes opaque, so no lower directory of
+        // the same name can ever merge into it.
+        if moved.is_dir() && (new_has_lower || target_is_wh || !pn.lowers.is_empty()) {
             let d = sys::open_dir_at(ofd, oldname).ctx(|| "open moved dir".into())?;
             xattr::set(
                 xattr::Target::Fd(d.as_fd()),

@@ -39,6 +39,8 @@ pub struct Caller {
 /// link gives the copied name a new inode).
 pub trait Invalidator: Send + Sync {
     fn inval_entry(&self, parent: u64, name: &CStr);
+    /// Drops the kernel's cached attributes of an inode.
+    fn inval_attr(&self, ino: u64);
 }
 
 pub struct OverlayFs {
@@ -57,6 +59,7 @@ fn opens_for_write(flags: i32) -> bool {
 
 impl OverlayFs {
     pub fn new(stack: Stack, opts: Options) -> Result<OverlayFs> {
+        mark_new_upper(&stack)?;
         let dirs = resolve::root_dirs(&stack)?;
         let root = Node::new(
             ROOT_INO,
@@ -401,4 +404,28 @@ impl OverlayFs {
         }
         Ok(out)
     }
+}
+
+/// Gives a new (empty) upper the random `overlay.uuid` the kernel writes on
+/// the first mount of an upper, so both leave the same format behind.
+fn mark_new_upper(stack: &Stack) -> Result<()> {
+    let Some(upper) = stack.upper() else {
+        return Ok(());
+    };
+    let root = xattr::Target::Fd(upper.root.as_fd());
+    let name = stack.xname("uuid");
+    if xattr::get(root, &name)
+        .ctx(|| "read upper uuid".into())?
+        .is_some()
+        || !sys::read_dir(upper.root.as_fd())
+            .ctx(|| "list upper".into())?
+            .is_empty()
+    {
+        return Ok(());
+    }
+    let mut uuid = [0u8; 16];
+    sys::getrandom(&mut uuid);
+    uuid[6] = (uuid[6] & 0x0f) | 0x40;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    xattr::set(root, &name, &uuid, 0).ctx(|| "write upper uuid".into())
 }

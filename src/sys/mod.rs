@@ -448,3 +448,9 @@ pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
     // SAFETY: `r` is fresh and owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(r) })
 }
+
+/// Fills `buf` with random bytes (best effort; the kernel's pool).
+pub fn getrandom(buf: &mut [u8]) {
+    // SAFETY: `buf` is writable for its length.
+    unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+}
