@@ -113,9 +113,7 @@ impl OverlayFs {
         let node = self.node(ino)?;
         let c = xattr::name(&stored)?;
         // Nothing to copy up for an xattr that is not there.
-        if let Err(e) = self.getxattr(ino, name) {
-            return Err(e);
-        }
+        self.getxattr(ino, name)?;
         self.copy_up(&node, false)?;
         let s = node.snapshot();
         xattr::remove(self.target_of(&s)?, &c).ctx(|| format!("removexattr {c:?}"))

@@ -113,11 +113,11 @@ impl OverlayFs {
         };
         let pst = sys::fstat(p.upper.fd.as_fd()).ctx(|| "stat parent".into())?;
         let fd = self.make(dir, &target, mode, &obj, caller, &pst)?;
-        if over_whiteout {
-            if let Err(e) = self.swap_in(&p, &target, name, matches!(obj, NewObject::Dir)) {
-                let _ = sys::unlinkat(dir, &target, matches!(obj, NewObject::Dir));
-                return Err(e);
-            }
+        if over_whiteout
+            && let Err(e) = self.swap_in(&p, &target, name, matches!(obj, NewObject::Dir))
+        {
+            let _ = sys::unlinkat(dir, &target, matches!(obj, NewObject::Dir));
+            return Err(e);
         }
         let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, name)?;
         let (_, attr) = self.record(&p.node, r)?;
@@ -236,10 +236,8 @@ impl OverlayFs {
             (Resolved::NonDir { .. }, true) => {
                 return Err(Error::new(libc::ENOTDIR, "rmdir of a non-directory"));
             }
-            (Resolved::Dir { dirs, .. }, true) => {
-                if !readdir::list(&self.stack, dirs)?.is_empty() {
-                    return Err(Error::new(libc::ENOTEMPTY, format!("{name:?} not empty")));
-                }
+            (Resolved::Dir { dirs, .. }, true) if !readdir::list(&self.stack, dirs)?.is_empty() => {
+                return Err(Error::new(libc::ENOTEMPTY, format!("{name:?} not empty")));
             }
             _ => {}
         }

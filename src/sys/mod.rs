@@ -264,13 +264,15 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<usize> {
 }
 
 pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
-    // SAFETY: valid fd.
-    retry(|| cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }).map(drop))
+    retry(|| {
+        // SAFETY: valid fd.
+        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }).map(drop)
+    })
 }
 
 pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: valid fd.
     retry(|| {
+        // SAFETY: valid fd.
         cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as i64, len as i64) }).map(drop)
     })
 }
