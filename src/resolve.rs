@@ -122,60 +122,127 @@ pub fn dir_opaque(stack: &Stack, layer: usize, fd: &std::os::fd::OwnedFd) -> Res
 }
 
 /// Resolves `name` in the merged directory made of `parent_dirs`.
+///
+/// A directory carrying `overlay.redirect` (a directory renamed by the
+/// kernel with `redirect_dir=on`) continues the merge in the layers below
+/// it at the redirected path: relative to the same parent, or absolute from
+/// the overlay root.
 pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Resolved> {
     let mut found: Option<(Loc, Stat)> = None;
     let mut dirs: Vec<DirLayer> = Vec::new();
-    for dl in parent_dirs {
-        let st = match entry_in(stack, dl, name)? {
+    let mut candidates: Vec<DirLayer> = parent_dirs.to_vec();
+    let mut cur: CString = name.to_owned();
+    let mut i = 0;
+    while i < candidates.len() {
+        let dl = candidates[i].clone();
+        i += 1;
+        let st = match entry_in(stack, &dl, &cur)? {
             Entry::Missing => continue,
             Entry::Whiteout => break,
             Entry::Found(st) => st,
         };
-        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        if !is_dir {
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             if found.is_none() {
                 let loc = Loc {
                     layer: dl.layer,
                     dir: dl.fd.clone(),
-                    name: name.to_owned(),
+                    name: cur,
                 };
                 return Ok(Resolved::NonDir { loc, st });
             }
             break;
         }
-        let sub = open_dir_layer(stack, dl.layer, dl, name)?;
-        if stack.is_upper(dl.layer)
-            && xattr::get(xattr::Target::Fd(sub.fd.as_fd()), &stack.xname("redirect"))
-                .ctx(|| "read redirect xattr".into())?
-                .is_some()
-        {
-            return Err(Error::new(
-                libc::EIO,
-                format!(
-                    "{name:?} is a renamed directory (overlay.redirect), which this version cannot follow"
-                ),
-            ));
-        }
+        let sub = open_dir_layer(stack, dl.layer, &dl, &cur)?;
         let opaque = sub.opaque == Opaque::Yes;
+        let redirect = if opaque {
+            None
+        } else {
+            redirect_of(stack, &sub)?
+        };
         if found.is_none() {
             found = Some((
                 Loc {
                     layer: dl.layer,
                     dir: dl.fd.clone(),
-                    name: name.to_owned(),
+                    name: cur.clone(),
                 },
                 st,
             ));
         }
         dirs.push(sub);
-        if opaque || (stack.is_lower(dl.layer) && oci_whiteout_exists(dl, name)?) {
+        if opaque || (stack.is_lower(dl.layer) && oci_whiteout_exists(&dl, &cur)?) {
             break;
+        }
+        if let Some(target) = redirect {
+            let (below, last) = redirect_target(stack, parent_dirs, dl.layer, &target)?;
+            candidates = below;
+            cur = last;
+            i = 0;
         }
     }
     Ok(match found {
         Some((loc, st)) => Resolved::Dir { loc, dirs, st },
         None => Resolved::Absent,
     })
+}
+
+fn redirect_of(stack: &Stack, d: &DirLayer) -> Result<Option<Vec<u8>>> {
+    xattr::get(xattr::Target::Fd(d.fd.as_fd()), &stack.xname("redirect"))
+        .ctx(|| "read redirect xattr".into())
+}
+
+/// Where a redirected directory found in layer `layer` continues: the
+/// directories (in layers below `layer`) holding the last component, and
+/// that component.
+fn redirect_target(
+    stack: &Stack,
+    parent_dirs: &[DirLayer],
+    layer: usize,
+    target: &[u8],
+) -> Result<(Vec<DirLayer>, CString)> {
+    let bad = || {
+        Error::new(
+            libc::EIO,
+            format!(
+                "invalid overlay.redirect {:?}",
+                String::from_utf8_lossy(target)
+            ),
+        )
+    };
+    let below = |v: &[DirLayer]| {
+        v.iter()
+            .filter(|d| d.layer > layer)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let Some(abs) = target.strip_prefix(b"/") else {
+        let c = CString::new(target).map_err(|_| bad())?;
+        if !crate::layer::valid_name(&c) {
+            return Err(bad());
+        }
+        return Ok((below(parent_dirs), c));
+    };
+    let comps: Vec<&[u8]> = abs
+        .split(|&b| b == b'/')
+        .filter(|c| !c.is_empty())
+        .collect();
+    let (last, path) = comps.split_last().ok_or_else(bad)?;
+    let mut dirs = below(&root_dirs(stack)?);
+    for comp in path {
+        let c = CString::new(*comp).map_err(|_| bad())?;
+        if !crate::layer::valid_name(&c) {
+            return Err(bad());
+        }
+        dirs = match lookup(stack, &dirs, &c)? {
+            Resolved::Dir { dirs, .. } => dirs,
+            _ => Vec::new(),
+        };
+    }
+    let c = CString::new(*last).map_err(|_| bad())?;
+    if !crate::layer::valid_name(&c) {
+        return Err(bad());
+    }
+    Ok((dirs, c))
 }
 
 /// The root's contributing directories: every layer's root.
