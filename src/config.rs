@@ -36,6 +36,13 @@ pub struct Options {
     pub allow_other: bool,
     /// FUSE worker threads.
     pub threads: usize,
+    /// How long the kernel may cache names and attributes (`timeout=`).
+    /// Every change goes through layerfs, which tells the kernel, so this
+    /// can be long; the layers must not be changed behind its back (the
+    /// same rule as the kernel's overlayfs).
+    pub timeout: std::time::Duration,
+    /// Let the kernel enforce and cache POSIX ACLs (off with `noacl`).
+    pub acl: bool,
     /// Extra options passed to the kernel mount (nodev, nosuid, noexec, ...).
     pub kernel_flags: Vec<String>,
     /// Options accepted but not acted on, to warn about.
@@ -51,6 +58,8 @@ impl Default for Options {
             // SAFETY-free: reading the euid has no preconditions.
             allow_other: is_root(),
             threads: default_threads(),
+            timeout: std::time::Duration::from_secs(86400),
+            acl: true,
             kernel_flags: Vec::new(),
             ignored: Vec::new(),
         }
@@ -184,7 +193,21 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
         ("nodev" | "nosuid" | "noexec" | "dev" | "suid" | "exec" | "noatime" | "atime", None) => {
             o.kernel_flags.push(key)
         }
-        ("default_permissions" | "noacl" | "static_nlink" | "fast_ino" | "nonempty", None) => {}
+        ("timeout", Some(v)) => {
+            let secs: f64 = String::from_utf8_lossy(v)
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| {
+                    format!(
+                        "option timeout: expected seconds, got '{}'",
+                        String::from_utf8_lossy(v)
+                    )
+                })?;
+            o.timeout = std::time::Duration::from_secs_f64(secs.min(1e9));
+        }
+        ("noacl", None) => o.acl = false,
+        ("default_permissions" | "static_nlink" | "fast_ino" | "nonempty", None) => {}
         _ => o.ignored.push(String::from_utf8_lossy(item).into_owned()),
     }
     Ok(())

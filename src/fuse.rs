@@ -26,6 +26,7 @@ use crate::overlay::{Attr, Caller, OverlayFs};
 pub struct LayerFs {
     pub ov: Arc<OverlayFs>,
     pub ttl: Duration,
+    pub acl: bool,
 }
 
 /// Runs a core call; a panic becomes `EIO` with a log line.
@@ -155,10 +156,17 @@ impl LayerFs {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
+        let mut wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+            | InitFlags::FUSE_EXPORT_SUPPORT
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO;
+        if self.acl {
+            // The kernel then caches ACLs per inode instead of asking for
+            // system.posix_acl_access on every `ls -l`.
+            wanted |= InitFlags::FUSE_POSIX_ACL;
+        }
         let supported = config.capabilities() & wanted;
         let _ = config.add_capabilities(supported);
         Ok(())

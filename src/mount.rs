@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 
@@ -115,7 +114,8 @@ pub fn new_session(cfg: &MountConfig, mountpoint: &Path) -> Result<Session<Layer
     let ov = Arc::new(ov);
     let fs = LayerFs {
         ov: ov.clone(),
-        ttl: Duration::from_secs(1),
+        ttl: cfg.options.timeout,
+        acl: cfg.options.acl,
     };
     let mut config = Config::default();
     config.mount_options = mount_options(cfg);

@@ -10,7 +10,41 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::{cvt, cvt_size, proc_fd_path};
+
+// The `*xattrat` system calls (Linux 6.13): one call, no /proc walk.
+const SYS_SETXATTRAT: libc::c_long = 463;
+const SYS_GETXATTRAT: libc::c_long = 464;
+const SYS_LISTXATTRAT: libc::c_long = 465;
+const SYS_REMOVEXATTRAT: libc::c_long = 466;
+static NO_XATTRAT: AtomicBool = AtomicBool::new(false);
+
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
+
+/// Runs an `*xattrat` call; `None` when the kernel lacks it (then the
+/// caller uses the /proc path).
+fn at_call(f: impl FnOnce() -> libc::c_long) -> Option<io::Result<usize>> {
+    if NO_XATTRAT.load(Ordering::Relaxed) {
+        return None;
+    }
+    let r = f();
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSYS) {
+            NO_XATTRAT.store(true, Ordering::Relaxed);
+            return None;
+        }
+        return Some(Err(e));
+    }
+    Some(Ok(r as usize))
+}
 
 /// Which object an xattr call applies to.
 #[derive(Clone, Copy)]
@@ -57,26 +91,50 @@ fn with_target<T>(t: Target<'_>, mut f: impl FnMut(&Resolved) -> io::Result<T>) 
 pub fn get(t: Target<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
     let mut buf = vec![0u8; 256];
     loop {
-        let r = with_target(t, |r| {
-            // SAFETY: valid C strings and a buffer writable for its length.
-            cvt_size(unsafe {
-                match r {
-                    Resolved::Fd(fd) => {
-                        libc::fgetxattr(*fd, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-                    }
-                    Resolved::Path(p, true) => libc::lgetxattr(
-                        p.as_ptr(),
+        let at = match t {
+            Target::At(dir, file) => at_call(|| {
+                let mut args = XattrArgs {
+                    value: buf.as_mut_ptr() as u64,
+                    size: buf.len() as u32,
+                    flags: 0,
+                };
+                // SAFETY: valid fd and C strings; `args` points at a buffer writable for `size` bytes.
+                unsafe {
+                    libc::syscall(
+                        SYS_GETXATTRAT,
+                        dir.as_raw_fd(),
+                        file.as_ptr(),
+                        libc::AT_SYMLINK_NOFOLLOW,
                         name.as_ptr(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                    ),
-                    Resolved::Path(p, false) => libc::getxattr(
-                        p.as_ptr(),
-                        name.as_ptr(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                    ),
+                        &mut args as *mut XattrArgs,
+                        std::mem::size_of::<XattrArgs>(),
+                    )
                 }
+            }),
+            Target::Fd(_) => None,
+        };
+        let r = at.unwrap_or_else(|| {
+            with_target(t, |r| {
+                // SAFETY: valid C strings and a buffer writable for its length.
+                cvt_size(unsafe {
+                    match r {
+                        Resolved::Fd(fd) => {
+                            libc::fgetxattr(*fd, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                        }
+                        Resolved::Path(p, true) => libc::lgetxattr(
+                            p.as_ptr(),
+                            name.as_ptr(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                        ),
+                        Resolved::Path(p, false) => libc::getxattr(
+                            p.as_ptr(),
+                            name.as_ptr(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                        ),
+                    }
+                })
             })
         });
         match r {
@@ -97,18 +155,36 @@ pub fn get(t: Target<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
 pub fn list(t: Target<'_>) -> io::Result<Vec<Vec<u8>>> {
     let mut buf = vec![0u8; 1024];
     loop {
-        let r = with_target(t, |r| {
-            // SAFETY: valid C strings and a buffer writable for its length.
-            cvt_size(unsafe {
-                match r {
-                    Resolved::Fd(fd) => libc::flistxattr(*fd, buf.as_mut_ptr().cast(), buf.len()),
-                    Resolved::Path(p, true) => {
-                        libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        let at = match t {
+            // SAFETY: valid fd and C string; the buffer is writable for its length.
+            Target::At(dir, file) => at_call(|| unsafe {
+                libc::syscall(
+                    SYS_LISTXATTRAT,
+                    dir.as_raw_fd(),
+                    file.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                )
+            }),
+            Target::Fd(_) => None,
+        };
+        let r = at.unwrap_or_else(|| {
+            with_target(t, |r| {
+                // SAFETY: valid C strings and a buffer writable for its length.
+                cvt_size(unsafe {
+                    match r {
+                        Resolved::Fd(fd) => {
+                            libc::flistxattr(*fd, buf.as_mut_ptr().cast(), buf.len())
+                        }
+                        Resolved::Path(p, true) => {
+                            libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                        }
+                        Resolved::Path(p, false) => {
+                            libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                        }
                     }
-                    Resolved::Path(p, false) => {
-                        libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-                    }
-                }
+                })
             })
         });
         match r {
@@ -129,6 +205,28 @@ pub fn list(t: Target<'_>) -> io::Result<Vec<Vec<u8>>> {
 }
 
 pub fn set(t: Target<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<()> {
+    if let Target::At(dir, file) = t {
+        let args = XattrArgs {
+            value: value.as_ptr() as u64,
+            size: value.len() as u32,
+            flags: flags as u32,
+        };
+        // SAFETY: valid fd and C strings; `args` points at `size` readable bytes.
+        let r = at_call(|| unsafe {
+            libc::syscall(
+                SYS_SETXATTRAT,
+                dir.as_raw_fd(),
+                file.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                name.as_ptr(),
+                &args as *const XattrArgs,
+                std::mem::size_of::<XattrArgs>(),
+            )
+        });
+        if let Some(r) = r {
+            return r.map(drop);
+        }
+    }
     with_target(t, |r| {
         // SAFETY: valid C strings and a value readable for its length.
         cvt(unsafe {
@@ -161,6 +259,21 @@ pub fn set(t: Target<'_>, name: &CStr, value: &[u8], flags: i32) -> io::Result<(
 }
 
 pub fn remove(t: Target<'_>, name: &CStr) -> io::Result<()> {
+    if let Target::At(dir, file) = t {
+        // SAFETY: valid fd and C strings.
+        let r = at_call(|| unsafe {
+            libc::syscall(
+                SYS_REMOVEXATTRAT,
+                dir.as_raw_fd(),
+                file.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                name.as_ptr(),
+            )
+        });
+        if let Some(r) = r {
+            return r.map(drop);
+        }
+    }
     with_target(t, |r| {
         // SAFETY: valid C strings.
         cvt(unsafe {
