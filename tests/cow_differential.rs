@@ -1,0 +1,2611 @@
+//! Differential copy-on-write tests: every modification lands in the upper
+//! layer, in the kernel's on-disk format.
+//!
+//! Each scenario builds the same lower layers, mounts a kernel overlay and
+//! layerfs over them (each with its own empty upper + work dir), runs the
+//! same steps on both and compares step results, merged views, the two
+//! upper directories (overlay format), a kernel mount over layerfs's upper
+//! (cross-mount) and, for some scenarios, a layerfs mount over the kernel's
+//! upper (reverse). See `tests/cow_support/mod.rs`.
+//!
+//! Run as root: `cargo test --test cow_differential -- --test-threads=2`.
+//! Harness self-check (layerfs replaced by a second kernel overlay):
+//! `LAYERFS_TEST_BACKEND=kernel cargo test --test cow_differential`.
+//! `COW_TRACE=1` prints every step's kernel result.
+
+mod common;
+#[path = "cow_support/mod.rs"]
+mod cow_support;
+
+use common::*;
+use cow_support::*;
+
+use std::path::{Path, PathBuf};
+
+const NOBODY: u32 = 65534;
+const NOGROUP: u32 = 65534;
+
+/// The lower stack most scenarios start from.
+fn std_layers() -> Vec<Layer> {
+    vec![
+        Layer::new()
+            .file("f.txt", "hello lower\n")
+            .file("g.txt", "gggggggggg\n")
+            .mode(0o664)
+            .owner(1000, 1000)
+            .xattr("user.color", "blue")
+            .mtime(1_111_111_111, 123_456_789)
+            .file("suid", "#!/bin/sh\necho hi\n")
+            .mode(0o4755)
+            .file("empty", "")
+            .symlink("s", "f.txt")
+            .symlink("dangling", "nowhere")
+            .fifo("fifo")
+            .dir("d")
+            .mode(0o750)
+            .owner(1000, 100)
+            .xattr("user.dir", "dv")
+            .mtime(1_222_222_222, 987_654_321)
+            .file("d/g.txt", "g in d\n")
+            .file("d/both", "top d/both\n")
+            .file("d/sub/deep/file", "deep\n")
+            .file("a/b/c/leaf", "leaf\n")
+            .dir("emptydir")
+            .file("both", "top version\n")
+            .file("secret", "secret\n")
+            .mode(0o600),
+        Layer::new()
+            .file("both", "bottom version, longer\n")
+            .file("f.txt", "shadowed\n")
+            .dir("d")
+            .mode(0o700)
+            .file("d/h.txt", "h from bottom\n")
+            .file("d/both", "bottom d/both\n")
+            .file("m/x", "x in bottom-only dir\n")
+            .dir("m/emptysub")
+            .dir("bemptydir"),
+    ]
+}
+
+fn p(m: &Path, rel: &str) -> PathBuf {
+    m.join(rel)
+}
+
+fn rd(m: &Path, rel: &str) -> R {
+    read_file(&p(m, rel))
+}
+
+fn st(m: &Path, rel: &str) -> R {
+    describe(&p(m, rel))
+}
+
+/// mtime only (atimes of lower files move when they are read).
+fn mtime_of(path: &Path) -> R {
+    let s = lstat(path)?;
+    Ok(tclass(s.st_mtime, s.st_mtime_nsec))
+}
+
+fn upper_mtime_is(rel: &'static str, want: (i64, i64)) -> impl Fn(&Path) -> Vec<String> {
+    move |u: &Path| match lstat(&u.join(rel)) {
+        Ok(s) if (s.st_mtime, s.st_mtime_nsec) == want => vec![],
+        Ok(s) => vec![format!(
+            "{rel}: upper mtime {}.{:09}, want {}.{:09}",
+            s.st_mtime, s.st_mtime_nsec, want.0, want.1
+        )],
+        Err(e) => vec![format!("{rel}: lstat in upper: {}", errno_name(e))],
+    }
+}
+
+fn upper_has_origin(rel: &'static str) -> impl Fn(&Path) -> Vec<String> {
+    move |u: &Path| match get_xattr(&u.join(rel), b"trusted.overlay.origin") {
+        Ok(_) => vec![],
+        Err(e) => vec![format!(
+            "{rel}: no trusted.overlay.origin ({})",
+            errno_name(e)
+        )],
+    }
+}
+
+fn upper_absent(rel: &'static str) -> impl Fn(&Path) -> Vec<String> {
+    move |u: &Path| match lstat(&u.join(rel)) {
+        Err(libc::ENOENT) => vec![],
+        Ok(s) => vec![format!(
+            "{rel}: should not be in the upper ({})",
+            stat_obs(&s)
+        )],
+        Err(e) => vec![format!("{rel}: lstat: {}", errno_name(e))],
+    }
+}
+
+fn upper_is_whiteout(rel: &'static str) -> impl Fn(&Path) -> Vec<String> {
+    move |u: &Path| match lstat(&u.join(rel)) {
+        Ok(s)
+            if s.st_mode & libc::S_IFMT == libc::S_IFCHR
+                && libc::major(s.st_rdev) == 0
+                && libc::minor(s.st_rdev) == 0 =>
+        {
+            vec![]
+        }
+        Ok(s) => vec![format!("{rel}: not a whiteout ({})", stat_obs(&s))],
+        Err(e) => vec![format!("{rel}: no whiteout ({})", errno_name(e))],
+    }
+}
+
+// ===========================================================================
+// Data writes
+// ===========================================================================
+
+#[test]
+fn write_lower_file_partial() {
+    Scenario::new("write_lower_file_partial", std_layers())
+        .step("ino before/after pwrite", |m| {
+            let i0 = ino(&p(m, "f.txt"))?;
+            let fd = open(&p(m, "f.txt"), libc::O_WRONLY, 0)?;
+            fd.pwrite(b"WORLD", 6)?;
+            let i1 = fd.fstat()?.st_ino;
+            let i2 = ino(&p(m, "f.txt"))?;
+            Ok(format!("stable={} fstat_same={}", i0 == i2, i1 == i2))
+        })
+        .step("read back", |m| rd(m, "f.txt"))
+        .step("pwrite past EOF (owned g.txt)", |m| {
+            let fd = open(&p(m, "g.txt"), libc::O_RDWR, 0)?;
+            fd.pwrite(b"tail", 20)?;
+            Ok(content_obs(&fd.read_all()?))
+        })
+        .step("describe g.txt", |m| st(m, "g.txt"))
+        .step("write deep file", |m| {
+            write_file(&p(m, "d/sub/deep/file"), libc::O_WRONLY, b"DEEP")
+        })
+        .step("read deep", |m| rd(m, "d/sub/deep/file"))
+        .upper_check("origin on copied-up file", upper_has_origin("f.txt"))
+        .upper_check("origin on copied-up dir", upper_has_origin("d/sub"))
+        .reverse()
+        .run();
+}
+
+#[test]
+fn append_lower_file() {
+    Scenario::new("append_lower_file", std_layers())
+        .step("O_APPEND write", |m| {
+            let fd = open(&p(m, "f.txt"), libc::O_WRONLY | libc::O_APPEND, 0)?;
+            fd.write(b"appended\n")?;
+            Ok(format!("size={}", fd.fstat()?.st_size))
+        })
+        .step("O_RDWR|O_APPEND write + pread", |m| {
+            let fd = open(&p(m, "d/both"), libc::O_RDWR | libc::O_APPEND, 0)?;
+            fd.write(b"more\n")?;
+            Ok(content_obs(&fd.read_all()?))
+        })
+        .step("append to bottom-only file", |m| {
+            write_file(&p(m, "m/x"), libc::O_WRONLY | libc::O_APPEND, b"+x\n")
+        })
+        .step("append to empty", |m| {
+            write_file(
+                &p(m, "empty"),
+                libc::O_WRONLY | libc::O_APPEND,
+                b"now not empty",
+            )
+        })
+        .step("read all", |m| {
+            seq(vec![
+                ("f", rd(m, "f.txt")),
+                ("dboth", rd(m, "d/both")),
+                ("mx", rd(m, "m/x")),
+                ("empty", rd(m, "empty")),
+            ])
+        })
+        .upper_check(
+            "bottom-only dir copied with its mtime",
+            upper_mtime_is("m", layer_default_mtime(1)),
+        )
+        .reverse()
+        .run();
+}
+
+#[test]
+fn truncate_lower_file() {
+    Scenario::new("truncate_lower_file", std_layers())
+        .step("truncate shrink", |m| truncate(&p(m, "f.txt"), 3))
+        .step("truncate extend", |m| truncate(&p(m, "g.txt"), 10_000))
+        .step("ftruncate to 0", |m| {
+            let fd = open(&p(m, "d/g.txt"), libc::O_WRONLY, 0)?;
+            fd.ftruncate(0)
+        })
+        .step("truncate same size", |m| truncate(&p(m, "both"), 12))
+        .step("truncate dir", |m| truncate(&p(m, "d"), 0))
+        .step("truncate through symlink", |m| truncate(&p(m, "s"), 1))
+        .step("observe", |m| {
+            seq(vec![
+                ("f", rd(m, "f.txt")),
+                ("g", st(m, "g.txt")),
+                ("dg", st(m, "d/g.txt")),
+                ("both", rd(m, "both")),
+                ("s", st(m, "s")),
+            ])
+        })
+        .run();
+}
+
+#[test]
+fn o_trunc_open() {
+    Scenario::new("o_trunc_open", std_layers())
+        .step("O_WRONLY|O_TRUNC, no write", |m| {
+            open(&p(m, "f.txt"), libc::O_WRONLY | libc::O_TRUNC, 0).map(|_| String::new())
+        })
+        .step("O_RDWR|O_TRUNC + write", |m| {
+            let fd = open(&p(m, "g.txt"), libc::O_RDWR | libc::O_TRUNC, 0)?;
+            fd.write(b"new g")?;
+            Ok(content_obs(&fd.read_all()?))
+        })
+        .step("O_RDONLY|O_TRUNC", |m| {
+            open(&p(m, "both"), libc::O_RDONLY | libc::O_TRUNC, 0).map(|_| String::new())
+        })
+        .step("O_CREAT|O_TRUNC on existing lower", |m| {
+            write_file(
+                &p(m, "d/both"),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+                b"x",
+            )
+        })
+        .step("O_TRUNC on fifo (nonblocking)", |m| {
+            open(
+                &p(m, "fifo"),
+                libc::O_RDONLY | libc::O_NONBLOCK | libc::O_TRUNC,
+                0,
+            )
+            .map(|_| String::new())
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("f", st(m, "f.txt")),
+                ("g", st(m, "g.txt")),
+                ("both", st(m, "both")),
+                ("dboth", rd(m, "d/both")),
+                ("g_xattr", lgetxattr(&p(m, "g.txt"), "user.color")),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn mmap_write_lower_file() {
+    Scenario::new("mmap_write_lower_file", std_layers())
+        .step("mmap MAP_SHARED write + msync", |m| {
+            let fd = open(&p(m, "f.txt"), libc::O_RDWR, 0)?;
+            // SAFETY: mapping 12 bytes of a 12-byte file we opened O_RDWR.
+            unsafe {
+                let a = libc::mmap(
+                    std::ptr::null_mut(),
+                    12,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd.0,
+                    0,
+                );
+                if a == libc::MAP_FAILED {
+                    return Err(errno());
+                }
+                let s = std::slice::from_raw_parts_mut(a as *mut u8, 12);
+                s[..5].copy_from_slice(b"HELLO");
+                let r = libc::msync(a, 12, libc::MS_SYNC);
+                libc::munmap(a, 12);
+                if r != 0 {
+                    return Err(errno());
+                }
+            }
+            Ok(String::new())
+        })
+        .step("read back", |m| rd(m, "f.txt"))
+        .run();
+}
+
+// ===========================================================================
+// Metadata changes
+// ===========================================================================
+
+#[test]
+fn chmod_lower_objects() {
+    Scenario::new("chmod_lower_objects", std_layers())
+        .step("chmod file 0600", |m| chmod(&p(m, "f.txt"), 0o600))
+        .step("chmod setuid file 04711", |m| chmod(&p(m, "suid"), 0o4711))
+        .step("chmod merged dir 0700", |m| chmod(&p(m, "d"), 0o700))
+        .step("chmod deep dir 0711", |m| chmod(&p(m, "a/b"), 0o711))
+        .step("chmod via symlink (target)", |m| chmod(&p(m, "s"), 0o640))
+        .step("chmod bottom-only dir 01777", |m| chmod(&p(m, "m"), 0o1777))
+        .step("chmod fifo", |m| chmod(&p(m, "fifo"), 0o600))
+        .step("chmod missing", |m| chmod(&p(m, "nope"), 0o600))
+        .step("observe", |m| {
+            seq(vec![
+                ("f", st(m, "f.txt")),
+                ("suid", st(m, "suid")),
+                ("d", st(m, "d")),
+                ("ab", st(m, "a/b")),
+                ("s", st(m, "s")),
+                ("m", st(m, "m")),
+                ("fifo", st(m, "fifo")),
+                ("list_d", list(&p(m, "d"))),
+                ("d_mtime", mtime_of(&p(m, "d"))),
+            ])
+        })
+        .upper_check(
+            "chmod of dir keeps its mtime",
+            upper_mtime_is("d", (1_222_222_222, 987_654_321)),
+        )
+        .upper_check(
+            "chmod'ed dir has no children copied",
+            upper_absent("d/g.txt"),
+        )
+        .reverse()
+        .run();
+}
+
+#[test]
+fn chown_and_lchown() {
+    Scenario::new("chown_and_lchown", std_layers())
+        .step("chown file", |m| {
+            chown(&p(m, "f.txt"), Some(1234), Some(5678))
+        })
+        .step("chown dir uid only", |m| chown(&p(m, "d"), Some(42), None))
+        .step("chown setuid file clears setuid", |m| {
+            chown(&p(m, "suid"), Some(7), Some(7))?;
+            st(m, "suid")
+        })
+        .step("lchown symlink", |m| lchown(&p(m, "s"), Some(77), Some(78)))
+        .step("lchown dangling symlink", |m| {
+            lchown(&p(m, "dangling"), Some(5), Some(5))
+        })
+        .step("chown via symlink follows", |m| {
+            chown(&p(m, "s"), None, Some(99))
+        })
+        .step("chown gid only on deep", |m| {
+            chown(&p(m, "a/b/c/leaf"), None, Some(3))
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("f", st(m, "f.txt")),
+                ("d", st(m, "d")),
+                ("s", st(m, "s")),
+                ("dangling", st(m, "dangling")),
+                ("leaf", st(m, "a/b/c/leaf")),
+                ("s_mtime", mtime_of(&p(m, "s"))),
+            ])
+        })
+        .upper_check("symlink copied up with origin", upper_has_origin("s"))
+        .reverse()
+        .run();
+}
+
+#[test]
+fn utimensat_variants() {
+    Scenario::new("utimensat_variants", std_layers())
+        .step("explicit ns times on file", |m| {
+            let f = p(m, "f.txt");
+            utimens(
+                &f,
+                Ts::Set(1_300_000_000, 111_222_333),
+                Ts::Set(1_310_000_000, 999_999_999),
+                false,
+            )?;
+            times(&f)
+        })
+        .step("UTIME_OMIT atime after explicit set", |m| {
+            let f = p(m, "g.txt");
+            utimens(
+                &f,
+                Ts::Set(1_000_000_001, 1),
+                Ts::Set(1_000_000_002, 2),
+                false,
+            )?;
+            utimens(&f, Ts::Omit, Ts::Set(1_320_000_000, 5), false)?;
+            times(&f)
+        })
+        .step("UTIME_NOW mtime, omit atime", |m| {
+            let f = p(m, "both");
+            utimens(&f, Ts::Omit, Ts::Now, false)?;
+            mtime_of(&f)
+        })
+        .step("UTIME_OMIT both (no-op)", |m| {
+            let f = p(m, "d/both");
+            utimens(&f, Ts::Omit, Ts::Omit, false)?;
+            mtime_of(&f)
+        })
+        .step("UTIME_NOW atime, explicit mtime", |m| {
+            let f = p(m, "empty");
+            utimens(&f, Ts::Now, Ts::Set(1_330_000_000, 0), false)?;
+            times(&f)
+        })
+        .step("times NULL", |m| {
+            utimens_null(&p(m, "suid"))?;
+            times(&p(m, "suid"))
+        })
+        .step("explicit on merged dir", |m| {
+            let f = p(m, "d");
+            utimens(
+                &f,
+                Ts::Set(1_340_000_000, 123),
+                Ts::Set(1_350_000_000, 456),
+                false,
+            )?;
+            times(&f)
+        })
+        .step("explicit on deep dir", |m| {
+            let f = p(m, "a/b/c");
+            utimens(
+                &f,
+                Ts::Set(1_360_000_000, 1),
+                Ts::Set(1_370_000_000, 2),
+                false,
+            )?;
+            times(&f)
+        })
+        .step("nofollow on symlink", |m| {
+            let f = p(m, "s");
+            utimens(
+                &f,
+                Ts::Set(1_380_000_000, 7),
+                Ts::Set(1_390_000_000, 8),
+                true,
+            )?;
+            times(&f)
+        })
+        .step("follow through dangling symlink", |m| {
+            utimens(&p(m, "dangling"), Ts::Now, Ts::Now, false)
+        })
+        .step("on missing", |m| {
+            utimens(&p(m, "nope"), Ts::Now, Ts::Now, false)
+        })
+        .step("f.txt unchanged by symlink nofollow", |m| {
+            times(&p(m, "f.txt"))
+        })
+        .upper_check(
+            "deep dir parents keep lower mtime",
+            upper_mtime_is("a/b", layer_default_mtime(0)),
+        )
+        .upper_check(
+            "explicit dir time",
+            upper_mtime_is("a/b/c", (1_370_000_000, 2)),
+        )
+        .reverse()
+        .run();
+}
+
+#[test]
+fn user_xattrs_on_lower_objects() {
+    Scenario::new("user_xattrs_on_lower_objects", std_layers())
+        .step("set new on file", |m| {
+            lsetxattr(&p(m, "f.txt"), "user.new", b"v1", 0)
+        })
+        .step("replace existing", |m| {
+            lsetxattr(&p(m, "g.txt"), "user.color", b"red", libc::XATTR_REPLACE)
+        })
+        .step("XATTR_CREATE on existing", |m| {
+            lsetxattr(&p(m, "g.txt"), "user.color", b"x", libc::XATTR_CREATE)
+        })
+        .step("XATTR_REPLACE on missing (lower, no copy-up)", |m| {
+            lsetxattr(&p(m, "both"), "user.none", b"x", libc::XATTR_REPLACE)
+        })
+        .step("remove missing (lower, no copy-up)", |m| {
+            lremovexattr(&p(m, "d/both"), "user.none")
+        })
+        .step("remove existing on dir", |m| {
+            lremovexattr(&p(m, "d"), "user.dir")
+        })
+        .step("set on deep dir", |m| {
+            lsetxattr(&p(m, "a/b"), "user.deep", b"dd", 0)
+        })
+        .step("set on symlink", |m| {
+            lsetxattr(&p(m, "s"), "user.l", b"l", 0)
+        })
+        .step("set on fifo", |m| {
+            lsetxattr(&p(m, "fifo"), "user.f", b"f", 0)
+        })
+        .step("set trusted.* on file", |m| {
+            lsetxattr(&p(m, "empty"), "trusted.mine", b"t", 0)
+        })
+        .step("set empty value", |m| {
+            lsetxattr(&p(m, "m/x"), "user.empty", b"", 0)
+        })
+        .step("big value", |m| {
+            lsetxattr(&p(m, "suid"), "user.big", &[b'z'; 3000], 0)
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("f", llistxattr(&p(m, "f.txt"))),
+                ("g", lgetxattr(&p(m, "g.txt"), "user.color")),
+                ("d", llistxattr(&p(m, "d"))),
+                ("ab", lgetxattr(&p(m, "a/b"), "user.deep")),
+                ("empty", lgetxattr(&p(m, "empty"), "trusted.mine")),
+                ("mx", lgetxattr(&p(m, "m/x"), "user.empty")),
+                ("missing", lgetxattr(&p(m, "f.txt"), "user.missing")),
+                ("list_d", list(&p(m, "d"))),
+            ])
+        })
+        .upper_check(
+            "removexattr of missing copied nothing up",
+            upper_absent("d/both"),
+        )
+        .reverse()
+        .run();
+}
+
+#[test]
+fn trusted_overlay_xattr_escaping() {
+    Scenario::new("trusted_overlay_xattr_escaping", std_layers())
+        .step("set trusted.overlay.foo on lower file", |m| {
+            lsetxattr(&p(m, "f.txt"), "trusted.overlay.foo", b"bar", 0)
+        })
+        .step("get it back", |m| {
+            lgetxattr(&p(m, "f.txt"), "trusted.overlay.foo")
+        })
+        .step("list", |m| llistxattr(&p(m, "f.txt")))
+        .step("set trusted.overlay.overlay.x (double)", |m| {
+            lsetxattr(&p(m, "d"), "trusted.overlay.overlay.x", b"2", 0)
+        })
+        .step("list dir", |m| llistxattr(&p(m, "d")))
+        .step("on new file", |m| {
+            write_file(&p(m, "new"), libc::O_WRONLY | libc::O_CREAT, b"n")?;
+            lsetxattr(&p(m, "new"), "trusted.overlay.zzz", b"q", 0)?;
+            llistxattr(&p(m, "new"))
+        })
+        .step("remove escaped", |m| {
+            lremovexattr(&p(m, "new"), "trusted.overlay.zzz")
+        })
+        .step("user.overlay.* is not escaped", |m| {
+            lsetxattr(&p(m, "g.txt"), "user.overlay.k", b"u", 0)?;
+            llistxattr(&p(m, "g.txt"))
+        })
+        .step("get private name that does not exist", |m| {
+            lgetxattr(&p(m, "f.txt"), "trusted.overlay.origin")
+        })
+        .upper_check("escaped in upper", |u: &Path| {
+            match get_xattr(&u.join("f.txt"), b"trusted.overlay.overlay.foo") {
+                Ok(v) if v == b"bar" => vec![],
+                other => vec![format!("f.txt trusted.overlay.overlay.foo = {other:?}")],
+            }
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn copy_up_keeps_metadata() {
+    Scenario::new(
+        "copy_up_keeps_metadata",
+        vec![
+            Layer::new()
+                .file("dir/file", "metadata test\n")
+                .mode(0o2750)
+                .owner(1000, 1001)
+                .xattr("user.a", "1")
+                .xattr("user.b", "two")
+                .xattr("trusted.t", "tt")
+                .mtime(1_234_567_890, 123_456_789)
+                .file("dir/nowrite", "x")
+                .mode(0o444)
+                .owner(5, 6)
+                .mtime(1_111_111_111, 1)
+                .symlink("dir/link", "file")
+                .owner(3, 4)
+                .mtime(1_199_999_999, 999_999_999)
+                .char_dev("dir/cdev", 1, 3)
+                .mode(0o666)
+                .owner(0, 5)
+                .xattr("trusted.dev", "c")
+                .fifo("dir/pipe")
+                .mode(0o620)
+                .owner(9, 9)
+                .dir("dir")
+                .mode(0o751)
+                .owner(2000, 2001)
+                .xattr("user.d", "d")
+                .mtime(1_212_121_212, 121_212_121),
+            Layer::new(),
+        ],
+    )
+    .step("open O_RDWR without writing", |m| {
+        open(&p(m, "dir/file"), libc::O_RDWR, 0).map(|_| String::new())
+    })
+    .step("open 0444 file O_WRONLY as root", |m| {
+        open(&p(m, "dir/nowrite"), libc::O_WRONLY, 0).map(|_| String::new())
+    })
+    .step("add xattr to symlink owner-only? (trusted)", |m| {
+        lsetxattr(&p(m, "dir/link"), "trusted.l", b"l", 0)
+    })
+    .step("xattr on device node", |m| {
+        lsetxattr(&p(m, "dir/cdev"), "user.more", b"m", 0)
+    })
+    .step("trusted xattr on fifo", |m| {
+        lsetxattr(&p(m, "dir/pipe"), "trusted.p", b"p", 0)
+    })
+    .step("observe", |m| {
+        seq(vec![
+            ("file", st(m, "dir/file")),
+            ("file_t", times(&p(m, "dir/file"))),
+            ("nowrite", st(m, "dir/nowrite")),
+            ("link", st(m, "dir/link")),
+            ("link_m", mtime_of(&p(m, "dir/link"))),
+            ("cdev", st(m, "dir/cdev")),
+            ("pipe", st(m, "dir/pipe")),
+            ("dir", st(m, "dir")),
+            ("dir_x", llistxattr(&p(m, "dir"))),
+            ("file_x", llistxattr(&p(m, "dir/file"))),
+        ])
+    })
+    .upper_check(
+        "file mtime kept",
+        upper_mtime_is("dir/file", (1_234_567_890, 123_456_789)),
+    )
+    .upper_check(
+        "symlink mtime kept",
+        upper_mtime_is("dir/link", (1_199_999_999, 999_999_999)),
+    )
+    .upper_check(
+        "parent dir mtime kept",
+        upper_mtime_is("dir", (1_212_121_212, 121_212_121)),
+    )
+    .upper_check("origin on file", upper_has_origin("dir/file"))
+    .upper_check("origin on dir", upper_has_origin("dir"))
+    .reverse()
+    .run();
+}
+
+#[test]
+fn deep_copy_up_parent_mtimes() {
+    Scenario::new(
+        "deep_copy_up_parent_mtimes",
+        vec![
+            Layer::new()
+                .file("a/b/c/d/leaf", "leaf\n")
+                .file("a/b/sibling", "s")
+                .file("a/b/x2/y", "y")
+                .at("a")
+                .mode(0o755)
+                .owner(11, 12)
+                .xattr("user.level", "a")
+                .mtime(1_100_000_001, 1)
+                .at("a/b")
+                .mode(0o750)
+                .owner(21, 22)
+                .xattr("user.level", "b")
+                .mtime(1_100_000_002, 2)
+                .at("a/b/c")
+                .mode(0o705)
+                .xattr("user.level", "c")
+                .mtime(1_100_000_003, 3)
+                .at("a/b/c/d")
+                .mode(0o700)
+                .owner(41, 42)
+                .mtime(1_100_000_004, 4)
+                .at("a/b/x2")
+                .mtime(1_100_000_005, 5),
+            // The bottom layer has the same dirs with other attributes: the
+            // top ones must win.
+            Layer::new()
+                .file("a/b/c/d/other", "o")
+                .at("a/b")
+                .mode(0o777)
+                .owner(99, 99)
+                .mtime(1_000_000_000, 0),
+        ],
+    )
+    .step("append to deep leaf", |m| {
+        write_file(
+            &p(m, "a/b/c/d/leaf"),
+            libc::O_WRONLY | libc::O_APPEND,
+            b"more\n",
+        )
+    })
+    .step("create in another deep dir", |m| {
+        write_file(
+            &p(m, "a/b/x2/new"),
+            libc::O_WRONLY | libc::O_CREAT,
+            b"new\n",
+        )
+    })
+    .step("observe parents", |m| {
+        seq(vec![
+            ("a", mtime_of(&p(m, "a"))),
+            ("ab", mtime_of(&p(m, "a/b"))),
+            ("abc", mtime_of(&p(m, "a/b/c"))),
+            ("abcd", mtime_of(&p(m, "a/b/c/d"))),
+            ("x2", mtime_of(&p(m, "a/b/x2"))),
+            ("abcd_st", st(m, "a/b/c/d")),
+            ("list", list(&p(m, "a/b/c/d"))),
+        ])
+    })
+    .upper_check("a mtime", upper_mtime_is("a", (1_100_000_001, 1)))
+    .upper_check("a/b mtime", upper_mtime_is("a/b", (1_100_000_002, 2)))
+    .upper_check("a/b/c mtime", upper_mtime_is("a/b/c", (1_100_000_003, 3)))
+    .upper_check(
+        "a/b/c/d mtime",
+        upper_mtime_is("a/b/c/d", (1_100_000_004, 4)),
+    )
+    .upper_check("sibling not copied", upper_absent("a/b/sibling"))
+    .upper_check("origin on a/b/c", upper_has_origin("a/b/c"))
+    .reverse()
+    .run();
+}
+
+#[test]
+fn copy_up_from_bottom_layer() {
+    Scenario::new(
+        "copy_up_from_bottom_layer",
+        vec![
+            Layer::new()
+                .file("top/only", "t")
+                .dir("shared")
+                .mode(0o711)
+                .owner(1, 1),
+            Layer::new().file("x", "x").dir("shared").mode(0o777),
+            Layer::new()
+                .file("shared/in/bottom/f", "bottom data\n")
+                .mode(0o640)
+                .owner(300, 301)
+                .xattr("user.b", "b")
+                .at("shared/in")
+                .mode(0o700)
+                .owner(302, 303)
+                .mtime(1_050_000_000, 50)
+                .file("shared/deleted_in_middle", "should stay hidden"),
+        ],
+    )
+    .step("write bottom file", |m| {
+        let fd = open(&p(m, "shared/in/bottom/f"), libc::O_RDWR, 0)?;
+        fd.pwrite(b"B", 0)?;
+        Ok(content_obs(&fd.read_all()?))
+    })
+    .step("observe", |m| {
+        seq(vec![
+            ("shared", st(m, "shared")),
+            ("in", st(m, "shared/in")),
+            ("f", st(m, "shared/in/bottom/f")),
+            ("list_shared", list(&p(m, "shared"))),
+        ])
+    })
+    .upper_check(
+        "shared/in mtime",
+        upper_mtime_is("shared/in", (1_050_000_000, 50)),
+    )
+    .reverse()
+    .run();
+}
+
+// ===========================================================================
+// Creating objects
+// ===========================================================================
+
+#[test]
+fn create_files() {
+    Scenario::new("create_files", std_layers())
+        .step("create in root", |m| {
+            write_file(
+                &p(m, "new"),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                b"new\n",
+            )
+        })
+        .step("create 0640 in merged dir", |m| {
+            let fd = open(&p(m, "d/new"), libc::O_WRONLY | libc::O_CREAT, 0o640)?;
+            fd.write(b"in d")
+        })
+        .step("create in deep lower dir", |m| {
+            write_file(
+                &p(m, "a/b/c/new"),
+                libc::O_WRONLY | libc::O_CREAT,
+                b"deep new",
+            )
+        })
+        .step("create in bottom-only dir", |m| {
+            write_file(&p(m, "m/emptysub/new"), libc::O_WRONLY | libc::O_CREAT, b"")
+        })
+        .step("create 04755 (root)", |m| {
+            open(&p(m, "newsuid"), libc::O_WRONLY | libc::O_CREAT, 0o4755).map(|_| String::new())
+        })
+        .step("create in missing dir", |m| {
+            write_file(&p(m, "nodir/new"), libc::O_WRONLY | libc::O_CREAT, b"")
+        })
+        .step("create under a file", |m| {
+            write_file(&p(m, "f.txt/new"), libc::O_WRONLY | libc::O_CREAT, b"")
+        })
+        .step("O_CREAT through dangling symlink", |m| {
+            write_file(
+                &p(m, "dangling"),
+                libc::O_WRONLY | libc::O_CREAT,
+                b"via link",
+            )
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("new", st(m, "new")),
+                ("dnew", st(m, "d/new")),
+                ("cnew", st(m, "a/b/c/new")),
+                ("mnew", st(m, "m/emptysub/new")),
+                ("suid", st(m, "newsuid")),
+                ("nowhere", st(m, "nowhere")),
+                ("list_d", list(&p(m, "d"))),
+                ("list_root", list(m)),
+            ])
+        })
+        .upper_check(
+            "a/b keeps mtime after create below",
+            upper_mtime_is("a/b", layer_default_mtime(0)),
+        )
+        .reverse()
+        .run();
+}
+
+#[test]
+fn o_excl_create() {
+    Scenario::new("o_excl_create", std_layers())
+        .step("O_EXCL over lower file", |m| {
+            write_file(
+                &p(m, "f.txt"),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                b"x",
+            )
+        })
+        .step("O_EXCL over bottom-only file", |m| {
+            write_file(
+                &p(m, "m/x"),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                b"x",
+            )
+        })
+        .step("O_EXCL over lower dir", |m| {
+            write_file(
+                &p(m, "d"),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                b"x",
+            )
+        })
+        .step("O_EXCL over dangling symlink", |m| {
+            write_file(
+                &p(m, "dangling"),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                b"x",
+            )
+        })
+        .step("O_CREAT|O_RDONLY over lower (no copy-up)", |m| {
+            open(&p(m, "both"), libc::O_RDONLY | libc::O_CREAT, 0o600).map(|_| String::new())
+        })
+        .step("unlink then O_EXCL", |m| {
+            unlink(&p(m, "d/both"))?;
+            write_file(
+                &p(m, "d/both"),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                b"fresh",
+            )
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("f", rd(m, "f.txt")),
+                ("both", st(m, "both")),
+                ("dboth", rd(m, "d/both")),
+                ("nowhere", st(m, "nowhere")),
+            ])
+        })
+        .upper_check("O_CREAT|O_RDONLY did not copy up", upper_absent("both"))
+        .upper_check("O_EXCL failure did not copy up", upper_absent("f.txt"))
+        .reverse()
+        .run();
+}
+
+#[test]
+fn mkdir_cases() {
+    Scenario::new("mkdir_cases", std_layers())
+        .step("mkdir in root", |m| mkdir(&p(m, "nd"), 0o755))
+        .step("mkdir 01777 in merged dir", |m| {
+            mkdir(&p(m, "d/nd"), 0o1777)
+        })
+        .step("mkdir -p deep", |m| {
+            std::fs::create_dir_all(p(m, "a/b/c/x/y/z"))
+                .map(|_| String::new())
+                .map_err(|e| e.raw_os_error().unwrap_or(-1))
+        })
+        .step("mkdir over lower dir", |m| mkdir(&p(m, "d"), 0o755))
+        .step("mkdir over bottom-only dir", |m| mkdir(&p(m, "m"), 0o755))
+        .step("mkdir over lower file", |m| mkdir(&p(m, "f.txt"), 0o755))
+        .step("mkdir over dangling symlink", |m| {
+            mkdir(&p(m, "dangling"), 0o755)
+        })
+        .step("mkdir in bottom-only dir", |m| {
+            mkdir(&p(m, "m/emptysub/n"), 0o700)
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("nd", st(m, "nd")),
+                ("dnd", st(m, "d/nd")),
+                ("z", st(m, "a/b/c/x/y/z")),
+                ("n", st(m, "m/emptysub/n")),
+                ("list_m", list(&p(m, "m"))),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn mknod_nodes() {
+    Scenario::new("mknod_nodes", std_layers())
+        .step("fifo", |m| {
+            mknod(&p(m, "d/newfifo"), libc::S_IFIFO | 0o640, 0, 0)
+        })
+        .step("char 10:200", |m| {
+            mknod(&p(m, "cdev"), libc::S_IFCHR | 0o620, 10, 200)
+        })
+        .step("block 8:1", |m| {
+            mknod(&p(m, "a/b/bdev"), libc::S_IFBLK | 0o660, 8, 1)
+        })
+        .step("socket", |m| {
+            mknod(&p(m, "sock"), libc::S_IFSOCK | 0o755, 0, 0)
+        })
+        .step("regular via mknod", |m| {
+            mknod(&p(m, "reg"), libc::S_IFREG | 0o600, 0, 0)
+        })
+        .step("char 0:1", |m| {
+            mknod(&p(m, "c01"), libc::S_IFCHR | 0o600, 0, 1)
+        })
+        .step("over existing lower", |m| {
+            mknod(&p(m, "fifo"), libc::S_IFIFO | 0o600, 0, 0)
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("fifo", st(m, "d/newfifo")),
+                ("cdev", st(m, "cdev")),
+                ("bdev", st(m, "a/b/bdev")),
+                ("sock", st(m, "sock")),
+                ("reg", st(m, "reg")),
+                ("c01", st(m, "c01")),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn mknod_whiteout_is_eperm() {
+    Scenario::new("mknod_whiteout_is_eperm", std_layers())
+        .step("mknod c 0 0 new name", |m| {
+            mknod(&p(m, "wh"), libc::S_IFCHR | 0o600, 0, 0)
+        })
+        .step("mknod c 0 0 mode 0", |m| {
+            mknod(&p(m, "d/wh"), libc::S_IFCHR, 0, 0)
+        })
+        .step("mknod c 0 0 over lower", |m| {
+            mknod(&p(m, "f.txt"), libc::S_IFCHR, 0, 0)
+        })
+        .step("unlink then mknod c 0 0", |m| {
+            unlink(&p(m, "both"))?;
+            mknod(&p(m, "both"), libc::S_IFCHR, 0, 0)
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("wh", st(m, "wh")),
+                ("both", st(m, "both")),
+                ("root", list(m)),
+                ("d", list(&p(m, "d"))),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn symlink_create() {
+    Scenario::new("symlink_create", std_layers())
+        .step("symlink in root", |m| symlink("f.txt", &p(m, "sl")))
+        .step("symlink in deep lower dir", |m| {
+            symlink("../../../d", &p(m, "a/b/c/up"))
+        })
+        .step("long target", |m| symlink(&"x/".repeat(500), &p(m, "long")))
+        .step("over existing lower", |m| symlink("t", &p(m, "s")))
+        .step("over lower dir", |m| symlink("t", &p(m, "emptydir")))
+        .step("absolute target", |m| {
+            symlink("/etc/passwd", &p(m, "d/abs"))
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("sl", st(m, "sl")),
+                ("up", st(m, "a/b/c/up")),
+                ("long", st(m, "long")),
+                ("abs", st(m, "d/abs")),
+                ("through", rd(m, "sl")),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn hardlink_lower_file() {
+    Scenario::new("hardlink_lower_file", std_layers())
+        .step("link lower file", |m| {
+            link(&p(m, "g.txt"), &p(m, "g2"))?;
+            Ok(format!(
+                "same_ino={}",
+                ino(&p(m, "g.txt"))? == ino(&p(m, "g2"))?
+            ))
+        })
+        .step("link into another lower dir", |m| {
+            link(&p(m, "g.txt"), &p(m, "d/g3"))
+        })
+        .step("link bottom-only file into root", |m| {
+            link(&p(m, "m/x"), &p(m, "x_link"))
+        })
+        .step("link symlink itself", |m| link(&p(m, "s"), &p(m, "s_link")))
+        .step("link dir", |m| link(&p(m, "d"), &p(m, "d_link")))
+        .step("link onto existing", |m| {
+            link(&p(m, "f.txt"), &p(m, "both"))
+        })
+        .step("write through one name", |m| {
+            write_file(&p(m, "g2"), libc::O_WRONLY | libc::O_APPEND, b"via g2\n")
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("g", st(m, "g.txt")),
+                ("g_c", rd(m, "g.txt")),
+                ("g3", st(m, "d/g3")),
+                ("x", st(m, "m/x")),
+                ("s_link", st(m, "s_link")),
+                (
+                    "same_gx",
+                    Ok(format!("{}", ino(&p(m, "g.txt"))? == ino(&p(m, "d/g3"))?)),
+                ),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn o_tmpfile_in_lower_dir() {
+    Scenario::new("o_tmpfile_in_lower_dir", std_layers())
+        .step("O_TMPFILE, write, fstat, linkat", |m| {
+            let fd = open(&p(m, "d"), libc::O_TMPFILE | libc::O_RDWR, 0o640)?;
+            fd.write(b"tmpfile data\n")?;
+            let nl = fd.fstat()?.st_nlink;
+            let src = std::ffi::CString::new(format!("/proc/self/fd/{}", fd.0)).unwrap();
+            let dst = cpath(&p(m, "d/linked_tmp"));
+            // SAFETY: valid C strings.
+            let r = unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    src.as_ptr(),
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            };
+            if r != 0 {
+                return Err(errno());
+            }
+            Ok(format!("nlink_before={nl} after={}", fd.fstat()?.st_nlink))
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("t", st(m, "d/linked_tmp")),
+                ("c", rd(m, "d/linked_tmp")),
+            ])
+        })
+        .run();
+}
+
+// ===========================================================================
+// Removing objects
+// ===========================================================================
+
+#[test]
+fn unlink_cases() {
+    Scenario::new("unlink_cases", std_layers())
+        .step("unlink lower file", |m| unlink(&p(m, "f.txt")))
+        .step("unlink bottom-only file in merged dir", |m| {
+            unlink(&p(m, "d/h.txt"))
+        })
+        .step("unlink file present in both lowers", |m| {
+            unlink(&p(m, "both"))
+        })
+        .step("create + unlink upper-only", |m| {
+            write_file(&p(m, "tmp"), libc::O_WRONLY | libc::O_CREAT, b"t")?;
+            unlink(&p(m, "tmp"))
+        })
+        .step("unlink copied-up file", |m| {
+            chmod(&p(m, "g.txt"), 0o600)?;
+            unlink(&p(m, "g.txt"))
+        })
+        .step("unlink lower symlink", |m| unlink(&p(m, "s")))
+        .step("unlink lower fifo", |m| unlink(&p(m, "fifo")))
+        .step("unlink missing", |m| unlink(&p(m, "nope")))
+        .step("unlink again", |m| unlink(&p(m, "f.txt")))
+        .step("unlink dir", |m| unlink(&p(m, "emptydir")))
+        .step("observe", |m| {
+            seq(vec![
+                ("root", list(m)),
+                ("d", list(&p(m, "d"))),
+                ("f", st(m, "f.txt")),
+            ])
+        })
+        .upper_check("whiteout for f.txt", upper_is_whiteout("f.txt"))
+        .upper_check("whiteout for d/h.txt", upper_is_whiteout("d/h.txt"))
+        .upper_check("upper-only file gone", upper_absent("tmp"))
+        .reverse()
+        .run();
+}
+
+#[test]
+fn rmdir_cases() {
+    Scenario::new("rmdir_cases", std_layers())
+        .step("rmdir empty lower dir", |m| rmdir(&p(m, "emptydir")))
+        .step("rmdir empty bottom-only dir", |m| rmdir(&p(m, "bemptydir")))
+        .step("rmdir empty bottom-only subdir", |m| {
+            rmdir(&p(m, "m/emptysub"))
+        })
+        .step("rmdir non-empty merged dir", |m| rmdir(&p(m, "d")))
+        .step("rmdir non-empty lower dir", |m| rmdir(&p(m, "a/b")))
+        .step("rmdir upper-only dir", |m| {
+            mkdir(&p(m, "nd"), 0o755)?;
+            rmdir(&p(m, "nd"))
+        })
+        .step("rmdir file", |m| rmdir(&p(m, "f.txt")))
+        .step("rmdir missing", |m| rmdir(&p(m, "nope")))
+        .step("rmdir symlink", |m| rmdir(&p(m, "s")))
+        .step("observe", |m| {
+            seq(vec![("root", list(m)), ("m", list(&p(m, "m")))])
+        })
+        .upper_check("whiteout for emptydir", upper_is_whiteout("emptydir"))
+        .upper_check("upper-only dir gone", upper_absent("nd"))
+        .reverse()
+        .run();
+}
+
+#[test]
+fn rmdir_of_dir_emptied_by_whiteouts() {
+    Scenario::new(
+        "rmdir_of_dir_emptied_by_whiteouts",
+        vec![
+            Layer::new()
+                .file("e/top1", "1")
+                .file("e/top2", "2")
+                .symlink("e/tl", "x")
+                .file("w/keep", "k")
+                .whiteout("w/x")
+                .whiteout("v/y"),
+            Layer::new()
+                .file("e/bottom", "b")
+                .dir("e/bdir")
+                .file("w/x", "hidden by layer whiteout")
+                .file("v/y", "hidden by layer whiteout"),
+        ],
+    )
+    .step("rmdir merged non-empty", |m| rmdir(&p(m, "e")))
+    .step("unlink all entries", |m| {
+        seq(vec![
+            ("top1", unlink(&p(m, "e/top1"))),
+            ("top2", unlink(&p(m, "e/top2"))),
+            ("tl", unlink(&p(m, "e/tl"))),
+            ("bottom", unlink(&p(m, "e/bottom"))),
+            ("bdir", rmdir(&p(m, "e/bdir"))),
+        ])
+    })
+    .step("list emptied", |m| list(&p(m, "e")))
+    .step("rmdir emptied dir", |m| rmdir(&p(m, "e")))
+    .step("list w", |m| list(&p(m, "w")))
+    .step("rmdir w (keep inside)", |m| rmdir(&p(m, "w")))
+    .step("unlink keep, rmdir w", |m| {
+        unlink(&p(m, "w/keep"))?;
+        rmdir(&p(m, "w"))
+    })
+    .step("rmdir v (empty only via layer whiteout)", |m| {
+        rmdir(&p(m, "v"))
+    })
+    .step("observe", |m| {
+        seq(vec![
+            ("root", list(m)),
+            ("e", st(m, "e")),
+            ("w", st(m, "w")),
+        ])
+    })
+    .upper_check("e is a whiteout", upper_is_whiteout("e"))
+    .upper_check("v is a whiteout", upper_is_whiteout("v"))
+    .reverse()
+    .run();
+}
+
+#[test]
+fn rm_rf_lower_tree() {
+    Scenario::new(
+        "rm_rf_lower_tree",
+        vec![
+            Layer::new()
+                .file("tree/a/1", "1")
+                .file("tree/a/2", "2")
+                .file("tree/b/c/d/3", "3")
+                .symlink("tree/l", "a/1")
+                .fifo("tree/b/fifo")
+                .dir("tree/empty")
+                .file("tree/x", "x")
+                .mode(0o000),
+            Layer::new()
+                .file("tree/a/bottom", "b")
+                .file("tree/z/deep/er", "z")
+                .file("other", "o"),
+        ],
+    )
+    .step("rm -rf tree", |m| {
+        std::fs::remove_dir_all(p(m, "tree"))
+            .map(|_| String::new())
+            .map_err(|e| e.raw_os_error().unwrap_or(-1))
+    })
+    .step("stat tree", |m| st(m, "tree"))
+    .step("list root", |m| list(m))
+    .upper_check("tree is a whiteout", upper_is_whiteout("tree"))
+    .reverse()
+    .run();
+}
+
+#[test]
+fn rm_rf_then_mkdir_is_opaque() {
+    Scenario::new("rm_rf_then_mkdir_is_opaque", std_layers())
+        .step("rm -rf d", |m| {
+            std::fs::remove_dir_all(p(m, "d"))
+                .map(|_| String::new())
+                .map_err(|e| e.raw_os_error().unwrap_or(-1))
+        })
+        .step("mkdir d", |m| mkdir(&p(m, "d"), 0o700))
+        .step("create d/new", |m| {
+            write_file(&p(m, "d/new"), libc::O_WRONLY | libc::O_CREAT, b"new")
+        })
+        .step("list d", |m| list(&p(m, "d")))
+        .step("old names gone", |m| {
+            seq(vec![
+                ("g", st(m, "d/g.txt")),
+                ("h", st(m, "d/h.txt")),
+                ("sub", st(m, "d/sub")),
+            ])
+        })
+        .step("rmdir+mkdir bottom-only m", |m| {
+            unlink(&p(m, "m/x"))?;
+            rmdir(&p(m, "m/emptysub"))?;
+            rmdir(&p(m, "m"))?;
+            mkdir(&p(m, "m"), 0o755)?;
+            list(&p(m, "m"))
+        })
+        .step("describe", |m| {
+            seq(vec![("d", st(m, "d")), ("m", st(m, "m"))])
+        })
+        .upper_check("d opaque", |u: &Path| {
+            match get_xattr(&u.join("d"), b"trusted.overlay.opaque") {
+                Ok(v) if v == b"y" => vec![],
+                other => vec![format!("d: trusted.overlay.opaque = {other:?}")],
+            }
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn create_over_whiteout() {
+    Scenario::new("create_over_whiteout", std_layers())
+        .step("unlink + create file", |m| {
+            unlink(&p(m, "f.txt"))?;
+            write_file(&p(m, "f.txt"), libc::O_WRONLY | libc::O_CREAT, b"reborn\n")
+        })
+        .step("unlink + symlink", |m| {
+            unlink(&p(m, "both"))?;
+            symlink("f.txt", &p(m, "both"))
+        })
+        .step("unlink file + mkdir (opaque)", |m| {
+            unlink(&p(m, "g.txt"))?;
+            mkdir(&p(m, "g.txt"), 0o755)
+        })
+        .step("rmdir + create file", |m| {
+            rmdir(&p(m, "emptydir"))?;
+            write_file(
+                &p(m, "emptydir"),
+                libc::O_WRONLY | libc::O_CREAT,
+                b"was a dir",
+            )
+        })
+        .step("unlink + mkfifo", |m| {
+            unlink(&p(m, "d/h.txt"))?;
+            mknod(&p(m, "d/h.txt"), libc::S_IFIFO | 0o600, 0, 0)
+        })
+        .step("unlink + link", |m| {
+            unlink(&p(m, "d/both"))?;
+            link(&p(m, "d/g.txt"), &p(m, "d/both"))
+        })
+        .step("layer whiteout name: create", |m| {
+            write_file(&p(m, "d/sub/new"), libc::O_WRONLY | libc::O_CREAT, b"n")
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("f", rd(m, "f.txt")),
+                ("both", st(m, "both")),
+                ("g", st(m, "g.txt")),
+                ("g_list", list(&p(m, "g.txt"))),
+                ("emptydir", st(m, "emptydir")),
+                ("h", st(m, "d/h.txt")),
+                ("dboth", st(m, "d/both")),
+                ("list_d", list(&p(m, "d"))),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+// ===========================================================================
+// Renames
+// ===========================================================================
+
+#[test]
+fn rename_file_within_dir() {
+    Scenario::new("rename_file_within_dir", std_layers())
+        .step("rename lower file in root", |m| {
+            rename(&p(m, "f.txt"), &p(m, "f_renamed"))
+        })
+        .step("rename in merged dir", |m| {
+            rename(&p(m, "d/g.txt"), &p(m, "d/g2.txt"))
+        })
+        .step("rename bottom-only file", |m| {
+            rename(&p(m, "d/h.txt"), &p(m, "d/h2.txt"))
+        })
+        .step("rename upper-only file", |m| {
+            write_file(&p(m, "u1"), libc::O_WRONLY | libc::O_CREAT, b"u")?;
+            rename(&p(m, "u1"), &p(m, "u2"))
+        })
+        .step("rename lower symlink", |m| rename(&p(m, "s"), &p(m, "s2")))
+        .step("rename fifo", |m| rename(&p(m, "fifo"), &p(m, "fifo2")))
+        .step("rename missing", |m| rename(&p(m, "nope"), &p(m, "nope2")))
+        .step("rename back to a whiteout name", |m| {
+            rename(&p(m, "f_renamed"), &p(m, "f.txt"))
+        })
+        .step("ino stable over rename", |m| {
+            let i0 = ino(&p(m, "g.txt"))?;
+            rename(&p(m, "g.txt"), &p(m, "g_moved"))?;
+            Ok(format!("stable={}", i0 == ino(&p(m, "g_moved"))?))
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("root", list(m)),
+                ("d", list(&p(m, "d"))),
+                ("f", rd(m, "f.txt")),
+                ("s2", st(m, "s2")),
+                ("g_moved", st(m, "g_moved")),
+            ])
+        })
+        .upper_check("whiteout at old d/g.txt", upper_is_whiteout("d/g.txt"))
+        .reverse()
+        .run();
+}
+
+#[test]
+fn rename_file_between_dirs() {
+    Scenario::new("rename_file_between_dirs", std_layers())
+        .step("lower d/g.txt -> a/b/moved", |m| {
+            rename(&p(m, "d/g.txt"), &p(m, "a/b/moved"))
+        })
+        .step("root file -> new dir", |m| {
+            mkdir(&p(m, "newdir"), 0o755)?;
+            rename(&p(m, "f.txt"), &p(m, "newdir/f"))
+        })
+        .step("bottom-only m/x -> d/x", |m| {
+            rename(&p(m, "m/x"), &p(m, "d/x"))
+        })
+        .step("deep -> root", |m| {
+            rename(&p(m, "d/sub/deep/file"), &p(m, "deepfile"))
+        })
+        .step("into missing dir", |m| {
+            rename(&p(m, "both"), &p(m, "nodir/both"))
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("moved", rd(m, "a/b/moved")),
+                ("nf", st(m, "newdir/f")),
+                ("dx", rd(m, "d/x")),
+                ("m", list(&p(m, "m"))),
+                ("deep", list(&p(m, "d/sub/deep"))),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn rename_onto_existing() {
+    Scenario::new("rename_onto_existing", std_layers())
+        .step("lower onto lower", |m| {
+            rename(&p(m, "f.txt"), &p(m, "both"))
+        })
+        .step("lower onto bottom-only", |m| {
+            rename(&p(m, "d/g.txt"), &p(m, "d/h.txt"))
+        })
+        .step("upper-only onto lower", |m| {
+            write_file(&p(m, "u"), libc::O_WRONLY | libc::O_CREAT, b"upper")?;
+            rename(&p(m, "u"), &p(m, "g.txt"))
+        })
+        .step("lower onto upper-only", |m| {
+            write_file(&p(m, "u2"), libc::O_WRONLY | libc::O_CREAT, b"upper2")?;
+            rename(&p(m, "empty"), &p(m, "u2"))
+        })
+        .step("onto itself", |m| rename(&p(m, "suid"), &p(m, "suid")))
+        .step("hard link onto its other name (no-op)", |m| {
+            link(&p(m, "d/both"), &p(m, "d/both_hl"))?;
+            rename(&p(m, "d/both"), &p(m, "d/both_hl"))
+        })
+        .step("file onto dir", |m| {
+            rename(&p(m, "secret"), &p(m, "emptydir"))
+        })
+        .step("dir onto file", |m| {
+            rename(&p(m, "emptydir"), &p(m, "secret"))
+        })
+        .step("file onto symlink", |m| rename(&p(m, "secret"), &p(m, "s")))
+        .step("observe", |m| {
+            seq(vec![
+                ("root", list(m)),
+                ("both", rd(m, "both")),
+                ("h", rd(m, "d/h.txt")),
+                ("g", rd(m, "g.txt")),
+                ("u2", rd(m, "u2")),
+                ("s", st(m, "s")),
+                ("d", list(&p(m, "d"))),
+                ("hl", st(m, "d/both_hl")),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn rename_noreplace() {
+    Scenario::new("rename_noreplace", std_layers())
+        .step("onto existing lower", |m| {
+            rename2(&p(m, "f.txt"), &p(m, "both"), RENAME_NOREPLACE)
+        })
+        .step("onto existing dir", |m| {
+            rename2(&p(m, "f.txt"), &p(m, "d"), RENAME_NOREPLACE)
+        })
+        .step("onto free name", |m| {
+            rename2(&p(m, "f.txt"), &p(m, "free"), RENAME_NOREPLACE)
+        })
+        .step("onto whited-out name", |m| {
+            unlink(&p(m, "both"))?;
+            rename2(&p(m, "g.txt"), &p(m, "both"), RENAME_NOREPLACE)
+        })
+        .step("onto layer-shadowed bottom name", |m| {
+            rename2(&p(m, "d/g.txt"), &p(m, "d/h.txt"), RENAME_NOREPLACE)
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("root", list(m)),
+                ("both", st(m, "both")),
+                ("free", rd(m, "free")),
+            ])
+        })
+        .upper_check("f.txt whiteout", upper_is_whiteout("f.txt"))
+        .reverse()
+        .run();
+}
+
+#[test]
+fn rename_exchange() {
+    Scenario::new("rename_exchange", std_layers())
+        .step("two lower files", |m| {
+            rename2(&p(m, "f.txt"), &p(m, "both"), RENAME_EXCHANGE)
+        })
+        .step("lower and upper-only", |m| {
+            write_file(&p(m, "u"), libc::O_WRONLY | libc::O_CREAT, b"upper")?;
+            rename2(&p(m, "u"), &p(m, "d/g.txt"), RENAME_EXCHANGE)
+        })
+        .step("with missing", |m| {
+            rename2(&p(m, "g.txt"), &p(m, "nope"), RENAME_EXCHANGE)
+        })
+        .step("file and upper-only dir", |m| {
+            mkdir(&p(m, "ud"), 0o755)?;
+            write_file(&p(m, "ud/in"), libc::O_WRONLY | libc::O_CREAT, b"in")?;
+            rename2(&p(m, "g.txt"), &p(m, "ud"), RENAME_EXCHANGE)
+        })
+        .step("file and lower dir", |m| {
+            rename2(&p(m, "empty"), &p(m, "emptydir"), RENAME_EXCHANGE)
+        })
+        .step("bottom-only and top file", |m| {
+            rename2(&p(m, "d/h.txt"), &p(m, "d/both"), RENAME_EXCHANGE)
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("f", rd(m, "f.txt")),
+                ("both", rd(m, "both")),
+                ("u", rd(m, "u")),
+                ("dg", rd(m, "d/g.txt")),
+                ("g", st(m, "g.txt")),
+                ("ud", st(m, "ud")),
+                ("g_list", list(&p(m, "g.txt"))),
+                ("h", rd(m, "d/h.txt")),
+                ("dboth", rd(m, "d/both")),
+                ("d", list(&p(m, "d"))),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn rename_directories() {
+    Scenario::new("rename_directories", std_layers())
+        .step("lower-only dir", |m| rename(&p(m, "a"), &p(m, "a2")))
+        .step("merged dir", |m| rename(&p(m, "d"), &p(m, "d2")))
+        .step("bottom-only dir", |m| rename(&p(m, "m"), &p(m, "m2")))
+        .step("empty lower dir", |m| {
+            rename(&p(m, "emptydir"), &p(m, "e2"))
+        })
+        .step("copied-up lower dir", |m| {
+            chmod(&p(m, "a/b"), 0o700)?;
+            rename(&p(m, "a/b"), &p(m, "a/b2"))
+        })
+        .step("upper-only dir", |m| {
+            mkdir(&p(m, "nd"), 0o755)?;
+            write_file(&p(m, "nd/f"), libc::O_WRONLY | libc::O_CREAT, b"f")?;
+            rename(&p(m, "nd"), &p(m, "nd2"))
+        })
+        .step("opaque dir (rm -rf + mkdir) rename", |m| {
+            std::fs::remove_dir_all(p(m, "d/sub")).map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+            mkdir(&p(m, "d/sub"), 0o755)?;
+            write_file(&p(m, "d/sub/n"), libc::O_WRONLY | libc::O_CREAT, b"n")?;
+            rename(&p(m, "d/sub"), &p(m, "sub_moved"))
+        })
+        .step("RENAME_NOREPLACE lower dir", |m| {
+            rename2(&p(m, "a"), &p(m, "a3"), RENAME_NOREPLACE)
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("root", list(m)),
+                ("nd2", list(&p(m, "nd2"))),
+                ("sub_moved", list(&p(m, "sub_moved"))),
+                ("dsub", st(m, "d/sub")),
+                ("d", list(&p(m, "d"))),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn rename_upper_dir_into_merged_dir() {
+    Scenario::new("rename_upper_dir_into_merged_dir", std_layers())
+        .step("build upper-only tree", |m| {
+            mkdir(&p(m, "newd"), 0o750)?;
+            write_file(&p(m, "newd/a"), libc::O_WRONLY | libc::O_CREAT, b"a")?;
+            mkdir(&p(m, "newd/sub"), 0o755)?;
+            write_file(&p(m, "newd/sub/b"), libc::O_WRONLY | libc::O_CREAT, b"b")
+        })
+        .step("move into merged dir", |m| {
+            rename(&p(m, "newd"), &p(m, "d/newd"))
+        })
+        .step("move into deep lower dir", |m| {
+            rename(&p(m, "d/newd"), &p(m, "a/b/c/newd"))
+        })
+        .step("onto empty lower dir", |m| {
+            mkdir(&p(m, "n2"), 0o755)?;
+            write_file(&p(m, "n2/z"), libc::O_WRONLY | libc::O_CREAT, b"z")?;
+            rename(&p(m, "n2"), &p(m, "emptydir"))
+        })
+        .step("onto empty bottom-only dir", |m| {
+            mkdir(&p(m, "n3"), 0o755)?;
+            rename(&p(m, "n3"), &p(m, "m/emptysub"))
+        })
+        .step("onto non-empty lower dir", |m| {
+            mkdir(&p(m, "n4"), 0o755)?;
+            rename(&p(m, "n4"), &p(m, "d"))
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("root", list(m)),
+                ("c", list(&p(m, "a/b/c"))),
+                ("newd", list(&p(m, "a/b/c/newd"))),
+                ("emptydir", list(&p(m, "emptydir"))),
+                ("emptysub", list(&p(m, "m/emptysub"))),
+                ("d", list(&p(m, "d"))),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+// ===========================================================================
+// Hard links, open files
+// ===========================================================================
+
+#[test]
+fn lower_hardlinks_break_on_copy_up() {
+    Scenario::new(
+        "lower_hardlinks_break_on_copy_up",
+        vec![
+            Layer::new()
+                .file("h1", "shared data\n")
+                .mode(0o640)
+                .owner(10, 10)
+                .hardlink("h2", "h1")
+                .hardlink("sub/h3", "h1")
+                .file("k1", "k data\n")
+                .hardlink("k2", "k1"),
+            Layer::new(),
+        ],
+    )
+    .step("before", |m| {
+        Ok(format!(
+            "h1={} same12={} same13={}",
+            describe(&p(m, "h1"))?,
+            ino(&p(m, "h1"))? == ino(&p(m, "h2"))?,
+            ino(&p(m, "h1"))? == ino(&p(m, "sub/h3"))?
+        ))
+    })
+    .step("append to h1", |m| {
+        write_file(
+            &p(m, "h1"),
+            libc::O_WRONLY | libc::O_APPEND,
+            b"new for h1\n",
+        )
+    })
+    .step("after", |m| {
+        Ok(format!(
+            "h1={} h2={} h1c={} h2c={} same12={} same23={}",
+            describe(&p(m, "h1"))?,
+            describe(&p(m, "h2"))?,
+            read_file(&p(m, "h1"))?,
+            read_file(&p(m, "h2"))?,
+            ino(&p(m, "h1"))? == ino(&p(m, "h2"))?,
+            ino(&p(m, "h2"))? == ino(&p(m, "sub/h3"))?
+        ))
+    })
+    .step("chmod k2 (metadata copy-up)", |m| chmod(&p(m, "k2"), 0o600))
+    .step("after k", |m| {
+        seq(vec![
+            ("k1", st(m, "k1")),
+            ("k2", st(m, "k2")),
+            (
+                "same",
+                Ok(format!("{}", ino(&p(m, "k1"))? == ino(&p(m, "k2"))?)),
+            ),
+        ])
+    })
+    .step("O_TRUNC h3", |m| {
+        write_file(&p(m, "sub/h3"), libc::O_WRONLY | libc::O_TRUNC, b"h3 only")?;
+        seq(vec![("h2", rd(m, "h2")), ("h3", rd(m, "sub/h3"))])
+    })
+    .reverse()
+    .run();
+}
+
+#[test]
+fn reader_sees_copy_up() {
+    Scenario::new("reader_sees_copy_up", std_layers())
+        .step("read fd, then write via another fd, reread", |m| {
+            let r = open(&p(m, "f.txt"), libc::O_RDONLY, 0)?;
+            let first = r.read(5)?;
+            let w = open(&p(m, "f.txt"), libc::O_WRONLY, 0)?;
+            w.pwrite(b"XXXXXYYYYYYY", 0)?;
+            w.write(b"Z")?; // overwrite position 0 with Z
+            drop(w);
+            let rest = r.read(100)?;
+            let all = r.pread(100, 0)?;
+            let size = r.fstat()?.st_size;
+            Ok(format!(
+                "first={} rest={} all={} fstat_size={size}",
+                content_obs(&first),
+                content_obs(&rest),
+                content_obs(&all)
+            ))
+        })
+        .step("append grows size seen by reader", |m| {
+            let r = open(&p(m, "d/g.txt"), libc::O_RDONLY, 0)?;
+            let before = r.fstat()?.st_size;
+            write_file(
+                &p(m, "d/g.txt"),
+                libc::O_WRONLY | libc::O_APPEND,
+                b"appended!\n",
+            )?;
+            let after = r.fstat()?.st_size;
+            Ok(format!("{before}->{after} {}", content_obs(&r.read_all()?)))
+        })
+        .step("reader of a file replaced by rename keeps old data", |m| {
+            let r = open(&p(m, "both"), libc::O_RDONLY, 0)?;
+            write_file(&p(m, "nb"), libc::O_WRONLY | libc::O_CREAT, b"replacement")?;
+            rename(&p(m, "nb"), &p(m, "both"))?;
+            Ok(format!(
+                "{} now={}",
+                content_obs(&r.read_all()?),
+                rd(m, "both")?
+            ))
+        })
+        .run();
+}
+
+#[test]
+fn unlinked_open_files() {
+    Scenario::new("unlinked_open_files", std_layers())
+        .step("lower file opened O_RDWR, unlinked", |m| {
+            let fd = open(&p(m, "f.txt"), libc::O_RDWR, 0)?;
+            unlink(&p(m, "f.txt"))?;
+            let nl = fd.fstat()?.st_nlink;
+            fd.pwrite(b"still writable", 0)?;
+            let data = fd.read_all()?;
+            Ok(format!(
+                "nlink={nl} data={} stat_path={}",
+                content_obs(&data),
+                show_r(&st(m, "f.txt"))
+            ))
+        })
+        .step("upper-only file unlinked while open", |m| {
+            let fd = open(&p(m, "u"), libc::O_RDWR | libc::O_CREAT, 0o644)?;
+            fd.write(b"upper data")?;
+            unlink(&p(m, "u"))?;
+            let nl = fd.fstat()?.st_nlink;
+            fd.pwrite(b"UP", 0)?;
+            Ok(format!("nlink={nl} data={}", content_obs(&fd.read_all()?)))
+        })
+        .step("lower file opened O_RDONLY, unlinked", |m| {
+            let fd = open(&p(m, "d/g.txt"), libc::O_RDONLY, 0)?;
+            unlink(&p(m, "d/g.txt"))?;
+            let nl = fd.fstat()?.st_nlink;
+            Ok(format!("nlink={nl} data={}", content_obs(&fd.read_all()?)))
+        })
+        .step("hard-linked: unlink one name of open file", |m| {
+            link(&p(m, "both"), &p(m, "both2"))?;
+            let fd = open(&p(m, "both"), libc::O_RDWR, 0)?;
+            unlink(&p(m, "both"))?;
+            Ok(format!("nlink={}", fd.fstat()?.st_nlink))
+        })
+        .step("observe", |m| {
+            seq(vec![("root", list(m)), ("d", list(&p(m, "d")))])
+        })
+        .run();
+}
+
+// ===========================================================================
+// Big and sparse files
+// ===========================================================================
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn sparse_file_copy_up() {
+    Scenario::new(
+        "sparse_file_copy_up",
+        vec![
+            Layer::new()
+                .sparse_file(
+                    "sparse",
+                    64 * MIB,
+                    &[(0, b"start"), (10 * MIB, b"ten"), (64 * MIB - 3, b"end")],
+                )
+                .sparse_file("sparse2", 16 * MIB, &[(MIB, b"one")])
+                .sparse_file("allhole", 8 * MIB, &[]),
+            Layer::new(),
+        ],
+    )
+    .step("write in the middle", |m| {
+        let fd = open(&p(m, "sparse"), libc::O_WRONLY, 0)?;
+        fd.pwrite(b"middle", 20 * MIB)
+    })
+    .step("read back pieces", |m| {
+        let fd = open(&p(m, "sparse"), libc::O_RDONLY, 0)?;
+        Ok(format!(
+            "{} {} {} {} {}",
+            content_obs(&fd.pread(5, 0)?),
+            content_obs(&fd.pread(3, 10 * MIB)?),
+            content_obs(&fd.pread(6, 20 * MIB)?),
+            content_obs(&fd.pread(8, 30 * MIB)?),
+            content_obs(&fd.pread(10, 64 * MIB - 3)?)
+        ))
+    })
+    .step("metadata copy-up of sparse2", |m| {
+        chmod(&p(m, "sparse2"), 0o600)
+    })
+    .step("append to all-hole file", |m| {
+        write_file(&p(m, "allhole"), libc::O_WRONLY | libc::O_APPEND, b"tail")
+    })
+    .step("SEEK_DATA after 1 MiB in sparse", |m| {
+        let fd = open(&p(m, "sparse"), libc::O_RDONLY, 0)?;
+        // SAFETY: plain lseek on our fd.
+        let off = unsafe { libc::lseek(fd.0, MIB as libc::off_t, libc::SEEK_DATA) };
+        if off < 0 {
+            return Err(errno());
+        }
+        Ok(format!("next data at {}", off as u64 / 4096 * 4096))
+    })
+    // The kernel copies data in 1 MiB chunks starting at each data extent,
+    // so a few MiB are allocated; without holes it would be 64+16+8 MiB.
+    .upper_check("holes kept (st_blocks small)", |u: &Path| {
+        let mut out = Vec::new();
+        for f in ["sparse", "sparse2", "allhole"] {
+            match blocks_of(&u.join(f)) {
+                Ok(b) if b * 512 <= 8 * MIB => {}
+                Ok(b) => out.push(format!("{f}: {} KiB allocated in the upper", b / 2)),
+                Err(e) => out.push(format!("{f}: {}", errno_name(e))),
+            }
+        }
+        out
+    })
+    .run();
+}
+
+#[test]
+fn big_file_copy_up_64mib() {
+    Scenario::new(
+        "big_file_copy_up_64mib",
+        vec![
+            Layer::new().large_file("big", 64 * MIB, 42).mode(0o640),
+            Layer::new(),
+        ],
+    )
+    .step("pwrite 4 bytes at 32 MiB", |m| {
+        let fd = open(&p(m, "big"), libc::O_WRONLY, 0)?;
+        fd.pwrite(b"MARK", 32 * MIB)
+    })
+    .step("read around the mark and the end", |m| {
+        let fd = open(&p(m, "big"), libc::O_RDONLY, 0)?;
+        Ok(format!(
+            "{} {} size={}",
+            content_obs(&fd.pread(16, 32 * MIB - 6)?),
+            content_obs(&fd.pread(16, 64 * MIB - 8)?),
+            fd.fstat()?.st_size
+        ))
+    })
+    .step("expected bytes unchanged elsewhere", |m| {
+        let fd = open(&p(m, "big"), libc::O_RDONLY, 0)?;
+        let got = fd.pread(4096, 48 * MIB)?;
+        let all = pattern_bytes((48 * MIB + 4096) as usize, 42);
+        Ok(format!("matches={}", got[..] == all[48 * MIB as usize..]))
+    })
+    .run();
+}
+
+// ===========================================================================
+// Non-root callers, ownership, setgid
+// ===========================================================================
+
+fn perm_layers() -> Vec<Layer> {
+    vec![
+        Layer::new()
+            .file("secret", "secret\n")
+            .mode(0o600)
+            .file("rootdir/file", "root's\n")
+            .mode(0o644)
+            .dir("rootdir")
+            .mode(0o755)
+            .file("sticky/rootfile", "r")
+            .file("sticky/userfile", "u")
+            .owner(NOBODY, NOGROUP)
+            .dir("sticky")
+            .mode(0o1777)
+            .file("mine", "mine\n")
+            .owner(NOBODY, NOGROUP)
+            .mode(0o644)
+            .dir("pub")
+            .mode(0o777)
+            .file("pub/existing", "e")
+            .dir("userdir")
+            .owner(NOBODY, NOGROUP)
+            .mode(0o755)
+            .file("userdir/ufile", "uf")
+            .owner(NOBODY, NOGROUP)
+            .file("sg/old", "o")
+            .dir("sg")
+            .mode(0o2775)
+            .owner(0, 1234)
+            .dir("sgw")
+            .mode(0o2777)
+            .owner(0, 1234),
+        Layer::new()
+            .file("sticky/bottomfile", "b")
+            .file("pub/bottom", "pb"),
+    ]
+}
+
+fn user<F: FnOnce() -> R>(f: F) -> R {
+    as_user(NOBODY, NOGROUP, f)
+}
+
+#[test]
+fn non_root_permission_errors() {
+    Scenario::new("non_root_permission_errors", perm_layers())
+        .step("read 0600 root file", |m| {
+            let f = p(m, "secret");
+            user(|| read_file(&f))
+        })
+        .step("create in root 0755 dir", |m| {
+            let f = p(m, "rootdir/new");
+            user(|| write_file(&f, libc::O_WRONLY | libc::O_CREAT, b"x"))
+        })
+        .step("write root's file", |m| {
+            let f = p(m, "rootdir/file");
+            user(|| write_file(&f, libc::O_WRONLY, b"x"))
+        })
+        .step("unlink in root dir", |m| {
+            let f = p(m, "rootdir/file");
+            user(|| unlink(&f))
+        })
+        .step("mkdir in root dir", |m| {
+            let f = p(m, "rootdir/nd");
+            user(|| mkdir(&f, 0o755))
+        })
+        .step("sticky: delete root's file", |m| {
+            let f = p(m, "sticky/rootfile");
+            user(|| unlink(&f))
+        })
+        .step("sticky: delete bottom-layer root file", |m| {
+            let f = p(m, "sticky/bottomfile");
+            user(|| unlink(&f))
+        })
+        .step("sticky: rename root's file", |m| {
+            let (a, b) = (p(m, "sticky/rootfile"), p(m, "sticky/renamed"));
+            user(|| rename(&a, &b))
+        })
+        .step("sticky: delete own file", |m| {
+            let f = p(m, "sticky/userfile");
+            user(|| unlink(&f))
+        })
+        .step("chown own file to root", |m| {
+            let f = p(m, "mine");
+            user(|| chown(&f, Some(0), None))
+        })
+        .step("chgrp own file to foreign group", |m| {
+            let f = p(m, "mine");
+            user(|| chown(&f, None, Some(0)))
+        })
+        .step("chown own file to self (no-op allowed)", |m| {
+            let f = p(m, "mine");
+            user(|| chown(&f, Some(NOBODY), Some(NOGROUP)))
+        })
+        .step("chmod root's file", |m| {
+            let f = p(m, "secret");
+            user(|| chmod(&f, 0o644))
+        })
+        .step("explicit utimens on root's file", |m| {
+            let f = p(m, "rootdir/file");
+            user(|| utimens(&f, Ts::Set(1, 0), Ts::Set(1, 0), false))
+        })
+        .step("utimens NULL on root's 0644 file", |m| {
+            let f = p(m, "rootdir/file");
+            user(|| utimens_null(&f))
+        })
+        .step("truncate root's file", |m| {
+            let f = p(m, "rootdir/file");
+            user(|| truncate(&f, 0))
+        })
+        .step("user xattr on root's file", |m| {
+            let f = p(m, "rootdir/file");
+            user(|| lsetxattr(&f, "user.x", b"x", 0))
+        })
+        .step("trusted xattr as user", |m| {
+            let f = p(m, "mine");
+            user(|| lsetxattr(&f, "trusted.x", b"x", 0))
+        })
+        .step("chmod own file", |m| {
+            let f = p(m, "mine");
+            user(|| chmod(&f, 0o600))
+        })
+        .step("write own file", |m| {
+            let f = p(m, "mine");
+            user(|| write_file(&f, libc::O_WRONLY | libc::O_APPEND, b"by nobody\n"))
+        })
+        .step("user xattr on own file", |m| {
+            let f = p(m, "userdir/ufile");
+            user(|| lsetxattr(&f, "user.mine", b"yes", 0))
+        })
+        .step("link root's 0600 file (protected_hardlinks)", |m| {
+            let (a, b) = (p(m, "secret"), p(m, "pub/secret_link"));
+            user(|| link(&a, &b))
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("mine", st(m, "mine")),
+                ("secret", st(m, "secret")),
+                ("sticky", list(&p(m, "sticky"))),
+                ("rootdir", list(&p(m, "rootdir"))),
+            ])
+        })
+        .upper_check("failed ops copied nothing up", upper_absent("secret"))
+        .upper_check("rootdir not copied up", upper_absent("rootdir"))
+        .reverse()
+        .run();
+}
+
+#[test]
+fn non_root_created_objects_are_theirs() {
+    Scenario::new("non_root_created_objects_are_theirs", perm_layers())
+        .step("create file in 0777 lower dir", |m| {
+            let f = p(m, "pub/file");
+            user(|| {
+                write_file(
+                    &f,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                    b"nobody's",
+                )
+            })
+        })
+        .step("mkdir", |m| {
+            let f = p(m, "pub/dir");
+            user(|| mkdir(&f, 0o777))
+        })
+        .step("symlink", |m| {
+            let f = p(m, "pub/link");
+            user(|| symlink("file", &f))
+        })
+        .step("mkfifo", |m| {
+            let f = p(m, "pub/fifo");
+            user(|| mknod(&f, libc::S_IFIFO | 0o666, 0, 0))
+        })
+        .step("hard link own file", |m| {
+            let (a, b) = (p(m, "pub/file"), p(m, "pub/hl"));
+            user(|| link(&a, &b))
+        })
+        .step("create in own lower dir", |m| {
+            let f = p(m, "userdir/new");
+            user(|| write_file(&f, libc::O_WRONLY | libc::O_CREAT, b"n"))
+        })
+        .step("create in sticky dir", |m| {
+            let f = p(m, "sticky/mine_new");
+            user(|| write_file(&f, libc::O_WRONLY | libc::O_CREAT, b"n"))
+        })
+        .step("overwrite root's file in 0777 dir by rename", |m| {
+            let (a, b) = (p(m, "pub/file"), p(m, "pub/existing"));
+            user(|| rename(&a, &b))
+        })
+        .step("create over whiteout of root's bottom file", |m| {
+            let f = p(m, "pub/bottom");
+            user(|| {
+                unlink(&f)?;
+                write_file(&f, libc::O_WRONLY | libc::O_CREAT, b"mine now")
+            })
+        })
+        .step("stat as user", |m| {
+            let f = p(m, "pub");
+            user(|| list(&f))
+        })
+        .step("observe", |m| {
+            seq(vec![
+                ("dir", st(m, "pub/dir")),
+                ("link", st(m, "pub/link")),
+                ("fifo", st(m, "pub/fifo")),
+                ("hl", st(m, "pub/hl")),
+                ("existing", st(m, "pub/existing")),
+                ("bottom", st(m, "pub/bottom")),
+                ("unew", st(m, "userdir/new")),
+                ("snew", st(m, "sticky/mine_new")),
+            ])
+        })
+        .reverse()
+        .run();
+}
+
+#[test]
+fn setgid_directory_inheritance() {
+    Scenario::new("setgid_directory_inheritance", perm_layers())
+        .step("root creates file in g+s dir", |m| {
+            write_file(&p(m, "sg/f"), libc::O_WRONLY | libc::O_CREAT, b"f")?;
+            st(m, "sg/f")
+        })
+        .step("root mkdir in g+s dir", |m| {
+            mkdir(&p(m, "sg/sub"), 0o755)?;
+            st(m, "sg/sub")
+        })
+        .step("mkdir in the new subdir", |m| {
+            mkdir(&p(m, "sg/sub/deeper"), 0o700)?;
+            st(m, "sg/sub/deeper")
+        })
+        .step("symlink + fifo in g+s dir", |m| {
+            symlink("f", &p(m, "sg/l"))?;
+            mknod(&p(m, "sg/p"), libc::S_IFIFO | 0o644, 0, 0)?;
+            seq(vec![("l", st(m, "sg/l")), ("p", st(m, "sg/p"))])
+        })
+        .step("user creates in g+s 2777 dir", |m| {
+            let f = p(m, "sgw/uf");
+            user(|| write_file(&f, libc::O_WRONLY | libc::O_CREAT, b"u"))?;
+            st(m, "sgw/uf")
+        })
+        .step("user mkdir keeps g+s", |m| {
+            let f = p(m, "sgw/ud");
+            user(|| mkdir(&f, 0o777))?;
+            st(m, "sgw/ud")
+        })
+        .step(
+            "user creates 02755 file as non-member (S_ISGID stripped)",
+            |m| {
+                let f = p(m, "sgw/sgidfile");
+                user(|| open(&f, libc::O_WRONLY | libc::O_CREAT, 0o2755).map(|_| String::new()))?;
+                st(m, "sgw/sgidfile")
+            },
+        )
+        .step("user chmod g+s on own file in foreign group", |m| {
+            let f = p(m, "sgw/uf");
+            user(|| chmod(&f, 0o2755))?;
+            st(m, "sgw/uf")
+        })
+        .step("existing file copy-up keeps its group", |m| {
+            write_file(&p(m, "sg/old"), libc::O_WRONLY | libc::O_APPEND, b"+")?;
+            st(m, "sg/old")
+        })
+        .reverse()
+        .run();
+}
+
+// ===========================================================================
+// Real workloads
+// ===========================================================================
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool} >/dev/null"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn tar_unpack_into_lower_dir() {
+    if !have("tar") {
+        eprintln!("SKIP tar_unpack_into_lower_dir: tar not installed");
+        return;
+    }
+    let src = tempfile::Builder::new()
+        .prefix("lf-tar")
+        .tempdir_in(test_tmp())
+        .unwrap();
+    let tree = src.path().join("tree");
+    Layer::new()
+        .default_mtime(1_400_000_000, 0)
+        .file("bin/tool", "#!/bin/sh\necho new tool\n")
+        .mode(0o755)
+        .owner(0, 0)
+        .file("conf/new.conf", "key=value\n")
+        .mode(0o640)
+        .owner(1000, 1000)
+        .xattr("user.tag", "from-tar")
+        .file("conf/shared.conf", "from tar\n")
+        .symlink("bin/link", "tool")
+        .file("data/one", "1")
+        .hardlink("data/one_hl", "data/one")
+        .file("repl/inner", "file became dir")
+        .file("dir2file", "dir became file")
+        .dir("newdir/empty")
+        .mode(0o700)
+        .large_file("data/blob", 300_000, 7)
+        .build(&tree);
+    let tarball = src.path().join("app.tar");
+    let status = std::process::Command::new("tar")
+        .args([
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=user.*",
+            "-cf",
+        ])
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&tree)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "creating the tarball failed");
+    let tb = tarball.display().to_string();
+    Scenario::new(
+        "tar_unpack_into_lower_dir",
+        vec![
+            Layer::new()
+                .file("app/bin/tool", "old tool\n")
+                .mode(0o700)
+                .file("app/conf/shared.conf", "old shared\n")
+                .file("app/conf/keep.conf", "keep\n")
+                .file("app/old", "untouched\n")
+                .file("app/repl", "a file in the lower\n")
+                .dir("app/dir2file"),
+            Layer::new().file("app/conf/bottom.conf", "bottom\n"),
+        ],
+    )
+    .step("tar -xpf into app", move |m| {
+        sh(
+            &format!(
+                "tar --numeric-owner --xattrs --xattrs-include='user.*' -xpf '{tb}' -C '{}'",
+                m.join("app").display()
+            ),
+            &[],
+        )
+    })
+    .step("observe", |m| {
+        seq(vec![
+            ("tool", rd(m, "app/bin/tool")),
+            ("repl", st(m, "app/repl")),
+            ("dir2file", st(m, "app/dir2file")),
+            (
+                "hl",
+                Ok(format!(
+                    "{}",
+                    ino(&p(m, "app/data/one"))? == ino(&p(m, "app/data/one_hl"))?
+                )),
+            ),
+            ("conf", list(&p(m, "app/conf"))),
+            ("x", lgetxattr(&p(m, "app/conf/new.conf"), "user.tag")),
+        ])
+    })
+    .reverse()
+    .run();
+    drop(src);
+}
+
+#[test]
+fn git_init_add_commit() {
+    if !have("git") {
+        eprintln!("SKIP git_init_add_commit: git not installed");
+        return;
+    }
+    let env: &[(&str, &str)] = &[
+        ("GIT_CONFIG_NOSYSTEM", "1"),
+        ("GIT_CONFIG_GLOBAL", "/dev/null"),
+        ("HOME", "/nonexistent"),
+        ("GIT_AUTHOR_NAME", "Test"),
+        ("GIT_AUTHOR_EMAIL", "t@example.org"),
+        ("GIT_COMMITTER_NAME", "Test"),
+        ("GIT_COMMITTER_EMAIL", "t@example.org"),
+        ("GIT_AUTHOR_DATE", "2005-04-07T22:13:13 +0000"),
+        ("GIT_COMMITTER_DATE", "2005-04-07T22:13:13 +0000"),
+        ("TZ", "UTC"),
+    ];
+    let git = |m: &Path, args: &str| -> R {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(m.join("repo"))
+            .args([
+                "-c",
+                "init.defaultBranch=main",
+                "-c",
+                "gc.auto=0",
+                "-c",
+                "maintenance.auto=false",
+            ])
+            .args(args.split_whitespace())
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+        if !out.status.success() {
+            eprintln!("git {args}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(format!(
+            "exit {} {}",
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ))
+    };
+    Scenario::new(
+        "git_init_add_commit",
+        vec![
+            Layer::new()
+                .file("repo/README", "readme\n")
+                .file("repo/src/main.c", "int main(void) { return 0; }\n")
+                .file("repo/src/lib/util.c", "/* util */\n")
+                .file("repo/run.sh", "#!/bin/sh\n")
+                .mode(0o755)
+                .symlink("repo/link", "README"),
+            Layer::new().file("repo/docs/guide.md", "# guide\n"),
+        ],
+    )
+    .step("git init", move |m| git(m, "init -q"))
+    .step("git add -A", move |m| git(m, "add -A"))
+    .step("git commit", move |m| git(m, "commit -q -m initial"))
+    .step("rev-parse", move |m| git(m, "rev-parse HEAD"))
+    .step("modify + commit -a", move |m| {
+        write_file(
+            &p(m, "repo/README"),
+            libc::O_WRONLY | libc::O_APPEND,
+            b"more\n",
+        )?;
+        git(m, "commit -q -a -m second")
+    })
+    .step("status", move |m| git(m, "status --porcelain"))
+    .step("log", move |m| git(m, "log --format=%H%x20%s"))
+    .step("fsck", move |m| git(m, "fsck --strict"))
+    .ignore_content("repo/.git/index")
+    .run();
+}
+
+#[test]
+fn sed_in_place_on_lower_files() {
+    Scenario::new(
+        "sed_in_place_on_lower_files",
+        vec![
+            Layer::new()
+                .file("etc/conf1", "foo=1\nbar=foo\n")
+                .mode(0o640)
+                .owner(1000, 1000)
+                .file("etc/conf2", "no match here\n")
+                .symlink("etc/conf_link", "conf1"),
+            Layer::new()
+                .file("etc/conf3", "foo in bottom\n")
+                .mode(0o600),
+        ],
+    )
+    .step("sed -i", |m| {
+        sh(
+            &format!(
+                "cd '{}' && sed -i 's/foo/FOO/g' conf1 conf2 conf3",
+                m.join("etc").display()
+            ),
+            &[],
+        )
+    })
+    .step("observe", |m| {
+        seq(vec![
+            ("c1", rd(m, "etc/conf1")),
+            ("c1s", st(m, "etc/conf1")),
+            ("c2", rd(m, "etc/conf2")),
+            ("c3", st(m, "etc/conf3")),
+            ("c3c", rd(m, "etc/conf3")),
+            ("etc", list(&p(m, "etc"))),
+        ])
+    })
+    .reverse()
+    .run();
+}
+
+#[test]
+fn cp_a_tree() {
+    Scenario::new(
+        "cp_a_tree",
+        vec![
+            Layer::new()
+                .file("tree/f", "file\n")
+                .mode(0o640)
+                .owner(1000, 1000)
+                .xattr("user.x", "1")
+                .mtime(1_300_000_000, 123_456_789)
+                .hardlink("tree/f_hl", "tree/f")
+                .symlink("tree/link", "f")
+                .owner(5, 5)
+                .fifo("tree/fifo")
+                .file("tree/sub/deep", "deep\n")
+                .sparse_file("tree/sparse", 4 * MIB, &[(MIB, b"data")])
+                .at("tree/sub")
+                .mode(0o700)
+                .mtime(1_310_000_000, 1),
+            Layer::new().file("tree/bottom", "bottom\n").dir("dest"),
+        ],
+    )
+    .step("cp -a tree tree2", |m| {
+        sh(&format!("cd '{}' && cp -a tree tree2", m.display()), &[])
+    })
+    .step("cp -a tree into merged dest", |m| {
+        sh(&format!("cd '{}' && cp -a tree dest/", m.display()), &[])
+    })
+    .step("cp -a over existing lower file", |m| {
+        sh(
+            &format!("cd '{}' && cp -a tree/bottom tree/f", m.display()),
+            &[],
+        )
+    })
+    .step("observe", |m| {
+        seq(vec![
+            ("f", st(m, "tree2/f")),
+            (
+                "hl",
+                Ok(format!(
+                    "{}",
+                    ino(&p(m, "tree2/f"))? == ino(&p(m, "tree2/f_hl"))?
+                )),
+            ),
+            ("x", lgetxattr(&p(m, "tree2/f"), "user.x")),
+            ("t", times(&p(m, "tree2/sub"))),
+            ("ff", rd(m, "tree/f")),
+            ("ffhl", rd(m, "tree/f_hl")),
+        ])
+    })
+    .reverse()
+    .run();
+}
+
+// ===========================================================================
+// Shared layers: two mounts over the same lowers, concurrent writers
+// ===========================================================================
+
+const THREADS: usize = 4;
+const PER_THREAD: usize = 20;
+
+fn shared_layers() -> Vec<Layer> {
+    let mut top = Layer::new().file("common", "common lower data\n").dir("n");
+    for t in 0..THREADS {
+        for i in 0..PER_THREAD {
+            top = top
+                .file(format!("t{t}/f{i}"), format!("lower f {t} {i}\n"))
+                .file(format!("t{t}/g{i}"), "to delete\n")
+                .file(format!("t{t}/r{i}"), "to rename\n")
+                .file(format!("t{t}/c{i}"), "to chmod\n");
+        }
+    }
+    vec![
+        top,
+        Layer::new()
+            .file("n/bottom", "b")
+            .file("t0/bottom_only", "bo"),
+    ]
+}
+
+/// The operations of one writer thread of mount `tag`.
+fn writer_ops(root: &Path, tag: &str, t: usize) -> Vec<String> {
+    let mut errs = Vec::new();
+    let mut chk = |what: String, r: R| {
+        if let Err(e) = r {
+            errs.push(format!("{what}: {}", errno_name(e)));
+        }
+    };
+    for i in 0..PER_THREAD {
+        let d = root.join(format!("t{t}"));
+        chk(
+            format!("append f{i}"),
+            write_file(
+                &d.join(format!("f{i}")),
+                libc::O_WRONLY | libc::O_APPEND,
+                format!("{tag} was here\n").as_bytes(),
+            ),
+        );
+        chk(
+            format!("create n/{tag}-{t}-{i}"),
+            write_file(
+                &root.join(format!("n/{tag}-{t}-{i}")),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                format!("{tag} {t} {i}").as_bytes(),
+            ),
+        );
+        if i % 3 == 0 {
+            chk(format!("unlink g{i}"), unlink(&d.join(format!("g{i}"))));
+        }
+        if i % 4 == 0 {
+            chk(
+                format!("rename r{i}"),
+                rename(&d.join(format!("r{i}")), &d.join(format!("r{i}.{tag}"))),
+            );
+        }
+        chk(
+            format!("chmod c{i}"),
+            chmod(&d.join(format!("c{i}")), 0o600),
+        );
+        if i % 5 == 0 {
+            chk(
+                format!("mkdir {tag}{i}"),
+                mkdir(&d.join(format!("dir-{tag}-{i}")), 0o755),
+            );
+        }
+    }
+    errs
+}
+
+#[test]
+fn shared_layers_concurrent_writers() {
+    let fresh_after = now_secs() - 2;
+    let stack = Stack::build(shared_layers());
+    let before = stack.lower_snapshots("before");
+    let digests_before: Vec<_> = stack.lowers.iter().map(|l| tree_digest(l)).collect();
+    let base = scenario_base("shared");
+    let b = base.path();
+    for d in ["a_up", "a_work", "a_mnt", "b_up", "b_work", "b_mnt"] {
+        fresh_dir(&b.join(d));
+    }
+    for d in ["ka_up", "ka_work", "ka_mnt", "kb_up", "kb_work", "kb_mnt"] {
+        fresh_dir(&b.join(d));
+    }
+    let ma = Mnt::mount(
+        under_test(),
+        &stack.lowers,
+        &b.join("a_up"),
+        &b.join("a_work"),
+        &b.join("a_mnt"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mb = Mnt::mount(
+        under_test(),
+        &stack.lowers,
+        &b.join("b_up"),
+        &b.join("b_work"),
+        &b.join("b_mnt"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut problems = Vec::new();
+
+    // Concurrent writers: THREADS per mount, both mounts at once.
+    let mut handles = Vec::new();
+    for (tag, root) in [
+        ("A", ma.path().to_path_buf()),
+        ("B", mb.path().to_path_buf()),
+    ] {
+        for t in 0..THREADS {
+            let root = root.clone();
+            handles.push(std::thread::spawn(move || {
+                writer_ops(&root, tag, t)
+                    .into_iter()
+                    .map(|e| format!("[{tag} thread {t}] {e}"))
+                    .collect::<Vec<_>>()
+            }));
+        }
+    }
+    for h in handles {
+        problems.extend(h.join().expect("writer thread panicked"));
+    }
+
+    // Each mount sees only its own changes.
+    for (tag, other, m) in [("A", "B", &ma), ("B", "A", &mb)] {
+        let common = read_file(&m.path().join("t1/f3"));
+        let want = Ok(content_obs(
+            format!("lower f 1 3\n{tag} was here\n").as_bytes(),
+        ));
+        if common != want {
+            problems.push(format!(
+                "[{tag}] t1/f3 = {} want {}",
+                show_r(&common),
+                show_r(&want)
+            ));
+        }
+        let names = list(&m.path().join("n")).unwrap_or_default();
+        if names.contains(&format!("{other}-")) {
+            problems.push(format!("[{tag}] sees files of mount {other} in n/"));
+        }
+        let own = names
+            .split(',')
+            .filter(|n| n.starts_with(&format!("{tag}-")))
+            .count();
+        if own != THREADS * PER_THREAD {
+            problems.push(format!(
+                "[{tag}] {own} own files in n/, want {}",
+                THREADS * PER_THREAD
+            ));
+        }
+    }
+
+    // The same operations, sequentially, on kernel mounts: views must match.
+    let ka = Mnt::mount(
+        Fs::Kernel,
+        &stack.lowers,
+        &b.join("ka_up"),
+        &b.join("ka_work"),
+        &b.join("ka_mnt"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let kb = Mnt::mount(
+        Fs::Kernel,
+        &stack.lowers,
+        &b.join("kb_up"),
+        &b.join("kb_work"),
+        &b.join("kb_mnt"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for t in 0..THREADS {
+        problems.extend(
+            writer_ops(ka.path(), "A", t)
+                .into_iter()
+                .map(|e| format!("[kernel A] {e}")),
+        );
+        problems.extend(
+            writer_ops(kb.path(), "B", t)
+                .into_iter()
+                .map(|e| format!("[kernel B] {e}")),
+        );
+    }
+    for (tag, k, m) in [("A", &ka, &ma), ("B", &kb, &mb)] {
+        let ks = snapshot(&format!("kernel-{tag}"), k.path());
+        let ms = snapshot(&format!("{}-{tag}", ut_label()), m.path());
+        problems.extend(
+            compare_views(&ks, &ms, fresh_after)
+                .into_iter()
+                .map(|x| format!("[view {tag}] {x}")),
+        );
+    }
+    drop((ma, mb, ka, kb));
+
+    for (i, (l, d)) in stack.lowers.iter().zip(&digests_before).enumerate() {
+        if tree_digest(l) != *d {
+            problems.push(format!("lower {i} digest changed"));
+        }
+    }
+    problems.extend(stack.lowers_unchanged(&before));
+    report(
+        &format!("shared layers: kernel vs {}", ut_label()),
+        problems,
+    );
+}
