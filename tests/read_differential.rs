@@ -10,7 +10,7 @@
 mod common;
 
 use common::*;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -939,6 +939,12 @@ fn read_only_mount_rejects_writes_with_erofs() {
         ("mknod fifo", false, |m| rc(libc_mkfifo(&c(m, "newfifo")))),
         ("truncate", false, |m| rc(libc_truncate(&c(m, "file")))),
         ("utimensat", false, |m| rc(libc_utimens(&c(m, "file")))),
+        ("access W_OK", true, |m| {
+            rc(libc_access(&c(m, "file"), libc::W_OK))
+        }),
+        ("access R_OK", false, |m| {
+            rc(libc_access(&c(m, "file"), libc::R_OK))
+        }),
     ];
     let mut problems = Vec::new();
     for (name, must_erofs, op) in &ops {
@@ -1017,6 +1023,10 @@ fn libc_truncate(p: &CString) -> libc::c_int {
     // SAFETY: valid NUL-terminated path.
     unsafe { libc::truncate(p.as_ptr(), 0) }
 }
+fn libc_access(p: &CString, how: libc::c_int) -> libc::c_int {
+    // SAFETY: valid NUL-terminated path.
+    unsafe { libc::access(p.as_ptr(), how) }
+}
 fn libc_utimens(p: &CString) -> libc::c_int {
     // SAFETY: valid path; a null times pointer means "now".
     unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), std::ptr::null(), 0) }
@@ -1032,7 +1042,8 @@ fn hostile_layer_symlinks_stay_symlinks() {
             .symlink("d/root", "/")
             .file("shadowed_etc/own", "own")
             .file("x/a", "a")
-            .file("upd/u", "u"),
+            .file("upd/u", "u")
+            .file("p/q/own", "own"),
         Layer::new()
             // Non-directories below a directory stop the merge: the daemon
             // must never follow these into the host.
@@ -1040,7 +1051,8 @@ fn hostile_layer_symlinks_stay_symlinks() {
             .symlink("x", "/")
             .symlink("upd", "../../../../../../..")
             .symlink("d/inner", "../../../../..")
-            .symlink("passwd_link", "/etc/passwd"),
+            .symlink("passwd_link", "/etc/passwd")
+            .symlink("p/q", "/etc"),
     ]);
     let host_passwd = fs::read("/etc/passwd").unwrap();
     let k = stack.kernel(false);
@@ -1117,7 +1129,17 @@ fn hostile_layer_symlinks_stay_symlinks() {
         );
         check(
             "root lists only layer names",
-            names(m) == set(&["etc", "up", "d", "shadowed_etc", "x", "upd", "passwd_link"]),
+            names(m)
+                == set(&[
+                    "etc",
+                    "up",
+                    "d",
+                    "shadowed_etc",
+                    "x",
+                    "upd",
+                    "passwd_link",
+                    "p",
+                ]),
         );
     }
     report("hostile layer", problems);
@@ -1293,11 +1315,14 @@ fn normalize_ls(v: &[u8]) -> Vec<u8> {
 
 #[test]
 fn tools_find_ls_tar_diff_on_20k_files() {
+    let clock = std::time::Instant::now();
+    let lap = |what: &str| eprintln!("[{:>6.2}s] {what}", clock.elapsed().as_secs_f64());
     let layers = big_tree_layers();
     let stack = Stack::build(layers);
     let k = stack.kernel(false);
     let t = stack.under_test(false);
     let (km, tm) = (k.path(), t.path());
+    lap("built and mounted");
     let mut problems = Vec::new();
 
     let ks = k.snapshot();
@@ -1309,6 +1334,7 @@ fn tools_find_ls_tar_diff_on_20k_files() {
         .count();
     assert!(files >= 20_000, "generated tree too small: {files} files");
     problems.extend(compare(&ks, &ts));
+    lap("walked and compared");
 
     // find (order is readdir order: compare sorted)
     for args in [
@@ -1337,6 +1363,7 @@ fn tools_find_ls_tar_diff_on_20k_files() {
         }
     }
 
+    lap("find");
     // ls -lR (sorted by ls itself)
     let ls = |m: &Path| {
         run_tool(
@@ -1360,6 +1387,7 @@ fn tools_find_ls_tar_diff_on_20k_files() {
         ));
     }
 
+    lap("ls -lR");
     // tar: byte-identical archives
     let tar = |m: &Path| {
         run_tool(
@@ -1387,6 +1415,7 @@ fn tools_find_ls_tar_diff_on_20k_files() {
         ));
     }
 
+    lap("tar");
     // diff -r between the two mounts
     let (ok, out, err) = run_tool(
         Command::new("diff")
@@ -1402,5 +1431,592 @@ fn tools_find_ls_tar_diff_on_20k_files() {
             head.join("\n")
         ));
     }
+    lap("diff -r");
     report("tools on a 20k-file tree", problems);
+}
+
+// ---------------------------------------------------------------------------
+// Directory reading in detail, lookups, partial reads
+// ---------------------------------------------------------------------------
+
+fn big_dir_layers() -> Vec<Layer> {
+    let mut top = Layer::new();
+    let mut mid = Layer::new();
+    let mut low = Layer::new();
+    for i in 0..3000 {
+        low = low.file(format!("big/low_{i:05}_{}", "x".repeat(i % 40)), "l");
+        if i % 3 == 0 {
+            mid = mid.file(format!("big/low_{i:05}_{}", "x".repeat(i % 40)), "shadow");
+        }
+        if i % 5 == 0 {
+            top = top.whiteout(format!("big/low_{i:05}_{}", "x".repeat(i % 40)));
+        }
+    }
+    for i in 0..1500 {
+        mid = mid.file(format!("big/mid_{i:05}"), "m");
+        top = top.file(format!("big/top_{i:05}"), "t");
+    }
+    vec![top, mid, low]
+}
+
+/// Read a directory with telldir recorded before every entry.
+fn read_with_positions(path: &Path) -> Vec<(libc::c_long, Vec<u8>)> {
+    let c = cpath(path);
+    // SAFETY: valid path.
+    let dirp = unsafe { libc::opendir(c.as_ptr()) };
+    assert!(
+        !dirp.is_null(),
+        "opendir {}: {}",
+        path.display(),
+        errno_name(errno())
+    );
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: dirp is an open DIR stream.
+        let pos = unsafe { libc::telldir(dirp) };
+        // SAFETY: dirp is an open DIR stream.
+        let ent = unsafe { libc::readdir64(dirp) };
+        if ent.is_null() {
+            break;
+        }
+        // SAFETY: valid dirent until the next readdir call.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }
+            .to_bytes()
+            .to_vec();
+        out.push((pos, name));
+    }
+    // SAFETY: closing the stream we opened.
+    unsafe { libc::closedir(dirp) };
+    out
+}
+
+/// seekdir to recorded positions must resume at the same entry, rewinddir
+/// must restart; returns problems.
+fn check_seekdir(label: &str, path: &Path) -> Vec<String> {
+    let all = read_with_positions(path);
+    let names: Vec<&Vec<u8>> = all.iter().map(|(_, n)| n).collect();
+    let mut out = Vec::new();
+    let c = cpath(path);
+    // SAFETY: valid path.
+    let dirp = unsafe { libc::opendir(c.as_ptr()) };
+    assert!(!dirp.is_null());
+    let n = all.len();
+    for &i in &[n - 1, 0, n / 2, 1, n / 3, n - 2, 2 * n / 3] {
+        // SAFETY: dirp is open; the position came from telldir on the same directory.
+        unsafe { libc::seekdir(dirp, all[i].0) };
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            // SAFETY: dirp is an open DIR stream.
+            let ent = unsafe { libc::readdir64(dirp) };
+            if ent.is_null() {
+                break;
+            }
+            // SAFETY: valid dirent until the next readdir call.
+            got.push(
+                unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }
+                    .to_bytes()
+                    .to_vec(),
+            );
+        }
+        let want: Vec<Vec<u8>> = names[i..(i + 5).min(n)]
+            .iter()
+            .map(|v| (*v).clone())
+            .collect();
+        if got != want {
+            out.push(format!(
+                "[{label}] seekdir to entry {i} of {n}: got {:?} want {:?}",
+                got.iter().map(|g| esc(g)).collect::<Vec<_>>(),
+                want.iter().map(|g| esc(g)).collect::<Vec<_>>()
+            ));
+        }
+    }
+    // SAFETY: dirp is open.
+    unsafe { libc::rewinddir(dirp) };
+    let mut again = Vec::new();
+    loop {
+        // SAFETY: dirp is an open DIR stream.
+        let ent = unsafe { libc::readdir64(dirp) };
+        if ent.is_null() {
+            break;
+        }
+        // SAFETY: valid dirent until the next readdir call.
+        again.push(
+            unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }
+                .to_bytes()
+                .to_vec(),
+        );
+    }
+    // SAFETY: closing the stream we opened.
+    unsafe { libc::closedir(dirp) };
+    if again.iter().collect::<Vec<_>>() != names {
+        out.push(format!(
+            "[{label}] rewinddir: second pass differs ({} vs {} entries)",
+            again.len(),
+            n
+        ));
+    }
+    out
+}
+
+#[test]
+fn large_directory_readdir_seekdir_small_buffers() {
+    let stack = differential(big_dir_layers());
+    let mut problems = Vec::new();
+    for v in Variant::ALL {
+        let k = stack.kernel(v.rw());
+        let t = stack.under_test(v.rw());
+        let kd = k.path().join("big");
+        let td = t.path().join("big");
+        let want: BTreeSet<Vec<u8>> = list_dir(&kd).unwrap().into_iter().map(|e| e.name).collect();
+        assert!(want.len() > 5000, "kernel lists {} entries", want.len());
+        for bufsize in [300usize, 1024, 4096, 65536] {
+            match list_dir_getdents(&td, bufsize) {
+                Ok(got) => {
+                    let set: BTreeSet<Vec<u8>> = got.iter().map(|e| e.name.clone()).collect();
+                    if set.len() != got.len() {
+                        problems.push(format!(
+                            "[{v:?}] getdents({bufsize}): {} records, {} distinct",
+                            got.len(),
+                            set.len()
+                        ));
+                    }
+                    if set != want {
+                        let missing = want.difference(&set).count();
+                        let extra = set.difference(&want).count();
+                        problems.push(format!(
+                            "[{v:?}] getdents({bufsize}): {missing} names missing, {extra} extra"
+                        ));
+                    }
+                }
+                Err(e) => problems.push(format!("[{v:?}] getdents({bufsize}): {}", errno_name(e))),
+            }
+        }
+        problems.extend(check_seekdir(&format!("{v:?} kernel"), &kd));
+        problems.extend(check_seekdir(&format!("{v:?} test"), &td));
+    }
+    report("large directory", problems);
+}
+
+#[test]
+fn lookup_errors_match_kernel() {
+    let stack = Stack::build(vec![
+        Layer::new()
+            .whiteout("gone")
+            .opaque_dir("o")
+            .whiteout("o/x")
+            .symlink("loop", "loop")
+            .symlink("dangling", "nowhere")
+            .symlink("to_dir", "dir")
+            .file("dir/in", "in"),
+        Layer::new()
+            .file("file", "data")
+            .file("gone", "hidden")
+            .file("o/x", "x")
+            .fifo("fifo")
+            .dir("dir"),
+    ]);
+    let long = "n".repeat(256);
+    let paths: Vec<String> = vec![
+        "nope".into(),
+        "file".into(),
+        "file/x".into(),
+        "file/".into(),
+        "gone".into(),
+        "gone/x".into(),
+        "o/x".into(),
+        "loop".into(),
+        "loop/x".into(),
+        "dangling".into(),
+        "to_dir/in".into(),
+        "dir/../file".into(),
+        "dir/./in".into(),
+        "fifo".into(),
+        long.clone(),
+        format!("dir/{long}"),
+    ];
+    fn open_err(p: &Path, flags: i32) -> i32 {
+        let c = cpath(p);
+        // SAFETY: valid path; the fd is closed right away.
+        let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return errno();
+        }
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(fd) };
+        0
+    }
+    fn e<T>(r: std::io::Result<T>) -> i32 {
+        r.err().map(|e| e.raw_os_error().unwrap_or(-1)).unwrap_or(0)
+    }
+    let probe = |m: &Path, rel: &str| -> Vec<(&'static str, i32)> {
+        let p = m.join(rel);
+        let x = get_xattr(&p, b"user.none").err().unwrap_or(0);
+        vec![
+            ("lstat", e(fs::symlink_metadata(&p))),
+            ("stat", e(fs::metadata(&p))),
+            ("open O_RDONLY", open_err(&p, libc::O_RDONLY)),
+            (
+                "open O_DIRECTORY",
+                open_err(&p, libc::O_RDONLY | libc::O_DIRECTORY),
+            ),
+            (
+                "open O_NOFOLLOW",
+                open_err(&p, libc::O_RDONLY | libc::O_NOFOLLOW),
+            ),
+            ("open O_PATH", open_err(&p, libc::O_PATH)),
+            ("readlink", e(fs::read_link(&p))),
+            ("getxattr missing name", x),
+        ]
+    };
+    let mut problems = Vec::new();
+    for v in Variant::ALL {
+        let k = stack.kernel(v.rw());
+        let t = stack.under_test(v.rw());
+        for rel in &paths {
+            for ((op, ke), (_, te)) in probe(k.path(), rel).into_iter().zip(probe(t.path(), rel)) {
+                if ke != te {
+                    problems.push(format!(
+                        "[{v:?}] {op} /{rel}: kernel={} test={}",
+                        errno_name(ke),
+                        errno_name(te)
+                    ));
+                }
+            }
+        }
+        // `..` of a subdirectory is the root; `.` is the dir itself.
+        let ino = |p: &Path| fs::symlink_metadata(p).map(|m| m.ino()).unwrap_or(0);
+        if ino(&t.path().join("dir/..")) != ino(t.path()) {
+            problems.push(format!("[{v:?}] st_ino of /dir/.. differs from the root's"));
+        }
+        if ino(&t.path().join("dir/.")) != ino(&t.path().join("dir")) {
+            problems.push(format!("[{v:?}] st_ino of /dir/. differs from /dir's"));
+        }
+    }
+    report("lookup errors", problems);
+}
+
+#[test]
+fn partial_reads_pread_and_mmap_match_kernel() {
+    const SIZE: u64 = 3 * (1 << 20) + 777;
+    let stack = Stack::build(vec![
+        Layer::new()
+            .large_file("big", SIZE, 9)
+            .file("small", "0123456789"),
+        Layer::new()
+            .large_file("below", 100_000, 4)
+            .file("empty", ""),
+    ]);
+    let mut problems = Vec::new();
+    for v in Variant::ALL {
+        let k = stack.kernel(v.rw());
+        let t = stack.under_test(v.rw());
+        for name in ["big", "small", "below", "empty"] {
+            let kf = fs::File::open(k.path().join(name)).unwrap();
+            let tf = fs::File::open(t.path().join(name)).unwrap();
+            let size = kf.metadata().unwrap().len();
+            for off in [
+                0,
+                1,
+                7,
+                4095,
+                4096,
+                65535,
+                131072,
+                1 << 20,
+                size.saturating_sub(1),
+                size,
+                size + 100,
+            ] {
+                for len in [1usize, 100, 8191, 200_000] {
+                    let mut a = vec![0u8; len];
+                    let mut b = vec![0u8; len];
+                    let ra = std::os::unix::fs::FileExt::read_at(&kf, &mut a, off)
+                        .map_err(|e| e.raw_os_error());
+                    let rb = std::os::unix::fs::FileExt::read_at(&tf, &mut b, off)
+                        .map_err(|e| e.raw_os_error());
+                    let same = match (&ra, &rb) {
+                        (Ok(x), Ok(y)) => x == y && a[..*x] == b[..*y],
+                        _ => ra == rb,
+                    };
+                    if !same {
+                        problems.push(format!(
+                            "[{v:?}] pread /{name} off={off} len={len}: kernel {ra:?} test {rb:?}"
+                        ));
+                    }
+                }
+            }
+            // mmap the whole file and compare with the kernel's content.
+            if size > 0 {
+                let map = |f: &fs::File| -> Vec<u8> {
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+                    // SAFETY: read-only private mapping of `size` bytes of an open file.
+                    let p = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            size as usize,
+                            libc::PROT_READ,
+                            libc::MAP_PRIVATE,
+                            fd,
+                            0,
+                        )
+                    };
+                    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", errno_name(errno()));
+                    // SAFETY: the mapping is `size` bytes long and readable.
+                    let v = unsafe { std::slice::from_raw_parts(p as *const u8, size as usize) }
+                        .to_vec();
+                    // SAFETY: unmapping what we mapped.
+                    unsafe { libc::munmap(p, size as usize) };
+                    v
+                };
+                if map(&kf) != map(&tf) {
+                    problems.push(format!("[{v:?}] mmap content of /{name} differs"));
+                }
+            }
+        }
+    }
+    report("partial reads", problems);
+}
+
+// ---------------------------------------------------------------------------
+// Kernel-written formats: follow them or refuse to mount, never show wrong data
+// ---------------------------------------------------------------------------
+
+/// Compare kernel and layerfs over `layers`; layerfs may instead refuse to
+/// mount with an error naming one of `keywords`.
+fn follow_or_refuse(layers: Vec<Layer>, keywords: &[&str]) -> Vec<String> {
+    let stack = Stack::build(layers);
+    let mut problems = Vec::new();
+    for v in Variant::ALL {
+        let ks = stack.kernel(v.rw()).snapshot();
+        if self_check() {
+            problems.extend(compare(&ks, &stack.under_test(v.rw()).snapshot()));
+            continue;
+        }
+        match stack.try_layerfs(v.rw()) {
+            Ok(m) => problems.extend(
+                compare(&ks, &m.snapshot())
+                    .into_iter()
+                    .map(|s| format!("[{v:?}] {s}")),
+            ),
+            Err(MountFailure::Refused { output, .. }) => {
+                let lower = output.to_lowercase();
+                if !keywords.iter().any(|k| lower.contains(k)) || output.trim().is_empty() {
+                    problems.push(format!(
+                        "[{v:?}] refused to mount without naming {keywords:?}: {output}"
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("[{v:?}] {e}")),
+        }
+    }
+    problems
+}
+
+#[test]
+fn redirect_dirs_in_lowers_followed_or_refused() {
+    // What the kernel writes for `mv a a2; mv a2/b x/b2` with redirect_dir=on.
+    let problems = follow_or_refuse(
+        vec![
+            Layer::new()
+                .whiteout("a")
+                .dir("a2")
+                .xattr("trusted.overlay.redirect", "a")
+                .whiteout("a2/b")
+                .dir("x/b2")
+                .xattr("trusted.overlay.redirect", "/a/b")
+                .file("a2/new", "n"),
+            Layer::new()
+                .file("a/f", "f")
+                .file("a/b/g", "g")
+                .file("x/own", "own"),
+        ],
+        &["redirect"],
+    );
+    report("redirect_dir", problems);
+}
+
+#[test]
+fn xattr_whiteouts_in_lowers_followed_or_refused() {
+    // Kernel >= 6.7 format: empty file with overlay.whiteout in a directory
+    // marked overlay.opaque=x (which is then *not* opaque).
+    let problems = follow_or_refuse(
+        vec![
+            Layer::new()
+                .dir("xw")
+                .xattr("trusted.overlay.opaque", "x")
+                .file("xw/gone", "")
+                .xattr("trusted.overlay.whiteout", "")
+                .file("xw/top", "t"),
+            Layer::new().file("xw/gone", "hidden").file("xw/keep", "k"),
+        ],
+        &["whiteout", "opaque"],
+    );
+    report("xattr whiteouts", problems);
+}
+
+#[test]
+fn metacopy_stub_in_lower_never_shown_as_data() {
+    // A metadata-only copy-up: sparse stub of the full size with
+    // overlay.metacopy; the data lives below. Showing the stub's zeros as the
+    // content would be silently wrong data.
+    let data = b"the real data";
+    let stack = Stack::build(vec![
+        Layer::new()
+            .sparse_file("stub", data.len() as u64, &[])
+            .xattr("trusted.overlay.metacopy", "")
+            .file("plain", "p"),
+        Layer::new().file("stub", data),
+    ]);
+    let mut problems = Vec::new();
+    for v in Variant::ALL {
+        let t = match (self_check(), stack.try_layerfs(v.rw())) {
+            (true, _) => stack.under_test(v.rw()),
+            (false, Ok(m)) => TestMount::Layerfs(m),
+            (false, Err(MountFailure::Refused { output, .. })) => {
+                if !output.to_lowercase().contains("metacopy") {
+                    problems.push(format!("[{v:?}] refused without naming metacopy: {output}"));
+                }
+                continue;
+            }
+            (false, Err(e)) => {
+                problems.push(format!("[{v:?}] {e}"));
+                continue;
+            }
+        };
+        match fs::read(t.path().join("stub")) {
+            Ok(got) if got == data => {}
+            Ok(got) => problems.push(format!(
+                "[{v:?}] /stub read as \"{}\" (stub shown as data)",
+                esc(&got)
+            )),
+            Err(_) => {} // an error, as the kernel gives without metacopy=on
+        }
+        if fs::read(t.path().join("plain")).ok().as_deref() != Some(&b"p"[..]) {
+            problems.push(format!("[{v:?}] /plain unreadable"));
+        }
+    }
+    report("metacopy", problems);
+}
+
+// ---------------------------------------------------------------------------
+// Layers on different filesystems; concurrency
+// ---------------------------------------------------------------------------
+
+#[test]
+fn lowers_on_different_filesystems_keep_inodes_unique() {
+    let ta = TmpfsMount::new();
+    let tb = TmpfsMount::new();
+    // Same creation order on two fresh tmpfs: the real inode numbers collide.
+    let layer = |tag: &str| {
+        Layer::new()
+            .file(format!("{tag}_1"), tag)
+            .file(format!("{tag}_2"), tag)
+            .file("common", tag)
+            .file("d/x", tag)
+            .file(format!("d/{tag}"), tag)
+            .symlink(format!("{tag}_link"), "x")
+    };
+    let stack = Stack::build_placed(
+        vec![
+            layer("a").whiteout("c_2"),
+            layer("b").hardlink("b_hard", "b_1"),
+            layer("c"),
+        ],
+        |i| match i {
+            0 => Some(ta.path().join("l")),
+            1 => Some(tb.path().join("l")),
+            _ => None,
+        },
+    );
+    let mut problems = Vec::new();
+    for v in Variant::ALL {
+        let ks = stack.kernel(v.rw()).snapshot();
+        let t = stack.under_test(v.rw());
+        let ts = t.snapshot();
+        // Identity is compared as (st_dev, st_ino) classes; the kernel gives
+        // each filesystem its own st_dev, so its per-view invariants and raw
+        // inode numbers do not apply.
+        let opts = CompareOpts {
+            invariants: false,
+            ..Default::default()
+        };
+        problems.extend(
+            compare_with(opts, &ks, &ts)
+                .into_iter()
+                .map(|s| format!("[{v:?}] {s}")),
+        );
+        // st_ino alone must identify objects in the test view.
+        let mut by_ino: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for (p, e) in &ts.entries {
+            by_ino.entry(e.ino).or_default().push(show(p));
+        }
+        let shared: Vec<String> = by_ino
+            .values()
+            .filter(|ps| ps.len() > 1 && **ps != ["/b_1", "/b_hard"])
+            .map(|ps| ps.join(" "))
+            .collect();
+        if self_check() {
+            assert!(
+                !shared.is_empty(),
+                "scenario should produce colliding real inode numbers"
+            );
+            continue;
+        }
+        problems.extend(
+            check_invariants(&ts)
+                .into_iter()
+                .map(|s| format!("[{v:?}] {s}")),
+        );
+        for s in shared {
+            problems.push(format!("[{v:?}] different objects share an st_ino: {s}"));
+        }
+    }
+    drop(stack);
+    report("layers on different filesystems", problems);
+}
+
+#[test]
+fn concurrent_walks_agree() {
+    let stack = Stack::build(vec![
+        Layer::new()
+            .opaque_dir("o")
+            .file("o/a", "a")
+            .whiteout("gone")
+            .large_file("big", 2 << 20, 5)
+            .file("m/top", "t"),
+        Layer::new()
+            .file("gone", "g")
+            .file("o/b", "b")
+            .file("h1", "h")
+            .hardlink("h2", "h1")
+            .file("m/mid", "m"),
+        {
+            let mut l = Layer::new();
+            for i in 0..400 {
+                l = l
+                    .file(format!("m/f{i:03}"), format!("{i}"))
+                    .file(format!("n{}/f{i}", i % 20), "x");
+            }
+            l
+        },
+    ]);
+    let k = stack.kernel(false);
+    let t = stack.under_test(false);
+    let ks = k.snapshot();
+    let results: Vec<Snapshot> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6).map(|_| s.spawn(|| t.snapshot())).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("walker thread"))
+            .collect()
+    });
+    let mut problems = Vec::new();
+    for (i, ts) in results.iter().enumerate() {
+        problems.extend(
+            compare(&ks, ts)
+                .into_iter()
+                .map(|m| format!("[walker {i}] {m}")),
+        );
+    }
+    report("concurrent walks", problems);
 }

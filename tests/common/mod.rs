@@ -175,8 +175,7 @@ pub fn pattern_bytes(size: usize, seed: u64) -> Vec<u8> {
 /// stream (`offset` must be a multiple of 8).
 fn fill_pattern(buf: &mut [u8], seed: u64, offset: u64) {
     assert_eq!(offset % 8, 0);
-    let mut word_index = offset / 8;
-    for chunk in buf.chunks_mut(8) {
+    for (word_index, chunk) in (offset / 8..).zip(buf.chunks_mut(8)) {
         let mut x = word_index
             .wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
             .wrapping_add(0x2545_F491_4F6C_DD1D);
@@ -185,7 +184,6 @@ fn fill_pattern(buf: &mut [u8], seed: u64, offset: u64) {
         x ^= x >> 27;
         let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
-        word_index += 1;
     }
 }
 
@@ -931,6 +929,52 @@ pub fn list_dir(path: &Path) -> Result<Vec<DirEnt>, i32> {
     result.map(|_| out)
 }
 
+/// Read a whole directory with raw `getdents64` calls into a buffer of
+/// `bufsize` bytes (small buffers force many calls that resume at the
+/// offset of the last returned entry). Includes `.` and `..`.
+pub fn list_dir_getdents(path: &Path, bufsize: usize) -> Result<Vec<DirEnt>, i32> {
+    let dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(path)
+        .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+    let mut buf = vec![0u8; bufsize];
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: `fd` is an open directory and `buf` a writable buffer of
+        // `buf.len()` bytes.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        if n < 0 {
+            return Err(errno());
+        }
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut off = 0usize;
+        while off < n as usize {
+            // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen;
+            //                         u8 d_type; char d_name[]; }
+            let rec = &buf[off..n as usize];
+            let d_ino = u64::from_ne_bytes(rec[0..8].try_into().unwrap());
+            let reclen = u16::from_ne_bytes(rec[16..18].try_into().unwrap()) as usize;
+            let d_type = rec[18];
+            let name_area = &rec[19..reclen];
+            let len = name_area
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(name_area.len());
+            out.push(DirEnt {
+                name: name_area[..len].to_vec(),
+                d_type,
+                d_ino,
+            });
+            assert!(reclen > 0, "getdents64 returned a zero-length record");
+            off += reclen;
+        }
+    }
+}
+
 /// llistxattr + lgetxattr of every listed name.
 pub fn get_xattrs(path: &Path) -> Result<BTreeMap<Vec<u8>, XattrValue>, i32> {
     let c = cpath(path);
@@ -1420,17 +1464,20 @@ fn compare_entry(
     diff("xattrs", fmt_xattrs(&ea.xattrs), fmt_xattrs(&eb.xattrs));
 }
 
-fn ino_groups(s: &Snapshot) -> HashMap<u64, Vec<&Vec<u8>>> {
-    let mut m: HashMap<u64, Vec<&Vec<u8>>> = HashMap::new();
+/// Paths grouped by object identity, (st_dev, st_ino): the kernel reports
+/// several st_dev values when layers are on different filesystems.
+fn ino_groups(s: &Snapshot) -> HashMap<(u64, u64), Vec<&Vec<u8>>> {
+    let mut m: HashMap<(u64, u64), Vec<&Vec<u8>>> = HashMap::new();
     for (k, e) in &s.entries {
         if e.error.is_none() {
-            m.entry(e.ino).or_default().push(k);
+            m.entry((e.dev, e.ino)).or_default().push(k);
         }
     }
     m
 }
 
-/// Compare which paths share an st_ino in each view.
+/// Compare which paths share an object identity — (st_dev, st_ino) — in
+/// each view.
 pub fn compare_ino_classes(a: &Snapshot, b: &Snapshot) -> Vec<String> {
     let (ga, gb) = (ino_groups(a), ino_groups(b));
     let mut out = Vec::new();
@@ -1440,12 +1487,12 @@ pub fn compare_ino_classes(a: &Snapshot, b: &Snapshot) -> Vec<String> {
         if ea.error.is_some() || eb.error.is_some() {
             continue;
         }
-        let class = |g: &HashMap<u64, Vec<&Vec<u8>>>, ino: u64| -> Vec<Vec<u8>> {
-            let mut v: Vec<Vec<u8>> = g[&ino].iter().map(|p| (*p).clone()).collect();
+        let class = |g: &HashMap<(u64, u64), Vec<&Vec<u8>>>, id: (u64, u64)| -> Vec<Vec<u8>> {
+            let mut v: Vec<Vec<u8>> = g[&id].iter().map(|p| (*p).clone()).collect();
             v.sort();
             v
         };
-        let (ca, cb) = (class(&ga, ea.ino), class(&gb, eb.ino));
+        let (ca, cb) = (class(&ga, (ea.dev, ea.ino)), class(&gb, (eb.dev, eb.ino)));
         if ca != cb && reported.insert(ca.clone()) && reported.insert(cb.clone()) {
             let fmtc = |c: &Vec<Vec<u8>>| c.iter().map(|p| show(p)).collect::<Vec<_>>().join(" ");
             out.push(format!(
@@ -1541,15 +1588,15 @@ pub fn check_invariants(s: &Snapshot) -> Vec<String> {
                 errno_name(*err)
             )),
         }
-        if let Some(d) = root_dev {
-            if e.dev != d {
-                out.push(format!(
-                    "{}: [{l}] st_dev {} differs from the root's {}",
-                    show(k),
-                    e.dev,
-                    d
-                ));
-            }
+        if let Some(d) = root_dev
+            && e.dev != d
+        {
+            out.push(format!(
+                "{}: [{l}] st_dev {} differs from the root's {}",
+                show(k),
+                e.dev,
+                d
+            ));
         }
     }
     for (d, listing) in &s.dirs {
@@ -1977,6 +2024,41 @@ impl Drop for KernelMount {
     }
 }
 
+/// A tmpfs mounted on a fresh temp dir (for layers on another filesystem);
+/// unmounted on drop.
+pub struct TmpfsMount {
+    mnt: PathBuf,
+    _base: TempDir,
+}
+
+impl TmpfsMount {
+    pub fn new() -> TmpfsMount {
+        let base = mount_base();
+        let mnt = base.path().join("tmpfs");
+        fs::create_dir(&mnt).expect("mkdir");
+        let (st, text) = run_logged(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "mode=0755", "layerfs-test-tmpfs"])
+                .arg(&mnt),
+            base.path(),
+            Duration::from_secs(30),
+        );
+        let m = TmpfsMount { mnt, _base: base };
+        assert!(st.is_some_and(|s| s.success()), "mount tmpfs: {text}");
+        m
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.mnt
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        unmount(&self.mnt);
+    }
+}
+
 /// How to call the layerfs binary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Syntax {
@@ -2013,13 +2095,41 @@ fn pids_with_arg(arg: &[u8]) -> Vec<i32> {
         if pid == me {
             continue;
         }
-        if let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) {
-            if cmd.split(|&b| b == 0).any(|a| a == arg) {
-                out.push(pid);
-            }
+        if let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline"))
+            && cmd.split(|&b| b == 0).any(|a| a == arg)
+        {
+            out.push(pid);
         }
     }
     out
+}
+
+/// Why a layerfs mount could not be made.
+#[derive(Debug)]
+pub enum MountFailure {
+    /// The binary exited non-zero (a refusal, with its message).
+    Refused {
+        command: String,
+        status: ExitStatus,
+        output: String,
+    },
+    /// Anything else: timeout, exit 0 without a mount.
+    Broken(String),
+}
+
+impl std::fmt::Display for MountFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MountFailure::Refused {
+                command,
+                status,
+                output,
+            } => {
+                write!(f, "`{command}` failed ({status}): {output}")
+            }
+            MountFailure::Broken(m) => f.write_str(m),
+        }
+    }
 }
 
 /// A layerfs mount made by running the binary; unmounted on drop (the
@@ -2048,6 +2158,28 @@ impl LayerfsMount {
         syntax: Syntax,
         keep: Option<Arc<TempDir>>,
     ) -> LayerfsMount {
+        match Self::try_with_keep(lowers, rw, syntax, keep) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Like [`LayerfsMount::new`] but returns the failure instead of
+    /// panicking (for layers layerfs may legitimately refuse).
+    pub fn try_new(
+        lowers: &[PathBuf],
+        rw: bool,
+        syntax: Syntax,
+    ) -> Result<LayerfsMount, MountFailure> {
+        Self::try_with_keep(lowers, rw, syntax, None)
+    }
+
+    fn try_with_keep(
+        lowers: &[PathBuf],
+        rw: bool,
+        syntax: Syntax,
+        keep: Option<Arc<TempDir>>,
+    ) -> Result<LayerfsMount, MountFailure> {
         let base = mount_base();
         let mnt = base.path().join("mnt");
         fs::create_dir(&mnt).expect("mkdir mnt");
@@ -2107,21 +2239,31 @@ impl LayerfsMount {
         m.daemon_pids = pids_with_arg(m.mnt.as_os_str().as_bytes());
         let fstype = mount_fstype(&m.mnt);
         match st {
-            None => panic!(
-                "`{cmd:?}` did not return within 30 s (mount must return once ready): {text}"
-            ),
-            Some(s) if !s.success() => panic!("`{cmd:?}` failed ({s}): {text}"),
+            None => {
+                return Err(MountFailure::Broken(format!(
+                    "`{cmd:?}` did not return within 30 s (mount must return once ready): {text}"
+                )));
+            }
+            Some(s) if !s.success() => {
+                return Err(MountFailure::Refused {
+                    command: format!("{cmd:?}"),
+                    status: s,
+                    output: text,
+                });
+            }
             _ => {}
         }
         match &fstype {
             Some(t) if t.starts_with("fuse") => {}
-            other => panic!(
-                "`{cmd:?}` exited 0 but {} is not a FUSE mount (fstype {other:?}): {text}",
-                m.mnt.display()
-            ),
+            other => {
+                return Err(MountFailure::Broken(format!(
+                    "`{cmd:?}` exited 0 but {} is not a FUSE mount (fstype {other:?}): {text}",
+                    m.mnt.display()
+                )));
+            }
         }
         m.start_watchdog();
-        m
+        Ok(m)
     }
 
     fn start_watchdog(&mut self) {
@@ -2291,6 +2433,14 @@ impl Stack {
     /// [`layer_default_mtime`]. A single layer gets an empty layer added
     /// below it (the kernel needs two lowers for a read-only mount).
     pub fn build(layers: Vec<Layer>) -> Stack {
+        Self::build_placed(layers, |_| None)
+    }
+
+    /// Like [`Stack::build`], but layer `i` is built at `place(i)` when that
+    /// is `Some` (e.g. inside a [`TmpfsMount`], to put layers on different
+    /// filesystems); the caller keeps such places alive longer than the
+    /// stack's mounts.
+    pub fn build_placed(layers: Vec<Layer>, place: impl Fn(usize) -> Option<PathBuf>) -> Stack {
         let tmp = tempfile::Builder::new()
             .prefix("lf")
             .tempdir_in(test_tmp())
@@ -2301,7 +2451,7 @@ impl Stack {
         }
         let mut lowers = Vec::new();
         for (i, l) in layers.into_iter().enumerate() {
-            let dir = tmp.path().join(i.to_string());
+            let dir = place(i).unwrap_or_else(|| tmp.path().join(i.to_string()));
             let l = if l.default_mtime.is_none() {
                 let (s, n) = layer_default_mtime(i);
                 l.default_mtime(s, n)
@@ -2330,6 +2480,11 @@ impl Stack {
     /// layerfs over the lowers, with the given command-line syntax.
     pub fn layerfs(&self, rw: bool, syntax: Syntax) -> LayerfsMount {
         LayerfsMount::with_keep(&self.lowers, rw, syntax, Some(self.tmp.clone()))
+    }
+
+    /// layerfs over the lowers, returning a refusal instead of panicking.
+    pub fn try_layerfs(&self, rw: bool) -> Result<LayerfsMount, MountFailure> {
+        LayerfsMount::try_with_keep(&self.lowers, rw, Syntax::Subcommand, Some(self.tmp.clone()))
     }
 
     /// The filesystem under test over the lowers (see [`backend`]).
