@@ -101,10 +101,10 @@ impl OverlayFs {
         self.writable()?;
         let stored = self.stack.private.escape(name);
         let node = self.node(ino)?;
-        self.copy_up(&node, false)?;
-        let s = node.snapshot();
+        let loc = self.copy_up(&node, false)?;
         let c = xattr::name(&stored)?;
-        xattr::set(self.target_of(&s)?, &c, value, flags).ctx(|| format!("setxattr {c:?}"))
+        self.with_upper_target(&node, &loc, |t| xattr::set(t, &c, value, flags))
+            .ctx(|| format!("setxattr {c:?}"))
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
@@ -114,20 +114,24 @@ impl OverlayFs {
         let c = xattr::name(&stored)?;
         // Nothing to copy up for an xattr that is not there.
         self.getxattr(ino, name)?;
-        self.copy_up(&node, false)?;
-        let s = node.snapshot();
-        xattr::remove(self.target_of(&s)?, &c).ctx(|| format!("removexattr {c:?}"))
+        let loc = self.copy_up(&node, false)?;
+        self.with_upper_target(&node, &loc, |t| xattr::remove(t, &c))
+            .ctx(|| format!("removexattr {c:?}"))
     }
 
-    fn target_of<'a>(&self, s: &'a crate::inode::NodeState) -> Result<xattr::Target<'a>> {
-        if let Some(d) = s.dirs.first() {
-            return Ok(xattr::Target::Fd(d.fd.as_fd()));
+    /// Runs an xattr call on the upper copy at `loc` (a directory through
+    /// its open fd, other objects by name).
+    fn with_upper_target<T>(
+        &self,
+        node: &crate::inode::Node,
+        loc: &crate::inode::Loc,
+        f: impl FnOnce(xattr::Target<'_>) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        let s = node.snapshot();
+        match s.dirs.first() {
+            Some(d) if node.is_dir() => f(xattr::Target::Fd(d.fd.as_fd())),
+            _ => f(xattr::Target::At(loc.dir.as_fd(), &loc.name)),
         }
-        let loc = s
-            .loc
-            .as_ref()
-            .ok_or_else(|| Error::new(libc::ENOENT, "deleted"))?;
-        Ok(xattr::Target::At(loc.dir.as_fd(), &loc.name))
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {

@@ -113,16 +113,18 @@ impl OverlayFs {
             if let Some(inv) = self.invalidator.get() {
                 inv.inval_attr(node.ino);
             }
-        } else if st.st_nlink > 1 {
-            // A lower hard link: the copy is a new file with its own inode
-            // (the kernel's index=off behaviour); the kernel must look the
-            // copied name up again, the other names keep the lower data.
-            if let Some(inv) = self.invalidator.get() {
-                inv.inval_entry(parent.ino, &src.name);
-            }
-            return Ok(loc);
         } else {
             node.set_state(|st| st.loc = Some(loc.clone()));
+            if st.st_nlink > 1 {
+                // A lower hard link (a per-name node): the copy is a new file
+                // with its own inode number, as with the kernel's index=off.
+                let up = sys::fstatat(dest.fd.as_fd(), &src.name).ctx(|| "stat copy".into())?;
+                node.st_ino
+                    .store(self.stack.map_ino(dest.layer, up.st_ino), Ordering::Relaxed);
+                if let Some(inv) = self.invalidator.get() {
+                    inv.inval_attr(node.ino);
+                }
+            }
         }
         node.generation.fetch_add(1, Ordering::Release);
         Ok(loc)
@@ -249,7 +251,10 @@ impl OverlayFs {
                 }
             }
         }
-        if let Ok(o) = sys::openat(c.src_dir, c.name, libc::O_PATH, 0)
+        // No origin for a lower hard link: the copy is a new, separate file.
+        let hardlink = c.st.st_mode & libc::S_IFMT != libc::S_IFDIR && c.st.st_nlink > 1;
+        if !hardlink
+            && let Ok(o) = sys::openat(c.src_dir, c.name, libc::O_PATH, 0)
             && let Ok(origin) = layer::make_origin(o.as_fd())
         {
             let _ = xattr::set(dst, &self.stack.xname("origin"), &origin, 0);

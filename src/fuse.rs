@@ -3,7 +3,7 @@
 //! answers `EIO` instead of taking the mount down; every request gets
 //! exactly one reply.
 
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -85,10 +85,12 @@ pub fn file_type(fmt: u32) -> FileType {
     }
 }
 
-fn to_fuse(a: &Attr) -> FileAttr {
+/// `FileAttr` for an entry reply (`ino` is the node id) or, with
+/// `for_stat`, for an attribute reply (`ino` is the reported `st_ino`).
+fn fuse_attr(a: &Attr, for_stat: bool) -> FileAttr {
     let st = &a.st;
     FileAttr {
-        ino: INodeNo(a.ino),
+        ino: INodeNo(if for_stat { st.st_ino } else { a.ino }),
         size: st.st_size as u64,
         blocks: st.st_blocks as u64,
         atime: systime(st.st_atime, st.st_atime_nsec),
@@ -124,10 +126,30 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
+fn to_fuse(a: &Attr) -> FileAttr {
+    fuse_attr(a, true)
+}
+
 impl LayerFs {
+    /// The attribute timeout of an entry reply: zero where the node id is
+    /// not the `st_ino` (the kernel would show the node id until it asks
+    /// again with GETATTR, whose answer carries the real `st_ino`).
+    fn attr_ttl(&self, a: &Attr) -> Duration {
+        if a.ino == a.st.st_ino {
+            self.ttl
+        } else {
+            Duration::ZERO
+        }
+    }
+
     fn entry(&self, reply: ReplyEntry, r: Result<Attr>) {
         match r {
-            Ok(a) => reply.entry(&self.ttl, &to_fuse(&a), Generation(0)),
+            Ok(a) => reply.entry_with_ttls(
+                &self.attr_ttl(&a),
+                &self.ttl,
+                &fuse_attr(&a, false),
+                Generation(0),
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -730,15 +752,5 @@ impl crate::overlay::Invalidator for Notify {
         if let Err(e) = self.0.inval_inode(INodeNo(ino), -1, 0) {
             debug!("inval_inode: {e}");
         }
-    }
-
-    fn inval_entry(&self, parent: u64, name: &CStr) {
-        let n = self.0.clone();
-        let name = name.to_owned();
-        std::thread::spawn(move || {
-            if let Err(e) = n.inval_entry(INodeNo(parent), OsStr::from_bytes(name.to_bytes())) {
-                debug!("inval_entry: {e}");
-            }
-        });
     }
 }

@@ -1,7 +1,11 @@
 //! The inode table: FUSE inode number ↔ overlay object, with lookup counts.
 //!
-//! A node's number is the inode number it reports (see `layer::Stack::map_ino`),
-//! so it is stable across copy-up and shared by hard links within a layer.
+//! A node's number is normally the inode number it reports (see
+//! `layer::Stack::map_ino`), so it is stable across copy-up. The exception
+//! is a hard-linked lower file: the kernel's overlayfs gives each of its
+//! names its own inode (reporting the shared `st_ino`), because a copy-up
+//! through one name must not change the others. Such names get a node
+//! each, with a number from a private range, keyed by (parent, name).
 //! Invariants: a node stays in the table while the kernel holds lookups on
 //! it (`forget` drops them); a child holds an `Arc` of its parent, so the
 //! parent chain needed for copy-up is always there; a node's location only
@@ -49,7 +53,8 @@ pub struct NodeState {
     /// An `O_PATH` fd kept when the object's last known name went away
     /// (unlinked while open, or a hard link's other name).
     pub detached: Option<Arc<OwnedFd>>,
-    /// Deleted from the merged namespace (reports `st_nlink` 0).
+    /// Deleted from the merged namespace (an upper object's `st_nlink`
+    /// drops with it; a lower object's stays, as on the kernel).
     pub unlinked: bool,
 }
 
@@ -64,7 +69,12 @@ impl NodeState {
 }
 
 pub struct Node {
+    /// The FUSE node id.
     pub ino: u64,
+    /// The `st_ino` reported; differs from `ino` only for per-name nodes.
+    pub st_ino: AtomicU64,
+    /// For per-name nodes: the (parent, name) key they are found by.
+    pub path_key: Option<(u64, Vec<u8>)>,
     /// `S_IFMT` bits; an object never changes type.
     pub fmt: u32,
     lookups: AtomicU64,
@@ -80,6 +90,8 @@ impl Node {
     pub fn new(ino: u64, fmt: u32, state: NodeState) -> Node {
         Node {
             ino,
+            st_ino: AtomicU64::new(ino),
+            path_key: None,
             fmt,
             lookups: AtomicU64::new(0),
             state: RwLock::new(state),
@@ -106,14 +118,24 @@ impl Node {
 /// The table, sharded to keep lock contention low under many threads.
 pub struct NodeTable {
     shards: Vec<RwLock<HashMap<u64, Arc<Node>>>>,
+    /// Per-name nodes of hard-linked lower files: (parent, name) → node id.
+    paths: Mutex<HashMap<(u64, Vec<u8>), u64>>,
+    next_path_id: AtomicU64,
 }
+
+/// Node ids of per-name nodes: a range no real inode number reaches.
+const PATH_ID_BASE: u64 = 0xfff0_0000_0000_0000;
 
 const SHARDS: usize = 64;
 
 impl NodeTable {
     pub fn new(root: Node) -> NodeTable {
         let shards: Vec<_> = (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect();
-        let t = NodeTable { shards };
+        let t = NodeTable {
+            shards,
+            paths: Mutex::new(HashMap::new()),
+            next_path_id: AtomicU64::new(PATH_ID_BASE),
+        };
         let root = Arc::new(root);
         root.lookups.store(1, Ordering::Relaxed);
         t.shard(ROOT_INO)
@@ -168,6 +190,41 @@ impl NodeTable {
         node
     }
 
+    /// Records a lookup of a hard-linked lower file's name: its own node,
+    /// reporting `st_ino`.
+    pub fn lookup_path(
+        &self,
+        key: (u64, Vec<u8>),
+        st_ino: u64,
+        fmt: u32,
+        state: NodeState,
+    ) -> Arc<Node> {
+        let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&id) = paths.get(&key)
+            && let Some(n) = self.get(id)
+        {
+            n.set_state(|s| {
+                if s.top_layer() == state.top_layer() {
+                    *s = state;
+                }
+            });
+            n.lookups.fetch_add(1, Ordering::Relaxed);
+            return n;
+        }
+        let id = self.next_path_id.fetch_add(1, Ordering::Relaxed);
+        let mut node = Node::new(id, fmt, state);
+        node.st_ino = AtomicU64::new(st_ino);
+        node.path_key = Some(key.clone());
+        let node = Arc::new(node);
+        node.lookups.store(1, Ordering::Relaxed);
+        paths.insert(key, id);
+        self.shard(id)
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, node.clone());
+        node
+    }
+
     /// Drops `n` kernel lookups; the node leaves the table at zero.
     pub fn forget(&self, ino: u64, n: u64) {
         if ino == ROOT_INO {
@@ -179,8 +236,14 @@ impl NodeTable {
                 n.min(node.lookups.load(Ordering::Relaxed)),
                 Ordering::Relaxed,
             );
-            if prev <= n {
-                shard.remove(&ino);
+            if prev <= n
+                && let Some(node) = shard.remove(&ino)
+                && let Some(key) = &node.path_key
+            {
+                let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+                if paths.get(key) == Some(&ino) {
+                    paths.remove(key);
+                }
             }
         }
     }

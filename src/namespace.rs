@@ -278,10 +278,9 @@ impl OverlayFs {
             }
             _ => None,
         };
-        let upper = matches!(r, Resolved::NonDir { loc, .. } if self.stack.is_upper(loc.layer));
         node.set_state(|s| {
             s.loc = None;
-            s.unlinked = !upper || node.is_dir();
+            s.unlinked = true;
             s.detached = fd.map(Arc::new);
         });
     }
@@ -329,11 +328,12 @@ impl OverlayFs {
             }
         };
         self.movable(&old_node)?;
-        self.copy_up(&old_node, false)?;
-        if let Some(n) = &new_node
-            && exchange
-        {
+        let exchanged = new_node.as_ref().filter(|_| exchange);
+        if let Some(n) = exchanged {
             self.movable(n)?;
+        }
+        self.copy_up(&old_node, false)?;
+        if let Some(n) = exchanged {
             self.copy_up(n, false)?;
         }
         if !exchange && new.exists() {
@@ -342,7 +342,7 @@ impl OverlayFs {
         }
         let po = self.prepare_parent(oldp)?;
         let pn = self.prepare_parent(newp)?;
-        let result = self.do_rename(&po, oldname, &pn, newname, exchange, &old_node);
+        let result = self.do_rename(&po, oldname, &pn, newname, exchanged, &old_node);
         let result = result.and_then(|()| {
             if exchange && let Some(n) = &new_node {
                 self.after_move(&po, oldname, n)?;
@@ -397,11 +397,27 @@ impl OverlayFs {
         oldname: &CStr,
         pn: &Parent,
         newname: &CStr,
-        exchange: bool,
+        exchanged: Option<&Arc<Node>>,
         moved: &Arc<Node>,
     ) -> Result<()> {
         let (ofd, nfd) = (po.upper.fd.as_fd(), pn.upper.fd.as_fd());
-        if exchange {
+        // Objects with an origin moving to a new directory make it "impure"
+        // (its listing must look up their inode numbers), as the kernel marks it.
+        if !Arc::ptr_eq(&po.node, &pn.node) {
+            if self.has_origin(ofd, oldname) {
+                self.mark_impure(pn);
+            }
+            if exchanged.is_some() && self.has_origin(nfd, newname) {
+                self.mark_impure(po);
+            }
+        }
+        if let Some(other) = exchanged {
+            if moved.is_dir() && !pn.lowers.is_empty() {
+                self.set_opaque_at(ofd, oldname)?;
+            }
+            if other.is_dir() && !po.lowers.is_empty() {
+                self.set_opaque_at(nfd, newname)?;
+            }
             return sys::renameat2(ofd, oldname, nfd, newname, sys::RENAME_EXCHANGE)
                 .ctx(|| format!("exchange {oldname:?} {newname:?}"));
         }
@@ -456,6 +472,33 @@ impl OverlayFs {
         Ok(())
     }
 
+    fn set_opaque_at(&self, dir: std::os::fd::BorrowedFd<'_>, name: &CStr) -> Result<()> {
+        let d = sys::open_dir_at(dir, name).ctx(|| "open moved dir".into())?;
+        xattr::set(
+            xattr::Target::Fd(d.as_fd()),
+            &self.stack.xname("opaque"),
+            b"y",
+            0,
+        )
+        .ctx(|| "set opaque".into())
+    }
+
+    fn has_origin(&self, dir: std::os::fd::BorrowedFd<'_>, name: &CStr) -> bool {
+        matches!(
+            xattr::get(xattr::Target::At(dir, name), &self.stack.xname("origin")),
+            Ok(Some(_))
+        )
+    }
+
+    fn mark_impure(&self, p: &Parent) {
+        let _ = xattr::set(
+            xattr::Target::Fd(p.upper.fd.as_fd()),
+            &self.stack.xname("impure"),
+            b"y",
+            0,
+        );
+    }
+
     /// Points the moved node at its new place.
     fn after_move(&self, pn: &Parent, newname: &CStr, moved: &Arc<Node>) -> Result<()> {
         let r = resolve::lookup(&self.stack, &pn.node.snapshot().dirs, newname)?;
@@ -488,7 +531,9 @@ impl OverlayFs {
         if resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?.exists() {
             return Err(Error::new(libc::EEXIST, format!("{newname:?} exists")));
         }
-        let pst = sys::fstat(p.upper.fd.as_fd()).ctx(|| "stat parent".into())?;
+        if self.has_origin(src.dir.as_fd(), &src.name) {
+            self.mark_impure(&p);
+        }
         if self.upper_whiteout(&p, newname)? {
             let tmp = self.tmp_name();
             sys::linkat(src.dir.as_fd(), &src.name, self.stack.work_fd()?, &tmp)
@@ -498,7 +543,6 @@ impl OverlayFs {
             sys::linkat(src.dir.as_fd(), &src.name, p.upper.fd.as_fd(), newname)
                 .ctx(|| "link".into())?;
         }
-        let _ = pst;
         let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?;
         Ok(self.record(&p.node, r)?.1)
     }

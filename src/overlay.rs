@@ -6,6 +6,7 @@
 //! across a read or write of file data.
 
 use std::ffi::{CStr, CString};
+
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -20,7 +21,9 @@ use crate::resolve::{self, Resolved};
 use crate::sys::{self, Stat, xattr};
 
 /// Attributes as reported: the underlying `stat` with the overlay's inode
-/// number (and `st_nlink` 1 for merged directories, as the kernel reports).
+/// number in `st.st_ino` (and `st_nlink` 1 for merged directories, as the
+/// kernel reports); `ino` is the FUSE node id, which equals `st.st_ino`
+/// except for the per-name nodes of hard-linked lower files.
 #[derive(Clone, Copy)]
 pub struct Attr {
     pub ino: u64,
@@ -38,7 +41,6 @@ pub struct Caller {
 /// Invalidations the core asks the kernel for (a copy-up that broke a hard
 /// link gives the copied name a new inode).
 pub trait Invalidator: Send + Sync {
-    fn inval_entry(&self, parent: u64, name: &CStr);
     /// Drops the kernel's cached attributes of an inode.
     fn inval_attr(&self, ino: u64);
 }
@@ -132,9 +134,7 @@ impl OverlayFs {
         if s.dirs.len() > 1 {
             st.st_nlink = 1;
         }
-        if s.unlinked {
-            st.st_nlink = 0;
-        }
+        st.st_ino = node.st_ino.load(Ordering::Relaxed);
         Ok(Attr { ino: node.ino, st })
     }
 
@@ -142,7 +142,11 @@ impl OverlayFs {
         let node = self.node(ino)?;
         if let Some(Handle::File(h)) = fh.and_then(|fh| self.handles.get(fh)).as_deref() {
             let fd = h.fd.read().unwrap_or_else(|e| e.into_inner()).0.clone();
-            if let Ok(st) = sys::fstat(fd.as_fd()) {
+            if let Ok(mut st) = sys::fstat(fd.as_fd()) {
+                st.st_ino = node.st_ino.load(Ordering::Relaxed);
+                if node.is_dir() && node.snapshot().dirs.len() > 1 {
+                    st.st_nlink = 1;
+                }
                 return Ok(Attr { ino, st });
             }
         }
@@ -196,14 +200,29 @@ impl OverlayFs {
         };
         let merged = state.dirs.len() > 1;
         let fmt = st.st_mode & libc::S_IFMT;
-        let node = self
-            .nodes
-            .lookup(ino, fmt, state, |l| self.stack.is_upper(l));
+        let lower_hardlink = fmt != libc::S_IFDIR
+            && st.st_nlink > 1
+            && state
+                .loc
+                .as_ref()
+                .is_some_and(|l| self.stack.is_lower(l.layer));
+        let node = if lower_hardlink {
+            let name = state
+                .loc
+                .as_ref()
+                .map(|l| l.name.to_bytes().to_vec())
+                .unwrap_or_default();
+            self.nodes.lookup_path((parent.ino, name), ino, fmt, state)
+        } else {
+            self.nodes
+                .lookup(ino, fmt, state, |l| self.stack.is_upper(l))
+        };
         let mut st = st;
         if merged {
             st.st_nlink = 1;
         }
-        Ok((node, Attr { ino, st }))
+        st.st_ino = node.st_ino.load(Ordering::Relaxed);
+        Ok((node.clone(), Attr { ino: node.ino, st }))
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -224,6 +243,16 @@ impl OverlayFs {
     /// Opens the topmost entry of a non-directory (`O_PATH`-free, real open).
     pub(crate) fn open_loc(&self, s: &NodeState, flags: i32) -> Result<OwnedFd> {
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+        if opens_for_write(flags)
+            && !s.top_layer().is_some_and(|l| self.stack.is_upper(l))
+            && s.detached.is_none()
+        {
+            // Never reached by a correct caller: lower layers are read-only.
+            return Err(Error::new(
+                libc::EIO,
+                "refusing to open a lower file for writing",
+            ));
+        }
         if let Some(fd) = &s.detached {
             return sys::reopen(fd.as_fd(), flags).ctx(|| "reopen detached".into());
         }
@@ -236,13 +265,16 @@ impl OverlayFs {
 
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
         let node = self.node(ino)?;
-        if opens_for_write(flags) {
-            self.writable()?;
-            self.copy_up(&node, flags & libc::O_TRUNC != 0)?;
-        }
         let generation = node.generation.load(Ordering::Acquire);
-        let s = node.snapshot();
-        let fd = self.open_loc(&s, flags & !libc::O_APPEND)?;
+        let fd = if opens_for_write(flags) {
+            self.writable()?;
+            let loc = self.copy_up(&node, flags & libc::O_TRUNC != 0)?;
+            let f = flags & !(libc::O_APPEND | libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+            sys::openat(loc.dir.as_fd(), &loc.name, f, 0).ctx(|| format!("open {:?}", loc.name))?
+        } else {
+            self.open_loc(&node.snapshot(), flags & !libc::O_APPEND)?
+        };
+        let generation = generation.max(node.generation.load(Ordering::Acquire));
         Ok(self.handles.insert(Handle::File(FileHandle {
             node,
             fd: std::sync::RwLock::new((Arc::new(fd), generation)),
