@@ -106,6 +106,12 @@ pub fn new_session(cfg: &MountConfig, mountpoint: &Path) -> Result<Session<Layer
             mountpoint.display()
         ));
     }
+    if let Some(fs) = mounted_at(mountpoint) {
+        return Err(format!(
+            "mountpoint '{}': a {fs} filesystem is already mounted there; unmount it first",
+            mountpoint.display()
+        ));
+    }
     crate::sys::umask(0);
     crate::sys::raise_nofile_limit();
     let stack = Stack::open(cfg).map_err(|e| format!("cannot open the layers: {e}"))?;
@@ -156,4 +162,33 @@ fn mount_options(cfg: &MountConfig) -> Vec<MountOption> {
         });
     }
     v
+}
+
+/// The filesystem type mounted exactly at `p`, if any (from mountinfo).
+fn mounted_at(p: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let canon = std::fs::canonicalize(p).ok()?;
+    let want = mountinfo_escape(canon.as_os_str().as_bytes());
+    let info = std::fs::read("/proc/self/mountinfo").ok()?;
+    info.split(|&b| b == b'\n').find_map(|l| {
+        let f: Vec<&[u8]> = l.split(|&b| b == b' ').collect();
+        if f.get(4) != Some(&want.as_slice()) {
+            return None;
+        }
+        let sep = f.iter().position(|x| *x == b"-")?;
+        f.get(sep + 1)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+    })
+}
+
+/// Paths in mountinfo escape space, tab, newline and backslash as octal.
+fn mountinfo_escape(p: &[u8]) -> Vec<u8> {
+    let mut s = Vec::new();
+    for &b in p {
+        match b {
+            b' ' | b'\t' | b'\n' | b'\\' => s.extend_from_slice(format!("\\{b:03o}").as_bytes()),
+            _ => s.push(b),
+        }
+    }
+    s
 }
