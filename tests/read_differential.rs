@@ -79,8 +79,18 @@ fn opaque_dirs() {
             .opaque_dir("o")
             .file("o/top", "top")
             .file("p/top", "p top")
-            .opaque_dir("empty_opaque"),
+            .opaque_dir("empty_opaque")
+            // Only "y" means opaque; other values (and user.overlay.* without
+            // the userxattr option) do not.
+            .dir("not_opaque_n")
+            .xattr("trusted.overlay.opaque", "n")
+            .file("not_opaque_n/top", "t")
+            .dir("user_ns_opaque")
+            .xattr("user.overlay.opaque", "y")
+            .file("user_ns_opaque/top", "t"),
         Layer::new()
+            .file("not_opaque_n/mid", "visible")
+            .file("user_ns_opaque/mid", "visible")
             .file("o/mid", "mid")
             .file("o/sub/x", "x")
             .opaque_dir("p")
@@ -317,7 +327,11 @@ fn fifos_sockets_and_devices() {
             .block_dev("dev/sda1", 8, 1)
             .owner(0, 6)
             .mode(0o660)
-            .block_dev("dev/was_dev", 8, 16),
+            .block_dev("dev/was_dev", 8, 16)
+            // Only a *character* device 0/0 is a whiteout.
+            .block_dev("blk00", 0, 0)
+            .char_dev("chr01", 0, 1)
+            .char_dev("chr10", 1, 0),
     ]);
 }
 
