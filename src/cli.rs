@@ -53,6 +53,67 @@ pub struct CompatArgs {
 pub enum Command {
     /// Mount an overlay (returns once the mount is ready).
     Mount(MountArgs),
+    /// Print what an upper layer changes against its lowers, as `docker diff`
+    /// does (A added, C changed, D deleted), sorted by path.
+    Diff(DiffArgs),
+    /// Run a command in an ephemeral overlay of the lowers, then print what
+    /// it changed; exits with the command's status.
+    Run(RunArgs),
+}
+
+/// Output options shared by `diff` and `run`.
+#[derive(Args, Debug, Default)]
+pub struct DiffOutput {
+    /// One JSON object per line: {"kind":"A","path":"/x"}.
+    #[arg(long, conflicts_with = "zero")]
+    pub json: bool,
+    /// End each line with NUL instead of newline (for names with newlines).
+    #[arg(short = 'z', long = "null")]
+    pub zero: bool,
+    /// Only these kinds, e.g. `A,D`.
+    #[arg(long, value_name = "KINDS")]
+    pub kind: Option<String>,
+    /// The layers use user.overlay.* xattrs (rootless, `userxattr`).
+    #[arg(long)]
+    pub userxattr: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    /// The upper layer to inspect (with --lower), instead of MOUNTPOINT.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "lowers",
+        conflicts_with = "mountpoint"
+    )]
+    pub upper: Option<PathBuf>,
+    /// A lower layer; repeat for more, the first is topmost.
+    #[arg(long = "lower", value_name = "DIR")]
+    pub lowers: Vec<PathBuf>,
+    /// A running layerfs mount, whose layers are inspected.
+    #[arg(value_name = "MOUNTPOINT", required_unless_present = "upper")]
+    pub mountpoint: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: DiffOutput,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// A read-only lower layer; repeat for more, the first is topmost.
+    #[arg(long = "lower", value_name = "DIR", required = true)]
+    pub lowers: Vec<PathBuf>,
+    /// Keep the changes in this directory (default: a temporary one, removed).
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
+    /// Run the command with the merged view as its root directory.
+    #[arg(long)]
+    pub chroot: bool,
+    #[command(flatten)]
+    pub output: DiffOutput,
+    /// The command and its arguments (after `--`).
+    #[arg(required = true, last = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
 }
 
 #[derive(Args, Debug)]

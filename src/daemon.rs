@@ -79,6 +79,8 @@ fn serve(
             return Err(e);
         }
     };
+    // Recorded before "ready", so `layerfs diff MOUNTPOINT` works at once.
+    let record = crate::registry::record(mountpoint, cfg);
     if let Some(fd) = ready {
         process::write_all(&fd, b"ok");
         drop(fd);
@@ -93,7 +95,11 @@ fn serve(
             log::warn!("unmount on signal: {e}");
         }
     });
-    session
+    let r = session
         .run()
-        .map_err(|e| format!("filesystem loop ended with an error: {e}"))
+        .map_err(|e| format!("filesystem loop ended with an error: {e}"));
+    if let Some(f) = record {
+        let _ = std::fs::remove_file(f);
+    }
+    r
 }

@@ -26,6 +26,7 @@
 
 pub mod attrs;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod copy_up;
 pub mod daemon;
@@ -39,6 +40,7 @@ pub mod mount;
 pub mod namespace;
 pub mod overlay;
 pub mod readdir;
+pub mod registry;
 pub mod resolve;
 pub mod sys;
 pub mod whiteout;

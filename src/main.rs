@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use layerfs::cli::{Cli, Command};
-use layerfs::daemon;
+use layerfs::{commands, daemon};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -14,11 +14,13 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let run = match cli.command {
-        Some(Command::Mount(m)) => daemon::mount_from_args(m),
-        None => daemon::mount_from_compat(cli.compat),
+        Some(Command::Mount(m)) => daemon::mount_from_args(m).map(|()| 0),
+        Some(Command::Diff(d)) => commands::diff_cmd(d).map(|()| 0),
+        Some(Command::Run(r)) => commands::run_cmd(r),
+        None => daemon::mount_from_compat(cli.compat).map(|()| 0),
     };
     match run {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(msg) => {
             eprintln!("layerfs: {msg}");
             ExitCode::FAILURE

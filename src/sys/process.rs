@@ -96,3 +96,32 @@ pub fn write_all(fd: &OwnedFd, msg: &[u8]) {
         done += n as usize;
     }
 }
+
+/// Sets up a child to be started: the termination signals this process
+/// blocks are unblocked again before exec, and with `root` the child is
+/// chrooted there (and starts in its `/`).
+pub fn prepare_child(cmd: &mut std::process::Command, root: Option<std::path::PathBuf>) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let root = root.map(|r| std::ffi::CString::new(r.as_os_str().as_bytes()).unwrap_or_default());
+    let set = term_set();
+    // SAFETY: the closure runs between fork and exec and makes only
+    // async-signal-safe system calls on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            if let Some(r) = &root {
+                if libc::chroot(r.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends a signal to a process (best effort).
+pub fn kill(pid: u32, sig: i32) {
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
