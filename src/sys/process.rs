@@ -110,10 +110,10 @@ pub fn prepare_child(cmd: &mut std::process::Command, root: Option<std::path::Pa
     unsafe {
         cmd.pre_exec(move || {
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-            if let Some(r) = &root {
-                if libc::chroot(r.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+            if let Some(r) = &root
+                && (libc::chroot(r.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0)
+            {
+                return Err(io::Error::last_os_error());
             }
             Ok(())
         });
