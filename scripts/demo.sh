@@ -12,7 +12,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)"
 cd "$REPO"
-export PATH="$PATH:$HOME/.cargo/bin"
+export PATH="$PATH:${HOME:-/root}/.cargo/bin"
 
 if [ -t 1 ]; then B=$'\e[1m' G=$'\e[32m' R=$'\e[31m' N=$'\e[0m'; else B='' G='' R='' N=''; fi
 section() { printf '\n%s==> %s%s\n' "$B" "$*" "$N"; }
