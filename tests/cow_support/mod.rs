@@ -872,10 +872,21 @@ pub fn compare_mtime_classes(a: &Snapshot, b: &Snapshot, fresh_after: i64) -> Ve
 
 /// Compare two merged views (all fields, invariants, mtimes as classes).
 pub fn compare_views(a: &Snapshot, b: &Snapshot, fresh_after: i64) -> Vec<String> {
+    compare_views_with(a, b, fresh_after, true)
+}
+
+/// [`compare_views`], optionally without exact st_blocks.
+pub fn compare_views_with(
+    a: &Snapshot,
+    b: &Snapshot,
+    fresh_after: i64,
+    blocks: bool,
+) -> Vec<String> {
     let mut out = compare_with(
         CompareOpts {
             mtime: false,
             dir_mtime: false,
+            blocks,
             ..Default::default()
         },
         a,
@@ -886,11 +897,12 @@ pub fn compare_views(a: &Snapshot, b: &Snapshot, fresh_after: i64) -> Vec<String
 }
 
 /// Compare two raw upper dirs (no view invariants; mtimes as classes).
-pub fn compare_uppers(a: &Snapshot, b: &Snapshot, fresh_after: i64) -> Vec<String> {
+pub fn compare_uppers(a: &Snapshot, b: &Snapshot, fresh_after: i64, blocks: bool) -> Vec<String> {
     let mut out = compare_with(
         CompareOpts {
             mtime: false,
             dir_mtime: false,
+            blocks,
             invariants: false,
             ..Default::default()
         },
@@ -948,6 +960,7 @@ pub struct Scenario {
     steps: Vec<(String, Box<StepFn>)>,
     reverse: bool,
     cross: bool,
+    blocks: bool,
     ignore_content: Vec<Vec<u8>>,
     upper_checks: Vec<(String, Box<CheckFn>)>,
     view_checks: Vec<(String, Box<CheckFn>)>,
@@ -961,6 +974,7 @@ impl Scenario {
             steps: Vec::new(),
             reverse: false,
             cross: true,
+            blocks: true,
             ignore_content: Vec::new(),
             upper_checks: Vec::new(),
             view_checks: Vec::new(),
@@ -983,6 +997,14 @@ impl Scenario {
     /// Skip the cross-mount (kernel over layerfs's upper).
     pub fn no_cross(mut self) -> Scenario {
         self.cross = false;
+        self
+    }
+
+    /// Do not compare st_blocks exactly (e.g. sparse copy-ups, where the
+    /// kernel copies whole 1 MiB chunks around data and layerfs may keep
+    /// holes more precisely); pair it with an [`Scenario::upper_check`].
+    pub fn no_exact_blocks(mut self) -> Scenario {
+        self.blocks = false;
         self
     }
 
@@ -1044,10 +1066,10 @@ impl Scenario {
         let before = stack.lower_snapshots("before");
         let base = scenario_base(&self.name.chars().take(20).collect::<String>());
         let b = base.path();
-        for d in ["k_up", "k_work", "f_up", "f_work", "x_work", "r_work"] {
+        for d in ["k_up", "k_work", "f_up", "f_work", "x_work", "r_work", "m_work"] {
             fresh_dir(&b.join(d));
         }
-        for d in ["k_mnt", "f_mnt", "x_mnt", "r_mnt"] {
+        for d in ["k_mnt", "f_mnt", "x_mnt", "r_mnt", "m_mnt"] {
             fresh_dir(&b.join(d));
         }
         let (k_up, f_up) = (b.join("k_up"), b.join("f_up"));
@@ -1101,7 +1123,7 @@ impl Scenario {
         strip_content(&mut ks, &self.ignore_content);
         strip_content(&mut fs_, &self.ignore_content);
         problems.extend(
-            compare_views(&ks, &fs_, fresh_after)
+            compare_views_with(&ks, &fs_, fresh_after, self.blocks)
                 .into_iter()
                 .map(|m| format!("[merged] {m}")),
         );
@@ -1119,7 +1141,7 @@ impl Scenario {
         strip_content(&mut ku, &self.ignore_content);
         strip_content(&mut fu, &self.ignore_content);
         problems.extend(
-            compare_uppers(&ku, &fu, fresh_after)
+            compare_uppers(&ku, &fu, fresh_after, self.blocks)
                 .into_iter()
                 .map(|m| format!("[upper] {m}")),
         );
@@ -1128,6 +1150,12 @@ impl Scenario {
                 for p in f(u) {
                     problems.push(format!("[upper check `{label}` on {l}] {p}"));
                 }
+            }
+        }
+
+        for (w, l) in [(b.join("k_work"), "kernel"), (b.join("f_work"), ut)] {
+            for p in workdir_leftovers(&w) {
+                problems.push(format!("[workdir of {l}] leftover after unmount: {p}"));
             }
         }
 
@@ -1145,8 +1173,9 @@ impl Scenario {
                     let mut xs = snapshot(&format!("kernel-over-{ut}-upper"), xm.path());
                     strip_content(&mut xs, &self.ignore_content);
                     problems.extend(
-                        compare_views(&fs_, &xs, fresh_after)
+                        compare_views_with(&fs_, &xs, fresh_after, self.blocks)
                             .into_iter()
+                            .chain(raw_ino_mismatches(&fs_, &xs))
                             .map(|m| format!("[cross] {m}")),
                     );
                     let _ = xm.unmount();
@@ -1167,8 +1196,9 @@ impl Scenario {
                     let mut rs = snapshot(&format!("{ut}-over-kernel-upper"), rm.path());
                     strip_content(&mut rs, &self.ignore_content);
                     problems.extend(
-                        compare_views(&ks, &rs, fresh_after)
+                        compare_views_with(&ks, &rs, fresh_after, self.blocks)
                             .into_iter()
+                            .chain(raw_ino_mismatches(&ks, &rs))
                             .map(|m| format!("[reverse] {m}")),
                     );
                     if let Err(e) = rm.unmount() {
@@ -1179,10 +1209,43 @@ impl Scenario {
             }
         }
 
-        // 6. Lowers untouched.
+        // 6. Remount: the implementation under test over its own upper
+        // (fresh work dir) shows what it showed before.
+        match Mnt::mount(under_test(), &stack.lowers, &f_up, &b.join("m_work"), &b.join("m_mnt")) {
+            Ok(mut mm) => {
+                let mut ms = snapshot(&format!("{ut}-remounted"), mm.path());
+                strip_content(&mut ms, &self.ignore_content);
+                problems.extend(
+                    compare_views_with(&fs_, &ms, fresh_after, self.blocks)
+                        .into_iter()
+                        .chain(raw_ino_mismatches(&fs_, &ms))
+                        .map(|m| format!("[remount] {m}")),
+                );
+                if let Err(e) = mm.unmount() {
+                    problems.push(format!("[remount unmount] {e}"));
+                }
+            }
+            Err(e) => problems.push(format!("[remount] {e}")),
+        }
+
+        // 7. Lowers untouched.
         problems.extend(stack.lowers_unchanged(&before));
         problems
     }
+}
+
+/// Non-directories left in a work dir after unmount (the kernel may leave
+/// its shared whiteout inode there, so whiteouts are tolerated): a
+/// copy-up or whiteout creation that did not finish, or was not cleaned.
+pub fn workdir_leftovers(work: &Path) -> Vec<String> {
+    let s = snapshot("work", work);
+    s.entries
+        .iter()
+        .filter(|(_, e)| {
+            e.ftype != FileType::Dir && !(e.ftype == FileType::CharDev && e.rdev == Some((0, 0)))
+        })
+        .map(|(k, e)| format!("{} ({})", show(k), e.summary()))
+        .collect()
 }
 
 /// Sum of st_blocks (512-byte units) of a file.
