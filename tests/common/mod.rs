@@ -16,21 +16,28 @@
 //! * **A stack** ([`Stack`]): builds a list of layers (topmost first) in a
 //!   fresh temp dir and mounts them as a kernel overlay ([`KernelMount`]) or
 //!   with the layerfs binary ([`LayerfsMount`]), read-only or with a fresh
-//!   empty upper + work dir. Guards always unmount on drop (also on panic),
-//!   falling back to `umount -l`; mount points are unique per mount, so tests
-//!   run in parallel. Stale mounts of dead test processes are cleaned up on
-//!   first use.
+//!   empty upper + work dir ([`Stack::under_test`] picks the backend, see
+//!   below; [`Stack::try_layerfs`] returns a [`MountFailure`] instead of
+//!   panicking, for layers layerfs may refuse). [`Stack::build_placed`] puts
+//!   layers elsewhere, e.g. on a [`TmpfsMount`]. Guards always unmount on
+//!   drop (also on panic), falling back to `umount -l`; mount points are
+//!   unique per mount, so tests run in parallel. Stale mounts of dead test
+//!   processes are cleaned up on first use.
 //! * **Snapshots** ([`snapshot`], [`walk`]): an lstat-based walk that never
 //!   follows symlinks and records for every path: type, permission bits
 //!   (all 12), uid, gid, size, blocks, content (bytes if small, else a hash),
 //!   symlink target, rdev, nlink (non-dirs), mtime, all xattrs with values,
 //!   st_ino, st_dev — plus the raw `readdir` of every directory (names,
-//!   `d_type`, `d_ino`).
+//!   `d_type`, `d_ino`). Kernel snapshots drop the whiteouts the kernel lists
+//!   in non-merged directories but cannot look up
+//!   ([`drop_listed_whiteouts`]). [`list_dir`] and [`list_dir_getdents`]
+//!   (raw getdents64 with a chosen buffer size) are available directly.
 //! * **Comparison** ([`compare`], [`assert_same`], [`check_invariants`],
 //!   [`assert_same_raw_ino`], [`expect_view`]): a readable list of mismatches
 //!   (path + field + both values). Inode identity is compared as equivalence
-//!   classes (which paths share an st_ino); raw st_ino equality of
-//!   non-directories has its own helper. Per-view invariants: no whiteouts or
+//!   classes (which paths share an object identity, (st_dev, st_ino)); raw
+//!   st_ino equality of non-directories has its own helper
+//!   ([`raw_ino_mismatches`]). Per-view invariants: no whiteouts or
 //!   overlay-private xattrs visible, `readdir` names unique with `.` and `..`,
 //!   never `DT_UNKNOWN`, `d_type` matching lstat, `d_ino == st_ino`, one
 //!   `st_dev` for the whole view.
