@@ -99,11 +99,7 @@ impl OverlayFs {
         if node.is_dir() {
             let upper =
                 sys::open_dir_at(dest.fd.as_fd(), &src.name).ctx(|| "open copied-up dir".into())?;
-            let mut dirs = vec![DirLayer {
-                layer: dest.layer,
-                fd: Arc::new(upper),
-                opaque: Opaque::No,
-            }];
+            let mut dirs = vec![DirLayer::new(dest.layer, Arc::new(upper), Opaque::No)];
             dirs.extend(s.dirs.iter().cloned());
             node.set_state(|st| {
                 st.loc = Some(loc.clone());

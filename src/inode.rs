@@ -30,6 +30,21 @@ pub struct DirLayer {
     /// The directory's `overlay.opaque` value in this layer (`x` matters:
     /// it may hold xattr whiteouts).
     pub opaque: Opaque,
+    /// For lower layers: whether the directory holds any OCI `.wh.` marker,
+    /// learnt from one scan on the first lookup miss, so that misses in
+    /// marker-free directories (nearly all) need no `.wh.NAME` lookup.
+    pub oci_markers: Arc<std::sync::OnceLock<bool>>,
+}
+
+impl DirLayer {
+    pub fn new(layer: usize, fd: Arc<OwnedFd>, opaque: Opaque) -> DirLayer {
+        DirLayer {
+            layer,
+            fd,
+            opaque,
+            oci_markers: Arc::default(),
+        }
+    }
 }
 
 /// Where an object's topmost entry lives: a name in a layer directory.

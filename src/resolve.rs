@@ -53,9 +53,15 @@ fn entry_in(stack: &Stack, dl: &DirLayer, name: &CStr) -> Result<Entry> {
         {
             Ok(Entry::Whiteout)
         }
+        Ok(st) if is_metacopy(stack, dl, name, &st)? => Err(Error::new(
+            libc::EPERM,
+            format!(
+                "{name:?} is a metadata-only copy-up (overlay.metacopy), which layerfs does not follow"
+            ),
+        )),
         Ok(st) => Ok(Entry::Found(st)),
         Err(e) if crate::error::is_enoent(&e) => {
-            if lower && oci_whiteout_exists(dl, name)? {
+            if lower && has_oci_markers(dl)? && oci_whiteout_exists(dl, name)? {
                 Ok(Entry::Whiteout)
             } else {
                 Ok(Entry::Missing)
@@ -63,6 +69,32 @@ fn entry_in(stack: &Stack, dl: &DirLayer, name: &CStr) -> Result<Entry> {
         }
         Err(e) => Err(e).ctx(|| format!("lookup {:?} in layer {}", name, dl.layer)),
     }
+}
+
+/// A kernel metadata-only copy-up: a sparse stub without data blocks that
+/// carries `overlay.metacopy` (only such files are checked, so ordinary
+/// lookups cost no xattr read). Like the kernel without `metacopy=on`,
+/// layerfs refuses these rather than show the stub's zeros as data.
+fn is_metacopy(stack: &Stack, dl: &DirLayer, name: &CStr, st: &Stat) -> Result<bool> {
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_blocks != 0 || st.st_size == 0 {
+        return Ok(false);
+    }
+    let v = xattr::get(
+        xattr::Target::At(dl.fd.as_fd(), name),
+        &stack.xname("metacopy"),
+    )
+    .ctx(|| format!("read metacopy xattr of {name:?}"))?;
+    Ok(v.is_some())
+}
+
+/// Does this lower directory hold any `.wh.` name (scanned once)?
+fn has_oci_markers(dl: &DirLayer) -> Result<bool> {
+    if let Some(&v) = dl.oci_markers.get() {
+        return Ok(v);
+    }
+    let entries = sys::read_dir(dl.fd.as_fd()).ctx(|| "scan dir for .wh. markers".into())?;
+    let any = entries.iter().any(|(n, _, _)| whiteout::is_oci_marker(n));
+    Ok(*dl.oci_markers.get_or_init(|| any))
 }
 
 fn is_xattr_whiteout(stack: &Stack, dl: &DirLayer, name: &CStr, st: &Stat) -> Result<bool> {
@@ -92,33 +124,58 @@ fn oci_whiteout_exists(dl: &DirLayer, name: &CStr) -> Result<bool> {
     }
 }
 
-/// Opens a directory found in a layer and reads whether it is opaque.
+/// A directory found in a layer: opened, with its opaque state and its
+/// `overlay.redirect` target, if any.
+pub struct FoundDir {
+    pub dir: DirLayer,
+    pub redirect: Option<Vec<u8>>,
+}
+
+/// Opens a directory found in a layer and reads its overlay xattrs (one
+/// `listxattr` when it has none, as nearly all directories).
 pub fn open_dir_layer(
     stack: &Stack,
     layer: usize,
     parent: &DirLayer,
     name: &CStr,
-) -> Result<DirLayer> {
+) -> Result<FoundDir> {
     let fd = sys::open_dir_at(parent.fd.as_fd(), name).ctx(|| format!("open dir {name:?}"))?;
-    let opaque = dir_opaque(stack, layer, &fd)?;
-    Ok(DirLayer {
-        layer,
-        fd: Arc::new(fd),
-        opaque,
+    let (opaque, redirect) = dir_xattrs(stack, layer, &fd)?;
+    Ok(FoundDir {
+        dir: DirLayer::new(layer, Arc::new(fd), opaque),
+        redirect,
     })
 }
 
-/// The opaque state of a directory in a layer: the private xattr, or (in a
-/// lower) an OCI `.wh..wh..opq` marker inside it.
-pub fn dir_opaque(stack: &Stack, layer: usize, fd: &std::os::fd::OwnedFd) -> Result<Opaque> {
-    let v = xattr::get(xattr::Target::Fd(fd.as_fd()), &stack.xname("opaque"))
-        .ctx(|| "read opaque xattr".to_string())?;
-    let o = Opaque::from_value(v.as_deref());
-    if o == Opaque::No && stack.is_lower(layer) && sys::fstatat(fd.as_fd(), c".wh..wh..opq").is_ok()
+/// The opaque state of a directory in a layer (the private xattr, or in a
+/// lower an OCI `.wh..wh..opq` marker inside it) and its redirect.
+pub fn dir_xattrs(
+    stack: &Stack,
+    layer: usize,
+    fd: &std::os::fd::OwnedFd,
+) -> Result<(Opaque, Option<Vec<u8>>)> {
+    let target = xattr::Target::Fd(fd.as_fd());
+    let names = xattr::list(target).ctx(|| "list dir xattrs".into())?;
+    let (opq, redir) = (stack.private.name("opaque"), stack.private.name("redirect"));
+    let get = |n: &[u8]| -> Result<Option<Vec<u8>>> {
+        if !names.iter().any(|x| x == n) {
+            return Ok(None);
+        }
+        xattr::get(target, &xattr::name(n)?).ctx(|| "read dir xattr".into())
+    };
+    let mut opaque = Opaque::from_value(get(&opq)?.as_deref());
+    if opaque == Opaque::No
+        && stack.is_lower(layer)
+        && sys::fstatat(fd.as_fd(), c".wh..wh..opq").is_ok()
     {
-        return Ok(Opaque::Yes);
+        opaque = Opaque::Yes;
     }
-    Ok(o)
+    let redirect = if opaque == Opaque::Yes {
+        None
+    } else {
+        get(&redir)?
+    };
+    Ok((opaque, redirect))
 }
 
 /// Resolves `name` in the merged directory made of `parent_dirs`.
@@ -152,13 +209,8 @@ pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Re
             }
             break;
         }
-        let sub = open_dir_layer(stack, dl.layer, &dl, &cur)?;
+        let FoundDir { dir: sub, redirect } = open_dir_layer(stack, dl.layer, &dl, &cur)?;
         let opaque = sub.opaque == Opaque::Yes;
-        let redirect = if opaque {
-            None
-        } else {
-            redirect_of(stack, &sub)?
-        };
         if found.is_none() {
             found = Some((
                 Loc {
@@ -170,7 +222,11 @@ pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Re
             ));
         }
         dirs.push(sub);
-        if opaque || (stack.is_lower(dl.layer) && oci_whiteout_exists(&dl, &cur)?) {
+        if opaque
+            || (stack.is_lower(dl.layer)
+                && has_oci_markers(&dl)?
+                && oci_whiteout_exists(&dl, &cur)?)
+        {
             break;
         }
         if let Some(target) = redirect {
@@ -184,11 +240,6 @@ pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Re
         Some((loc, st)) => Resolved::Dir { loc, dirs, st },
         None => Resolved::Absent,
     })
-}
-
-fn redirect_of(stack: &Stack, d: &DirLayer) -> Result<Option<Vec<u8>>> {
-    xattr::get(xattr::Target::Fd(d.fd.as_fd()), &stack.xname("redirect"))
-        .ctx(|| "read redirect xattr".into())
 }
 
 /// Where a redirected directory found in layer `layer` continues: the
@@ -257,11 +308,7 @@ pub fn root_dirs(stack: &Stack) -> Result<Vec<DirLayer>> {
                 Opaque::XattrWhiteouts => Opaque::XattrWhiteouts,
                 _ => Opaque::No,
             };
-            Ok(DirLayer {
-                layer: l.index,
-                fd: l.root.clone(),
-                opaque,
-            })
+            Ok(DirLayer::new(l.index, l.root.clone(), opaque))
         })
         .collect()
 }
