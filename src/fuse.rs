@@ -57,11 +57,12 @@ fn cname(name: &OsStr) -> Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| Error::new(libc::EINVAL, "NUL in name"))
 }
 
-fn caller(req: &Request) -> Caller {
+fn caller(req: &Request, umask: u32) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
         pid: req.pid(),
+        umask,
     }
 }
 
@@ -167,18 +168,22 @@ impl LayerFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
+        umask: u32,
         obj: NewObject<'_>,
     ) -> Result<Attr> {
         let n = cname(name)?;
         self.ov
-            .create_object(caller(req), parent.0, &n, mode, obj)
+            .create_object(caller(req, umask), parent.0, &n, mode, obj)
             .map(|(a, _)| a)
     }
 }
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let mut wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
+        // DONT_MASK: the umask is applied by layerfs, and not where the
+        // parent has a default ACL (which replaces it, as on the kernel).
+        let mut wanted = InitFlags::FUSE_DONT_MASK
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_EXPORT_SUPPORT
@@ -208,7 +213,7 @@ impl Filesystem for LayerFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         debug!("getattr({ino})");
         match guard("getattr", || self.ov.getattr(ino.0, fh.map(|f| f.0))) {
-            Ok(a) => reply.attr(&self.ttl, &to_fuse(&a)),
+            Ok(a) => reply.attr(&self.attr_ttl(&a), &to_fuse(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -242,7 +247,7 @@ impl Filesystem for LayerFs {
             fh: fh.map(|f| f.0),
         };
         match guard("setattr", || self.ov.setattr(ino.0, a)) {
-            Ok(a) => reply.attr(&self.ttl, &to_fuse(&a)),
+            Ok(a) => reply.attr(&self.attr_ttl(&a), &to_fuse(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -266,13 +271,13 @@ impl Filesystem for LayerFs {
         reply: ReplyEntry,
     ) {
         debug!("mknod({parent}, {name:?}, {mode:o}, {rdev})");
-        let mode = mode & !(umask & 0o777);
         let r = guard("mknod", || {
             self.make(
                 req,
                 parent,
                 name,
                 mode,
+                umask,
                 NewObject::Node { rdev: rdev as u64 },
             )
         });
@@ -289,9 +294,9 @@ impl Filesystem for LayerFs {
         reply: ReplyEntry,
     ) {
         debug!("mkdir({parent}, {name:?}, {mode:o})");
-        let mode = (mode & !(umask & 0o777)) | libc::S_IFDIR;
+        let mode = mode | libc::S_IFDIR;
         let r = guard("mkdir", || {
-            self.make(req, parent, name, mode, NewObject::Dir)
+            self.make(req, parent, name, mode, umask, NewObject::Dir)
         });
         self.entry(reply, r)
     }
@@ -328,6 +333,7 @@ impl Filesystem for LayerFs {
                 parent,
                 link_name,
                 libc::S_IFLNK | 0o777,
+                0,
                 NewObject::Symlink { target: &t },
             )
         });
@@ -657,14 +663,13 @@ impl Filesystem for LayerFs {
         reply: ReplyCreate,
     ) {
         debug!("create({parent}, {name:?}, {mode:o}, {flags:#x})");
-        let mode = mode & !(umask & 0o777);
         match guard("create", || {
             self.ov
-                .create(caller(req), parent.0, &cname(name)?, mode, flags)
+                .create(caller(req, umask), parent.0, &cname(name)?, mode, flags)
         }) {
             Ok((a, fh)) => reply.created(
                 &self.ttl,
-                &to_fuse(&a),
+                &fuse_attr(&a, false),
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::empty(),

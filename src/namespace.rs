@@ -135,7 +135,17 @@ impl OverlayFs {
         parent: &sys::Stat,
     ) -> Result<Option<std::os::fd::OwnedFd>> {
         let what = || format!("create {name:?}");
-        let perm = mode & 0o7777;
+        // A default ACL on the parent replaces the umask (the upper's
+        // filesystem then applies the ACL itself).
+        let default_acl = matches!(
+            xattr::get(xattr::Target::Fd(dir), c"system.posix_acl_default"),
+            Ok(Some(_))
+        );
+        let perm = if default_acl {
+            mode & 0o7777
+        } else {
+            mode & 0o7777 & !(caller.umask & 0o777)
+        };
         let mut fd = None;
         match obj {
             NewObject::File { flags } => {
@@ -145,7 +155,9 @@ impl OverlayFs {
                 fd = Some(sys::openat(dir, name, f, perm).ctx(what)?);
             }
             NewObject::Dir => sys::mkdirat(dir, name, perm).ctx(what)?,
-            NewObject::Node { rdev } => sys::mknodat(dir, name, mode, *rdev).ctx(what)?,
+            NewObject::Node { rdev } => {
+                sys::mknodat(dir, name, (mode & libc::S_IFMT) | perm, *rdev).ctx(what)?
+            }
             NewObject::Symlink { target } => sys::symlinkat(target, dir, name).ctx(what)?,
         }
         let setgid_dir = parent.st_mode & libc::S_ISGID != 0;

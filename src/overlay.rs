@@ -36,6 +36,8 @@ pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub pid: u32,
+    /// The caller's umask, for objects it creates.
+    pub umask: u32,
 }
 
 /// Invalidations the core asks the kernel for (a copy-up that broke a hard
