@@ -2650,7 +2650,11 @@ fn metadata_ops_on_read_only_fd() {
             if unsafe { libc::fchmod(fd.0, 0o600) } != 0 {
                 return Err(errno());
             }
-            Ok(format!("{} {}", stat_obs(&fd.fstat()?), content_obs(&fd.read_all()?)))
+            Ok(format!(
+                "{} {}",
+                stat_obs(&fd.fstat()?),
+                content_obs(&fd.read_all()?)
+            ))
         })
         .step("fchown on O_RDONLY fd", |m| {
             let fd = open(&p(m, "d/g.txt"), libc::O_RDONLY, 0)?;
@@ -2663,8 +2667,14 @@ fn metadata_ops_on_read_only_fd() {
         .step("futimens on O_RDONLY fd", |m| {
             let fd = open(&p(m, "both"), libc::O_RDONLY, 0)?;
             let t = [
-                libc::timespec { tv_sec: 1_333_333_333, tv_nsec: 333 },
-                libc::timespec { tv_sec: 1_344_444_444, tv_nsec: 444 },
+                libc::timespec {
+                    tv_sec: 1_333_333_333,
+                    tv_nsec: 333,
+                },
+                libc::timespec {
+                    tv_sec: 1_344_444_444,
+                    tv_nsec: 444,
+                },
             ];
             // SAFETY: valid fd and two timespecs.
             if unsafe { libc::futimens(fd.0, t.as_ptr()) } != 0 {
@@ -2694,7 +2704,10 @@ fn metadata_ops_on_read_only_fd() {
             let fd = open(&p(m, "empty"), libc::O_RDONLY, 0)?;
             fd.ftruncate(5)
         })
-        .upper_check("futimens time", upper_mtime_is("both", (1_344_444_444, 444)))
+        .upper_check(
+            "futimens time",
+            upper_mtime_is("both", (1_344_444_444, 444)),
+        )
         .reverse()
         .run();
 }
@@ -2773,25 +2786,30 @@ fn odd_names() {
     let lb = long_b.clone();
     let la2 = long_a.clone();
     let bp = |m: &Path, b: &[u8]| join(m, b);
-    Scenario::new("odd_names", vec![top, Layer::new().file(b"tab\tname", "bottom tab\n")])
-        .step("append to 'sp ace'", move |m| {
-            write_file(&bp(m, b"sp ace"), libc::O_WRONLY | libc::O_APPEND, b"+")
-        })
-        .step("unlink newline name", move |m| unlink(&bp(m, b"new\nline")))
-        .step("rename invalid utf-8 to long name", move |m| {
-            rename(&bp(m, b"bad\xff\xfeutf8"), &bp(m, &lb))
-        })
-        .step("chmod file in newline dir", move |m| {
-            chmod(&bp(m, b"dir\nwith newline/sp ace"), 0o600)
-        })
-        .step("unlink 255-byte name", move |m| unlink(&bp(m, &la)))
-        .step("recreate 255-byte name", move |m| {
-            write_file(&bp(m, &la2), libc::O_WRONLY | libc::O_CREAT, b"again")
-        })
-        .step("unlink tab name (in both layers)", move |m| unlink(&bp(m, b"tab\tname")))
-        .step("list", |m| list(m))
-        .reverse()
-        .run();
+    Scenario::new(
+        "odd_names",
+        vec![top, Layer::new().file(b"tab\tname", "bottom tab\n")],
+    )
+    .step("append to 'sp ace'", move |m| {
+        write_file(&bp(m, b"sp ace"), libc::O_WRONLY | libc::O_APPEND, b"+")
+    })
+    .step("unlink newline name", move |m| unlink(&bp(m, b"new\nline")))
+    .step("rename invalid utf-8 to long name", move |m| {
+        rename(&bp(m, b"bad\xff\xfeutf8"), &bp(m, &lb))
+    })
+    .step("chmod file in newline dir", move |m| {
+        chmod(&bp(m, b"dir\nwith newline/sp ace"), 0o600)
+    })
+    .step("unlink 255-byte name", move |m| unlink(&bp(m, &la)))
+    .step("recreate 255-byte name", move |m| {
+        write_file(&bp(m, &la2), libc::O_WRONLY | libc::O_CREAT, b"again")
+    })
+    .step("unlink tab name (in both layers)", move |m| {
+        unlink(&bp(m, b"tab\tname"))
+    })
+    .step("list", |m| list(m))
+    .reverse()
+    .run();
 }
 
 /// A directory with hundreds of entries across both layers: many whiteouts,
@@ -2816,7 +2834,10 @@ fn many_entries() {
         })
         .step("rename every seventh", |m| {
             for i in (1..400).step_by(7) {
-                let _ = rename(&p(m, &format!("big/f{i:03}")), &p(m, &format!("big/r{i:03}")));
+                let _ = rename(
+                    &p(m, &format!("big/f{i:03}")),
+                    &p(m, &format!("big/r{i:03}")),
+                );
             }
             Ok(String::new())
         })
@@ -2858,9 +2879,15 @@ fn edits_in_opaque_dirs() {
                 .file("o/sub/below", "hidden\n"),
         ],
     )
-    .step("write o/top", |m| write_file(&p(m, "o/top"), libc::O_WRONLY | libc::O_APPEND, b"+\n"))
+    .step("write o/top", |m| {
+        write_file(&p(m, "o/top"), libc::O_WRONLY | libc::O_APPEND, b"+\n")
+    })
     .step("create o/hidden (hidden below)", |m| {
-        write_file(&p(m, "o/hidden"), libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, b"new")
+        write_file(
+            &p(m, "o/hidden"),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            b"new",
+        )
     })
     .step("unlink o/sub/inner", |m| unlink(&p(m, "o/sub/inner")))
     .step("rmdir o/sub", |m| rmdir(&p(m, "o/sub")))
@@ -2885,12 +2912,440 @@ fn truncate_seen_by_earlier_reader() {
         .step("reader open, truncate by path, reader reads", |m| {
             let r = open(&p(m, "both"), libc::O_RDONLY, 0)?;
             truncate(&p(m, "both"), 3)?;
-            Ok(format!("size={} data={}", r.fstat()?.st_size, content_obs(&r.read_all()?)))
+            Ok(format!(
+                "size={} data={}",
+                r.fstat()?.st_size,
+                content_obs(&r.read_all()?)
+            ))
         })
         .step("reader open, O_TRUNC rewrite, reader reads", |m| {
             let r = open(&p(m, "d/both"), libc::O_RDONLY, 0)?;
-            write_file(&p(m, "d/both"), libc::O_WRONLY | libc::O_TRUNC, b"rewritten")?;
+            write_file(
+                &p(m, "d/both"),
+                libc::O_WRONLY | libc::O_TRUNC,
+                b"rewritten",
+            )?;
             Ok(content_obs(&r.read_all()?))
         })
         .run();
+}
+
+/// Several threads write to distinct offsets of the same lower file at the
+/// same time (one copy-up must win and no write may be lost), and others
+/// copy up siblings in the same lower directory concurrently.
+#[test]
+fn concurrent_copy_up() {
+    let mut top = Layer::new().file("deep/dir/shared", vec![b'.'; 8 * 4096]);
+    for i in 0..8 {
+        top = top.file(format!("deep/dir/s{i}"), format!("sibling {i}\n"));
+    }
+    Scenario::new(
+        "concurrent_copy_up",
+        vec![top, Layer::new().file("deep/dir/bottom", "b")],
+    )
+    .step("8 threads pwrite distinct pages of one lower file", |m| {
+        let f = p(m, "deep/dir/shared");
+        let hs: Vec<_> = (0..8u64)
+            .map(|i| {
+                let f = f.clone();
+                std::thread::spawn(move || -> R {
+                    let fd = open(&f, libc::O_WRONLY, 0)?;
+                    fd.pwrite(&[b'0' + i as u8; 100], i * 4096)
+                })
+            })
+            .collect();
+        let rs: Vec<String> = hs.into_iter().map(|h| show_r(&h.join().unwrap())).collect();
+        Ok(rs.join(","))
+    })
+    .step("read shared", |m| rd(m, "deep/dir/shared"))
+    .step("8 threads append to siblings", |m| {
+        let hs: Vec<_> = (0..8)
+            .map(|i| {
+                let f = p(m, &format!("deep/dir/s{i}"));
+                std::thread::spawn(move || -> R {
+                    write_file(&f, libc::O_WRONLY | libc::O_APPEND, b"more\n")
+                })
+            })
+            .collect();
+        let rs: Vec<String> = hs.into_iter().map(|h| show_r(&h.join().unwrap())).collect();
+        Ok(rs.join(","))
+    })
+    .step("read siblings", |m| {
+        let mut out = Vec::new();
+        for i in 0..8 {
+            out.push(rd(m, &format!("deep/dir/s{i}"))?);
+        }
+        Ok(out.join(" "))
+    })
+    // Each copy-up restores the parent's times to what it read before
+    // taking the lock; concurrent copy-ups race on that (the kernel's
+    // result varies from run to run).
+    .ignore_mtime("deep/dir")
+    .reverse()
+    .run();
+}
+
+#[test]
+fn fallocate_and_copy_file_range() {
+    Scenario::new(
+        "fallocate_and_copy_file_range",
+        vec![
+            Layer::new()
+                .large_file("src", 300_000, 3)
+                .large_file("punch", 256 * 1024, 4)
+                .file("small", "small file\n"),
+            Layer::new(),
+        ],
+    )
+    .step("fallocate extend lower file", |m| {
+        let fd = open(&p(m, "small"), libc::O_WRONLY, 0)?;
+        // SAFETY: plain syscall on our fd.
+        if unsafe { libc::fallocate(fd.0, 0, 0, 1 << 20) } != 0 {
+            return Err(errno());
+        }
+        Ok(format!("size={}", fd.fstat()?.st_size))
+    })
+    .step("fallocate punch hole in lower file", |m| {
+        let fd = open(&p(m, "punch"), libc::O_WRONLY, 0)?;
+        // SAFETY: plain syscall on our fd.
+        if unsafe {
+            libc::fallocate(
+                fd.0,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                64 * 1024,
+                64 * 1024,
+            )
+        } != 0
+        {
+            return Err(errno());
+        }
+        Ok(format!("size={}", fd.fstat()?.st_size))
+    })
+    .step("copy_file_range lower -> new", |m| {
+        let src = open(&p(m, "src"), libc::O_RDONLY, 0)?;
+        let dst = open(&p(m, "dst"), libc::O_WRONLY | libc::O_CREAT, 0o644)?;
+        let (mut oi, mut oo): (i64, i64) = (1000, 5);
+        // SAFETY: valid fds and offset pointers.
+        let n = unsafe { libc::copy_file_range(src.0, &mut oi, dst.0, &mut oo, 200_000, 0) };
+        if n < 0 {
+            return Err(errno());
+        }
+        Ok(format!("copied={n} oi={oi} oo={oo}"))
+    })
+    .step("copy_file_range into lower file (copy-up)", |m| {
+        let src = open(&p(m, "small"), libc::O_RDONLY, 0)?;
+        let dst = open(&p(m, "src"), libc::O_WRONLY, 0)?;
+        let (mut oi, mut oo): (i64, i64) = (0, 4096);
+        // SAFETY: valid fds and offset pointers.
+        let n = unsafe { libc::copy_file_range(src.0, &mut oi, dst.0, &mut oo, 11, 0) };
+        if n < 0 {
+            return Err(errno());
+        }
+        Ok(format!("copied={n}"))
+    })
+    .step("observe", |m| {
+        seq(vec![
+            ("dst", rd(m, "dst")),
+            ("src", rd(m, "src")),
+            ("punch", rd(m, "punch")),
+            ("small", st(m, "small")),
+        ])
+    })
+    .reverse()
+    .run();
+}
+
+/// posix_acl_xattr format: version 2, then (tag u16, perm u16, id u32).
+fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+const ACL_USER_OBJ: u16 = 0x01;
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_MASK: u16 = 0x10;
+const ACL_OTHER: u16 = 0x20;
+const NOID: u32 = u32::MAX;
+
+/// POSIX ACLs are copied up, enforced for other users, updated by chmod and
+/// inherited from default ACLs of (copied-up) directories.
+#[test]
+fn posix_acl_copy_up() {
+    let file_acl = acl(&[
+        (ACL_USER_OBJ, 6, NOID),
+        (ACL_USER, 6, NOBODY),
+        (ACL_GROUP_OBJ, 4, NOID),
+        (ACL_MASK, 6, NOID),
+        (ACL_OTHER, 0, NOID),
+    ]);
+    let dir_default = acl(&[
+        (ACL_USER_OBJ, 7, NOID),
+        (ACL_USER, 7, NOBODY),
+        (ACL_GROUP_OBJ, 5, NOID),
+        (ACL_MASK, 7, NOID),
+        (ACL_OTHER, 5, NOID),
+    ]);
+    let dir_access = acl(&[
+        (ACL_USER_OBJ, 7, NOID),
+        (ACL_USER, 7, NOBODY),
+        (ACL_GROUP_OBJ, 5, NOID),
+        (ACL_MASK, 7, NOID),
+        (ACL_OTHER, 5, NOID),
+    ]);
+    Scenario::new(
+        "posix_acl_copy_up",
+        vec![
+            Layer::new()
+                .file("acl/file", "acl protected\n")
+                .mode(0o640)
+                .xattr("system.posix_acl_access", &file_acl)
+                .file("acl/other", "no acl\n")
+                .mode(0o640)
+                .dir("acl/dir")
+                .mode(0o755)
+                .xattr("system.posix_acl_access", &dir_access)
+                .xattr("system.posix_acl_default", &dir_default),
+            Layer::new(),
+        ],
+    )
+    .step("nobody reads file via ACL", |m| {
+        let f = p(m, "acl/file");
+        user(|| read_file(&f))
+    })
+    .step("nobody reads file without ACL", |m| {
+        let f = p(m, "acl/other");
+        user(|| read_file(&f))
+    })
+    .step("nobody appends via ACL (copy-up)", |m| {
+        let f = p(m, "acl/file");
+        user(|| write_file(&f, libc::O_WRONLY | libc::O_APPEND, b"by nobody\n"))
+    })
+    .step("ACL after copy-up", |m| {
+        lgetxattr(&p(m, "acl/file"), "system.posix_acl_access")
+    })
+    .step("nobody creates in dir via ACL", |m| {
+        let f = p(m, "acl/dir/by_nobody");
+        user(|| write_file(&f, libc::O_WRONLY | libc::O_CREAT, b"n"))
+    })
+    .step("root creates in dir with default ACL", |m| {
+        write_file(&p(m, "acl/dir/new"), libc::O_WRONLY | libc::O_CREAT, b"new")?;
+        seq(vec![
+            ("st", st(m, "acl/dir/new")),
+            (
+                "acl",
+                lgetxattr(&p(m, "acl/dir/new"), "system.posix_acl_access"),
+            ),
+        ])
+    })
+    .step("mkdir inherits default ACL", |m| {
+        mkdir(&p(m, "acl/dir/sub"), 0o777)?;
+        seq(vec![
+            ("st", st(m, "acl/dir/sub")),
+            (
+                "default",
+                lgetxattr(&p(m, "acl/dir/sub"), "system.posix_acl_default"),
+            ),
+        ])
+    })
+    .step("chmod 0600 updates mask", |m| {
+        chmod(&p(m, "acl/file"), 0o600)?;
+        lgetxattr(&p(m, "acl/file"), "system.posix_acl_access")
+    })
+    .step("nobody denied after chmod", |m| {
+        let f = p(m, "acl/file");
+        user(|| read_file(&f))
+    })
+    .step("remove ACL", |m| {
+        lremovexattr(&p(m, "acl/dir"), "system.posix_acl_default")?;
+        llistxattr(&p(m, "acl/dir"))
+    })
+    .reverse()
+    .run();
+}
+
+/// A non-root user modifies files it owns inside root-owned lower
+/// directories it cannot write: the copy-up of the parents is done with the
+/// mounter's rights, the result belongs to the user.
+#[test]
+fn non_root_copy_up_in_root_dir() {
+    Scenario::new(
+        "non_root_copy_up_in_root_dir",
+        vec![
+            Layer::new()
+                .file("rootdir/sub/userfile", "user data\n")
+                .owner(NOBODY, NOGROUP)
+                .mode(0o644)
+                .file("rootdir/sub/userfile2", "user data 2\n")
+                .owner(NOBODY, NOGROUP)
+                .at("rootdir/sub")
+                .mode(0o755)
+                .mtime(1_123_456_789, 1)
+                .at("rootdir")
+                .mode(0o555),
+            Layer::new(),
+        ],
+    )
+    .step("user appends own file", |m| {
+        let f = p(m, "rootdir/sub/userfile");
+        user(|| write_file(&f, libc::O_WRONLY | libc::O_APPEND, b"more\n"))
+    })
+    .step("user chmods own file", |m| {
+        let f = p(m, "rootdir/sub/userfile2");
+        user(|| chmod(&f, 0o600))
+    })
+    .step("user sets times on own file", |m| {
+        let f = p(m, "rootdir/sub/userfile2");
+        user(|| {
+            utimens(
+                &f,
+                Ts::Set(1_200_000_000, 9),
+                Ts::Set(1_200_000_001, 9),
+                false,
+            )
+        })
+    })
+    .step("user cannot unlink it", |m| {
+        let f = p(m, "rootdir/sub/userfile");
+        user(|| unlink(&f))
+    })
+    .step("user cannot rename into root dir", |m| {
+        let (a, b) = (p(m, "rootdir/sub/userfile"), p(m, "rootdir/moved"));
+        user(|| rename(&a, &b))
+    })
+    .step("observe", |m| {
+        seq(vec![
+            ("f", st(m, "rootdir/sub/userfile")),
+            ("f2", st(m, "rootdir/sub/userfile2")),
+            ("sub", st(m, "rootdir/sub")),
+            ("root", st(m, "rootdir")),
+        ])
+    })
+    .upper_check(
+        "sub keeps lower mtime",
+        upper_mtime_is("rootdir/sub", (1_123_456_789, 1)),
+    )
+    .reverse()
+    .run();
+}
+
+/// Lower hard links: rename of one name onto the other (same inode: a
+/// no-op), then renames and links of the names.
+#[test]
+fn renames_of_lower_hardlinks() {
+    Scenario::new(
+        "renames_of_lower_hardlinks",
+        vec![
+            Layer::new()
+                .file("h1", "hl data\n")
+                .hardlink("h2", "h1")
+                .hardlink("dir/h3", "h1"),
+            Layer::new(),
+        ],
+    )
+    .step("rename h1 onto h2 (same inode)", |m| {
+        rename(&p(m, "h1"), &p(m, "h2"))
+    })
+    .step("after", |m| {
+        seq(vec![
+            ("root", list(m)),
+            ("h1", st(m, "h1")),
+            ("h2", st(m, "h2")),
+        ])
+    })
+    .step("rename h2 -> moved", |m| {
+        rename(&p(m, "h2"), &p(m, "moved"))
+    })
+    .step("link dir/h3 -> h4", |m| link(&p(m, "dir/h3"), &p(m, "h4")))
+    .step("identities", |m| {
+        let i = |r: &str| ino(&p(m, r));
+        Ok(format!(
+            "h3=h4:{} moved=h3:{} nl_moved={} nl_h4={}",
+            i("dir/h3")? == i("h4")?,
+            i("moved")? == i("dir/h3")?,
+            lstat(&p(m, "moved"))?.st_nlink,
+            lstat(&p(m, "h4"))?.st_nlink
+        ))
+    })
+    .step("write via h4", |m| {
+        write_file(&p(m, "h4"), libc::O_WRONLY | libc::O_APPEND, b"via h4\n")?;
+        seq(vec![("h3", rd(m, "dir/h3")), ("moved", rd(m, "moved"))])
+    })
+    .reverse()
+    .run();
+}
+
+/// Attributes and data seen through one name of a hard-linked file after a
+/// change made through another name (caches must not serve stale values).
+#[test]
+fn hardlink_attr_coherence() {
+    Scenario::new(
+        "hardlink_attr_coherence",
+        vec![
+            Layer::new()
+                .file("h1", "lower hl\n")
+                .hardlink("h2", "h1")
+                .file("k1", "k\n")
+                .hardlink("k2", "k1"),
+            Layer::new(),
+        ],
+    )
+    .step("upper: link, stat, unlink other name, stat", |m| {
+        write_file(&p(m, "x"), libc::O_WRONLY | libc::O_CREAT, b"x data\n")?;
+        link(&p(m, "x"), &p(m, "y"))?;
+        let before = describe(&p(m, "y"))?;
+        unlink(&p(m, "x"))?;
+        Ok(format!("{before} -> {}", describe(&p(m, "y"))?))
+    })
+    .step("upper: read via y, append via z, read via y", |m| {
+        link(&p(m, "y"), &p(m, "z"))?;
+        let before = read_file(&p(m, "y"))?;
+        write_file(&p(m, "z"), libc::O_WRONLY | libc::O_APPEND, b"more\n")?;
+        Ok(format!(
+            "{before} -> {} {}",
+            read_file(&p(m, "y"))?,
+            describe(&p(m, "y"))?
+        ))
+    })
+    .step("upper: chmod via z, stat y", |m| {
+        describe(&p(m, "y"))?;
+        chmod(&p(m, "z"), 0o600)?;
+        describe(&p(m, "y"))
+    })
+    .step(
+        "lower: stat h2, link h1 -> h5, append via h1, read h5 and h2",
+        |m| {
+            let h2 = describe(&p(m, "h2"))?;
+            link(&p(m, "h1"), &p(m, "h5"))?;
+            let h5 = describe(&p(m, "h5"))?;
+            write_file(&p(m, "h1"), libc::O_WRONLY | libc::O_APPEND, b"via h1\n")?;
+            Ok(format!(
+                "h2={h2} h5={h5} -> h5={} {} h2={} {}",
+                describe(&p(m, "h5"))?,
+                read_file(&p(m, "h5"))?,
+                describe(&p(m, "h2"))?,
+                read_file(&p(m, "h2"))?
+            ))
+        },
+    )
+    .step("lower: stat k2, chmod k1, stat k1 and k2", |m| {
+        let before = describe(&p(m, "k2"))?;
+        chmod(&p(m, "k1"), 0o600)?;
+        Ok(format!(
+            "{before} -> k1={} k2={}",
+            describe(&p(m, "k1"))?,
+            describe(&p(m, "k2"))?
+        ))
+    })
+    .step("lower: unlink h2, stat h1 and h5", |m| {
+        unlink(&p(m, "h2"))?;
+        seq(vec![("h1", st(m, "h1")), ("h5", st(m, "h5"))])
+    })
+    .reverse()
+    .run();
 }

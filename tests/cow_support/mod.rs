@@ -962,6 +962,7 @@ pub struct Scenario {
     cross: bool,
     blocks: bool,
     ignore_content: Vec<Vec<u8>>,
+    ignore_mtime: Vec<Vec<u8>>,
     upper_checks: Vec<(String, Box<CheckFn>)>,
     view_checks: Vec<(String, Box<CheckFn>)>,
 }
@@ -976,6 +977,7 @@ impl Scenario {
             cross: true,
             blocks: true,
             ignore_content: Vec::new(),
+            ignore_mtime: Vec::new(),
             upper_checks: Vec::new(),
             view_checks: Vec::new(),
         }
@@ -1012,6 +1014,24 @@ impl Scenario {
     pub fn ignore_content(mut self, rel: &str) -> Scenario {
         self.ignore_content.push(rel.as_bytes().to_vec());
         self
+    }
+
+    /// Do not compare the mtime of this path (e.g. a parent dir whose
+    /// time restoration races between concurrent copy-ups, in the kernel
+    /// as well).
+    pub fn ignore_mtime(mut self, rel: &str) -> Scenario {
+        self.ignore_mtime.push(rel.as_bytes().to_vec());
+        self
+    }
+
+    /// Apply `ignore_content` and `ignore_mtime` to a snapshot.
+    fn strip(&self, s: &mut Snapshot) {
+        strip_content(s, &self.ignore_content);
+        for p in &self.ignore_mtime {
+            if let Some(e) = s.entries.get_mut(p) {
+                e.mtime = (0, 0);
+            }
+        }
     }
 
     /// A check run on each upper dir after unmount; returns problems. The
@@ -1066,7 +1086,9 @@ impl Scenario {
         let before = stack.lower_snapshots("before");
         let base = scenario_base(&self.name.chars().take(20).collect::<String>());
         let b = base.path();
-        for d in ["k_up", "k_work", "f_up", "f_work", "x_work", "r_work", "m_work"] {
+        for d in [
+            "k_up", "k_work", "f_up", "f_work", "x_work", "r_work", "m_work",
+        ] {
             fresh_dir(&b.join(d));
         }
         for d in ["k_mnt", "f_mnt", "x_mnt", "r_mnt", "m_mnt"] {
@@ -1120,8 +1142,8 @@ impl Scenario {
         // 2. Merged views.
         let mut ks = snapshot("kernel", km.path());
         let mut fs_ = snapshot(ut, fm.path());
-        strip_content(&mut ks, &self.ignore_content);
-        strip_content(&mut fs_, &self.ignore_content);
+        self.strip(&mut ks);
+        self.strip(&mut fs_);
         problems.extend(
             compare_views_with(&ks, &fs_, fresh_after, self.blocks)
                 .into_iter()
@@ -1138,8 +1160,8 @@ impl Scenario {
         let mut fu = snapshot(&format!("{ut}-upper"), &f_up);
         normalize_upper(&mut ku);
         normalize_upper(&mut fu);
-        strip_content(&mut ku, &self.ignore_content);
-        strip_content(&mut fu, &self.ignore_content);
+        self.strip(&mut ku);
+        self.strip(&mut fu);
         problems.extend(
             compare_uppers(&ku, &fu, fresh_after, self.blocks)
                 .into_iter()
@@ -1171,7 +1193,7 @@ impl Scenario {
             ) {
                 Ok(mut xm) => {
                     let mut xs = snapshot(&format!("kernel-over-{ut}-upper"), xm.path());
-                    strip_content(&mut xs, &self.ignore_content);
+                    self.strip(&mut xs);
                     problems.extend(
                         compare_views_with(&fs_, &xs, fresh_after, self.blocks)
                             .into_iter()
@@ -1194,7 +1216,7 @@ impl Scenario {
             ) {
                 Ok(mut rm) => {
                     let mut rs = snapshot(&format!("{ut}-over-kernel-upper"), rm.path());
-                    strip_content(&mut rs, &self.ignore_content);
+                    self.strip(&mut rs);
                     problems.extend(
                         compare_views_with(&ks, &rs, fresh_after, self.blocks)
                             .into_iter()
@@ -1211,10 +1233,16 @@ impl Scenario {
 
         // 6. Remount: the implementation under test over its own upper
         // (fresh work dir) shows what it showed before.
-        match Mnt::mount(under_test(), &stack.lowers, &f_up, &b.join("m_work"), &b.join("m_mnt")) {
+        match Mnt::mount(
+            under_test(),
+            &stack.lowers,
+            &f_up,
+            &b.join("m_work"),
+            &b.join("m_mnt"),
+        ) {
             Ok(mut mm) => {
                 let mut ms = snapshot(&format!("{ut}-remounted"), mm.path());
-                strip_content(&mut ms, &self.ignore_content);
+                self.strip(&mut ms);
                 problems.extend(
                     compare_views_with(&fs_, &ms, fresh_after, self.blocks)
                         .into_iter()
