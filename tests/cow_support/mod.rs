@@ -631,6 +631,36 @@ pub fn fresh_dir(p: &Path) {
     set_mtime(p, UPPER_MTIME).expect("utimensat");
 }
 
+static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+extern "C" fn remove_bin_link() {
+    if let Some(p) = BIN.get() {
+        if p.as_path() != Path::new(layerfs_bin()) {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// The layerfs binary for this test process: a hard link (or copy) of the
+/// cargo-built binary taken at first use, so a concurrent `cargo build`
+/// replacing the binary cannot make later scenarios of the same run use
+/// another build (or fail to spawn it). Removed at exit.
+pub fn layerfs_binary() -> &'static Path {
+    BIN.get_or_init(|| {
+        let orig = PathBuf::from(layerfs_bin());
+        let mine = test_tmp().join(format!("layerfs-cow-bin-{}", std::process::id()));
+        let _ = fs::remove_file(&mine);
+        let ok = fs::hard_link(&orig, &mine).is_ok() || fs::copy(&orig, &mine).is_ok();
+        if ok {
+            // SAFETY: registering a plain extern "C" function.
+            unsafe { libc::atexit(remove_bin_link) };
+            mine
+        } else {
+            orig
+        }
+    })
+}
+
 fn pids_with_arg(arg: &[u8]) -> Vec<i32> {
     let me = std::process::id() as i32;
     let mut out = Vec::new();
@@ -700,7 +730,7 @@ impl Mnt {
                 c
             }
             Fs::Layerfs => {
-                let mut c = Command::new(layerfs_bin());
+                let mut c = Command::new(layerfs_binary());
                 c.arg("mount");
                 for l in lowers {
                     c.arg("--lower").arg(l);
