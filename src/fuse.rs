@@ -136,7 +136,7 @@ impl LayerFs {
     /// not the `st_ino` (the kernel would show the node id until it asks
     /// again with GETATTR, whose answer carries the real `st_ino`).
     fn attr_ttl(&self, a: &Attr) -> Duration {
-        if a.ino == a.st.st_ino {
+        if a.cache && a.ino == a.st.st_ino {
             self.ttl
         } else {
             Duration::ZERO

@@ -2,10 +2,14 @@
 //!
 //! A node's number is normally the inode number it reports (see
 //! `layer::Stack::map_ino`), so it is stable across copy-up. The exception
-//! is a hard-linked lower file: the kernel's overlayfs gives each of its
-//! names its own inode (reporting the shared `st_ino`), because a copy-up
-//! through one name must not change the others. Such names get a node
-//! each, with a number from a private range, keyed by (parent, name).
+//! is a hard-linked file: each of its names gets a node of its own, with a
+//! number from a private range, keyed by (parent, name), reporting the
+//! shared `st_ino`. The kernel's overlayfs gives each name of a lower hard
+//! link its own inode, because a copy-up through one name must not change
+//! the others; and since FUSE never says through which name an inode is
+//! used, each name must be its own node to be copied up, unlinked or
+//! renamed correctly. Their attributes are never cached by the kernel, so
+//! a change through one name shows through the others.
 //! Invariants: a node stays in the table while the kernel holds lookups on
 //! it (`forget` drops them); a child holds an `Arc` of its parent, so the
 //! parent chain needed for copy-up is always there; a node's location only
@@ -90,6 +94,9 @@ pub struct Node {
     pub st_ino: AtomicU64,
     /// For per-name nodes: the (parent, name) key they are found by.
     pub path_key: Option<(u64, Vec<u8>)>,
+    /// The kernel must not cache this node's attributes: its object is
+    /// also reachable through other nodes (hard links), which may change it.
+    pub uncached: std::sync::atomic::AtomicBool,
     /// `S_IFMT` bits; an object never changes type.
     pub fmt: u32,
     lookups: AtomicU64,
@@ -107,6 +114,7 @@ impl Node {
             ino,
             st_ino: AtomicU64::new(ino),
             path_key: None,
+            uncached: std::sync::atomic::AtomicBool::new(false),
             fmt,
             lookups: AtomicU64::new(0),
             state: RwLock::new(state),
@@ -230,6 +238,7 @@ impl NodeTable {
         let mut node = Node::new(id, fmt, state);
         node.st_ino = AtomicU64::new(st_ino);
         node.path_key = Some(key.clone());
+        node.uncached = std::sync::atomic::AtomicBool::new(true);
         let node = Arc::new(node);
         node.lookups.store(1, Ordering::Relaxed);
         paths.insert(key, id);
@@ -238,6 +247,16 @@ impl NodeTable {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, node.clone());
         node
+    }
+
+    /// The per-name node at (parent, name), if the kernel holds one.
+    pub fn get_path(&self, key: &(u64, Vec<u8>)) -> Option<Arc<Node>> {
+        let id = *self
+            .paths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)?;
+        self.get(id)
     }
 
     /// Drops `n` kernel lookups; the node leaves the table at zero.

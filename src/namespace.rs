@@ -261,7 +261,7 @@ impl OverlayFs {
             Err(e) if crate::error::is_enoent(&e) => None,
             Err(e) => return Err(e).ctx(|| format!("stat {name:?}")),
         };
-        self.detach(ino, &r);
+        self.detach(parent, name, ino, &r);
         if self.lower_has(&p, name)? {
             return self.whiteout_at(&p, name, upper_kind);
         }
@@ -280,8 +280,9 @@ impl OverlayFs {
 
     /// Keeps a deleted object reachable for those who still hold it (open
     /// files, a cwd): an `O_PATH` fd on it, and no name.
-    fn detach(&self, ino: u64, r: &Resolved) {
-        let Some(node) = self.nodes.get(ino) else {
+    fn detach(&self, parent: u64, name: &CStr, ino: u64, r: &Resolved) {
+        let per_name = self.nodes.get_path(&(parent, name.to_bytes().to_vec()));
+        let Some(node) = per_name.or_else(|| self.nodes.get(ino)) else {
             return;
         };
         let fd = match r {
@@ -350,7 +351,7 @@ impl OverlayFs {
         }
         if !exchange && new.exists() {
             let ino = resolve::ino_of(&self.stack, &new)?;
-            self.detach(ino, &new);
+            self.detach(newp, newname, ino, &new);
         }
         let po = self.prepare_parent(oldp)?;
         let pn = self.prepare_parent(newp)?;
@@ -554,6 +555,18 @@ impl OverlayFs {
         } else {
             sys::linkat(src.dir.as_fd(), &src.name, p.upper.fd.as_fd(), newname)
                 .ctx(|| "link".into())?;
+        }
+        // The object now has several names, served by several nodes: none
+        // of them may have its attributes cached any more.
+        let st_ino = node.st_ino.load(std::sync::atomic::Ordering::Relaxed);
+        for n in [Some(node.clone()), self.nodes.get(st_ino)]
+            .into_iter()
+            .flatten()
+        {
+            n.uncached.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(inv) = self.invalidator.get() {
+                inv.inval_attr(n.ino);
+            }
         }
         let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?;
         Ok(self.record(&p.node, r)?.1)

@@ -28,6 +28,9 @@ use crate::sys::{self, Stat, xattr};
 pub struct Attr {
     pub ino: u64,
     pub st: Stat,
+    /// Whether the kernel may cache these attributes (not for objects
+    /// reachable through several nodes).
+    pub cache: bool,
 }
 
 /// Who asks: the calling process's credentials.
@@ -137,7 +140,11 @@ impl OverlayFs {
             st.st_nlink = 1;
         }
         st.st_ino = node.st_ino.load(Ordering::Relaxed);
-        Ok(Attr { ino: node.ino, st })
+        Ok(Attr {
+            ino: node.ino,
+            st,
+            cache: !node.uncached.load(Ordering::Relaxed),
+        })
     }
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
@@ -149,7 +156,11 @@ impl OverlayFs {
                 if node.is_dir() && node.snapshot().dirs.len() > 1 {
                     st.st_nlink = 1;
                 }
-                return Ok(Attr { ino, st });
+                return Ok(Attr {
+                    ino,
+                    st,
+                    cache: !node.uncached.load(Ordering::Relaxed),
+                });
             }
         }
         self.attr_of(&node, &node.snapshot())
@@ -202,13 +213,7 @@ impl OverlayFs {
         };
         let merged = state.dirs.len() > 1;
         let fmt = st.st_mode & libc::S_IFMT;
-        let lower_hardlink = fmt != libc::S_IFDIR
-            && st.st_nlink > 1
-            && state
-                .loc
-                .as_ref()
-                .is_some_and(|l| self.stack.is_lower(l.layer));
-        let node = if lower_hardlink {
+        let node = if fmt != libc::S_IFDIR && st.st_nlink > 1 {
             let name = state
                 .loc
                 .as_ref()
@@ -224,7 +229,15 @@ impl OverlayFs {
             st.st_nlink = 1;
         }
         st.st_ino = node.st_ino.load(Ordering::Relaxed);
-        Ok((node.clone(), Attr { ino: node.ino, st }))
+        let cache = !node.uncached.load(Ordering::Relaxed);
+        Ok((
+            node.clone(),
+            Attr {
+                ino: node.ino,
+                st,
+                cache,
+            },
+        ))
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
