@@ -43,6 +43,9 @@ pub struct Options {
     pub timeout: std::time::Duration,
     /// Let the kernel enforce and cache POSIX ACLs (off with `noacl`).
     pub acl: bool,
+    /// Use FUSE passthrough for files in the upper layer when the kernel
+    /// allows it (off with `passthrough=off`).
+    pub passthrough: bool,
     /// Extra options passed to the kernel mount (nodev, nosuid, noexec, ...).
     pub kernel_flags: Vec<String>,
     /// Options accepted but not acted on, to warn about.
@@ -55,11 +58,11 @@ impl Default for Options {
             read_only: false,
             userxattr: false,
             volatile: false,
-            // SAFETY-free: reading the euid has no preconditions.
             allow_other: is_root(),
             threads: default_threads(),
             timeout: std::time::Duration::from_secs(86400),
             acl: true,
+            passthrough: true,
             kernel_flags: Vec::new(),
             ignored: Vec::new(),
         }
@@ -207,6 +210,10 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
             o.timeout = std::time::Duration::from_secs_f64(secs.min(1e9));
         }
         ("noacl", None) => o.acl = false,
+        ("passthrough", Some(b"off" | b"0" | b"no")) | ("nopassthrough", None) => {
+            o.passthrough = false
+        }
+        ("passthrough", Some(_)) => o.passthrough = true,
         ("default_permissions" | "static_nlink" | "fast_ino" | "nonempty", None) => {}
         _ => o.ignored.push(String::from_utf8_lossy(item).into_owned()),
     }

@@ -11,22 +11,24 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use log::{debug, error, warn};
 
 use crate::attrs::{SetAttr, SetTime};
 use crate::error::{Error, Result};
 use crate::namespace::NewObject;
-use crate::overlay::{Attr, Caller, OverlayFs};
+use crate::overlay::{Attr, Caller, OpenIo, OverlayFs};
 
 pub struct LayerFs {
     pub ov: Arc<OverlayFs>,
     pub ttl: Duration,
     pub acl: bool,
+    /// Offer FUSE passthrough (set from the kernel's answer at init).
+    pub passthrough: bool,
 }
 
 /// Runs a core call; a panic becomes `EIO` with a log line.
@@ -194,8 +196,17 @@ impl Filesystem for LayerFs {
             // system.posix_acl_access on every `ls -l`.
             wanted |= InitFlags::FUSE_POSIX_ACL;
         }
+        if self.passthrough && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH) {
+            // Backing files on a plain filesystem (depth 0); layers on an
+            // overlay of their own fall back to cached I/O.
+            if config.set_max_stack_depth(1).is_ok() {
+                wanted |= InitFlags::FUSE_PASSTHROUGH;
+            }
+        }
         let supported = config.capabilities() & wanted;
         let _ = config.add_capabilities(supported);
+        self.passthrough = supported.contains(InitFlags::FUSE_PASSTHROUGH);
+        debug!("passthrough: {}", self.passthrough);
         Ok(())
     }
 
@@ -380,8 +391,16 @@ impl Filesystem for LayerFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         debug!("open({ino}, {:#x})", flags.0);
-        match guard("open", || self.ov.open(ino.0, flags.0)) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        match guard("open", || self.ov.open(ino.0, flags.0, self.passthrough)) {
+            Ok((fh, OpenIo::Cached { keep_cache })) => {
+                reply.opened(FileHandle(fh), cache_flags(keep_cache))
+            }
+            Ok((fh, OpenIo::Passthrough { fd, existing })) => {
+                match self.backing(fh, &fd, existing, |f| reply.open_backing(f)) {
+                    Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+                    None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                }
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -663,17 +682,43 @@ impl Filesystem for LayerFs {
         reply: ReplyCreate,
     ) {
         debug!("create({parent}, {name:?}, {mode:o}, {flags:#x})");
-        match guard("create", || {
-            self.ov
-                .create(caller(req, umask), parent.0, &cname(name)?, mode, flags)
-        }) {
-            Ok((a, fh)) => reply.created(
+        let r = guard("create", || {
+            self.ov.create(
+                caller(req, umask),
+                parent.0,
+                &cname(name)?,
+                mode,
+                flags,
+                self.passthrough,
+            )
+        });
+        match r {
+            Ok((a, fh, OpenIo::Cached { .. })) => reply.created(
                 &self.ttl,
                 &fuse_attr(&a, false),
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::empty(),
             ),
+            Ok((a, fh, OpenIo::Passthrough { fd, existing })) => {
+                match self.backing(fh, &fd, existing, |f| reply.open_backing(f)) {
+                    Some(id) => reply.created_passthrough(
+                        &self.ttl,
+                        &fuse_attr(&a, false),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &id,
+                    ),
+                    None => reply.created(
+                        &self.ttl,
+                        &fuse_attr(&a, false),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    ),
+                }
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -734,6 +779,43 @@ impl Filesystem for LayerFs {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+}
+
+fn cache_flags(keep_cache: bool) -> FopenFlags {
+    if keep_cache {
+        FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::empty()
+    }
+}
+
+impl LayerFs {
+    /// The kernel registration of a passthrough open's backing file: the
+    /// node's existing one, or a new one. `None` (the open then continues
+    /// cached) when the kernel refuses, e.g. for a backing file on a stacked
+    /// filesystem.
+    fn backing(
+        &self,
+        fh: u64,
+        fd: &Arc<std::os::fd::OwnedFd>,
+        existing: Option<Arc<dyn std::any::Any + Send + Sync>>,
+        open: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        use std::os::fd::AsFd;
+        let id = match existing.map(|e| e.downcast::<BackingId>()) {
+            Some(Ok(id)) => id,
+            _ => match open(fd.as_fd()) {
+                Ok(id) => Arc::new(id),
+                Err(e) => {
+                    debug!("passthrough refused for fh {fh}: {e}");
+                    self.ov.demote_to_cached(fh);
+                    return None;
+                }
+            },
+        };
+        self.ov.set_backing(fh, id.clone());
+        Some(id)
     }
 }
 

@@ -18,6 +18,11 @@ pub struct FileHandle {
     /// The open fd and the node's copy-up generation when it was opened.
     pub fd: RwLock<(Arc<OwnedFd>, u64)>,
     pub flags: i32,
+    /// Passthrough (the kernel reads and writes the backing file itself)
+    /// or cached (through layerfs).
+    pub passthrough: std::sync::atomic::AtomicBool,
+    /// Keeps the kernel's backing-file registration alive while open.
+    pub backing: Mutex<Option<Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 pub struct DirHandle {

@@ -60,6 +60,19 @@ pub struct Loc {
     pub name: CString,
 }
 
+/// Open files of a node by I/O mode. The kernel refuses to mix modes on
+/// one inode (a cached open while passthrough ones are open fails with
+/// ETXTBSY) and needs one backing file for all passthrough opens, so the
+/// mode of a new open follows the ones already open.
+#[derive(Default)]
+pub struct NodeIo {
+    pub cached: u32,
+    pub passthrough: u32,
+    /// The kernel's backing-file registration shared by passthrough opens
+    /// (an opaque token owned by the FUSE adapter).
+    pub backing: Option<std::sync::Weak<dyn std::any::Any + Send + Sync>>,
+}
+
 /// The mutable part of a node.
 #[derive(Clone)]
 pub struct NodeState {
@@ -94,6 +107,8 @@ pub struct Node {
     pub st_ino: AtomicU64,
     /// For per-name nodes: the (parent, name) key they are found by.
     pub path_key: Option<(u64, Vec<u8>)>,
+    /// How the kernel does I/O on this node's open files (see `NodeIo`).
+    pub io: Mutex<NodeIo>,
     /// The kernel must not cache this node's attributes: its object is
     /// also reachable through other nodes (hard links), which may change it.
     pub uncached: std::sync::atomic::AtomicBool,
@@ -120,6 +135,7 @@ impl Node {
             state: RwLock::new(state),
             lock: Mutex::new(()),
             generation: AtomicU64::new(0),
+            io: Mutex::new(NodeIo::default()),
         }
     }
 

@@ -122,6 +122,7 @@ pub fn new_session(cfg: &MountConfig, mountpoint: &Path) -> Result<Session<Layer
         ov: ov.clone(),
         ttl: cfg.options.timeout,
         acl: cfg.options.acl,
+        passthrough: cfg.options.passthrough,
     };
     let mut config = Config::default();
     config.mount_options = mount_options(cfg);

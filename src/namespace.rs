@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::error::{Context, Error, Result};
 use crate::inode::{DirLayer, Node};
 use crate::layer;
-use crate::overlay::{Attr, Caller, OverlayFs};
+use crate::overlay::{Attr, Caller, OpenIo, OverlayFs};
 use crate::readdir;
 use crate::resolve::{self, Resolved};
 use crate::sys::{self, xattr};
@@ -582,20 +582,15 @@ impl OverlayFs {
         name: &CStr,
         mode: u32,
         flags: i32,
-    ) -> Result<(Attr, u64)> {
+        passthrough: bool,
+    ) -> Result<(Attr, u64, OpenIo)> {
         let mode = (mode & 0o7777) | libc::S_IFREG;
         let (attr, fd) =
             self.create_object(caller, parent, name, mode, NewObject::File { flags })?;
         let node = self.node(attr.ino)?;
         let fd = fd.ok_or_else(|| Error::new(libc::EIO, "create returned no fd"))?;
         let generation = node.generation.load(std::sync::atomic::Ordering::Acquire);
-        let fh = self
-            .handles
-            .insert(crate::handles::Handle::File(crate::handles::FileHandle {
-                node,
-                fd: std::sync::RwLock::new((Arc::new(fd), generation)),
-                flags,
-            }));
-        Ok((attr, fh))
+        let (fh, io) = self.insert_file(node, fd, generation, flags, passthrough);
+        Ok((attr, fh, io))
     }
 }

@@ -33,6 +33,19 @@ pub struct Attr {
     pub cache: bool,
 }
 
+/// How the kernel should do the I/O of a new open file.
+pub enum OpenIo {
+    /// Through layerfs; `keep_cache`: the page cache stays valid across
+    /// opens (lower files never change).
+    Cached { keep_cache: bool },
+    /// Directly on `fd`, registered with the kernel unless a registration
+    /// for this node exists already (`existing`).
+    Passthrough {
+        fd: Arc<OwnedFd>,
+        existing: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    },
+}
+
 /// Who asks: the calling process's credentials.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
@@ -278,7 +291,9 @@ impl OverlayFs {
         sys::openat(loc.dir.as_fd(), &loc.name, flags, 0).ctx(|| format!("open {:?}", loc.name))
     }
 
-    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+    /// Opens a file; `passthrough` says whether the kernel may do its I/O
+    /// directly on the backing file.
+    pub fn open(&self, ino: u64, flags: i32, passthrough: bool) -> Result<(u64, OpenIo)> {
         let node = self.node(ino)?;
         let generation = node.generation.load(Ordering::Acquire);
         let fd = if opens_for_write(flags) {
@@ -290,11 +305,80 @@ impl OverlayFs {
             self.open_loc(&node.snapshot(), flags & !libc::O_APPEND)?
         };
         let generation = generation.max(node.generation.load(Ordering::Acquire));
-        Ok(self.handles.insert(Handle::File(FileHandle {
+        Ok(self.insert_file(node, fd, generation, flags, passthrough))
+    }
+
+    /// Registers an open file and chooses its I/O mode: passthrough for a
+    /// file in the upper layer when no cached open of the node exists;
+    /// cached otherwise — lower files in particular, so that a reader opened
+    /// before a copy-up sees the data written after it (the kernel's rule),
+    /// with the page cache kept across opens since lower files never change.
+    pub(crate) fn insert_file(
+        &self,
+        node: Arc<Node>,
+        fd: OwnedFd,
+        generation: u64,
+        flags: i32,
+        passthrough: bool,
+    ) -> (u64, OpenIo) {
+        let upper = node
+            .snapshot()
+            .top_layer()
+            .is_some_and(|l| self.stack.is_upper(l));
+        let fd = Arc::new(fd);
+        let mut io = node.io.lock().unwrap_or_else(|e| e.into_inner());
+        let existing = io.backing.as_ref().and_then(std::sync::Weak::upgrade);
+        let mode = if io.passthrough > 0 && existing.is_some() {
+            OpenIo::Passthrough {
+                fd: fd.clone(),
+                existing,
+            }
+        } else if passthrough && upper && io.cached == 0 && io.passthrough == 0 {
+            OpenIo::Passthrough {
+                fd: fd.clone(),
+                existing: None,
+            }
+        } else {
+            OpenIo::Cached { keep_cache: !upper }
+        };
+        let pt = matches!(mode, OpenIo::Passthrough { .. });
+        if pt {
+            io.passthrough += 1;
+        } else {
+            io.cached += 1;
+        }
+        drop(io);
+        let fh = self.handles.insert(Handle::File(FileHandle {
             node,
-            fd: std::sync::RwLock::new((Arc::new(fd), generation)),
+            fd: std::sync::RwLock::new((fd, generation)),
             flags,
-        })))
+            passthrough: std::sync::atomic::AtomicBool::new(pt),
+            backing: std::sync::Mutex::new(None),
+        }));
+        (fh, mode)
+    }
+
+    /// Records the kernel's backing registration of a passthrough open.
+    pub fn set_backing(&self, fh: u64, token: Arc<dyn std::any::Any + Send + Sync>) {
+        if let Some(h) = self.handles.get(fh)
+            && let Handle::File(f) = &*h
+        {
+            let mut io = f.node.io.lock().unwrap_or_else(|e| e.into_inner());
+            io.backing = Some(Arc::downgrade(&token));
+            *f.backing.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
+        }
+    }
+
+    /// A passthrough open the kernel could not set up continues cached.
+    pub fn demote_to_cached(&self, fh: u64) {
+        if let Some(h) = self.handles.get(fh)
+            && let Handle::File(f) = &*h
+            && f.passthrough.swap(false, Ordering::AcqRel)
+        {
+            let mut io = f.node.io.lock().unwrap_or_else(|e| e.into_inner());
+            io.passthrough = io.passthrough.saturating_sub(1);
+            io.cached += 1;
+        }
     }
 
     /// The fd of an open file, reopened on the upper copy if the object was
@@ -337,7 +421,19 @@ impl OverlayFs {
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles.remove(fh);
+        if let Some(h) = self.handles.remove(fh)
+            && let Handle::File(f) = &*h
+        {
+            let mut io = f.node.io.lock().unwrap_or_else(|e| e.into_inner());
+            if f.passthrough.load(Ordering::Acquire) {
+                io.passthrough = io.passthrough.saturating_sub(1);
+                if io.passthrough == 0 {
+                    io.backing = None;
+                }
+            } else {
+                io.cached = io.cached.saturating_sub(1);
+            }
+        }
     }
 
     // ---- directories ------------------------------------------------------
