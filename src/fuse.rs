@@ -683,44 +683,15 @@ impl Filesystem for LayerFs {
     ) {
         debug!("create({parent}, {name:?}, {mode:o}, {flags:#x})");
         let r = guard("create", || {
-            self.ov.create(
-                caller(req, umask),
-                parent.0,
-                &cname(name)?,
-                mode,
-                flags,
-                self.passthrough,
-            )
+            self.ov.create(caller(req, umask), parent.0, &cname(name)?, mode, flags, self.passthrough)
         });
-        match r {
-            Ok((a, fh, OpenIo::Cached { .. })) => reply.created(
-                &self.ttl,
-                &fuse_attr(&a, false),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
-            Ok((a, fh, OpenIo::Passthrough { fd, existing })) => {
-                match self.backing(fh, &fd, existing, |f| reply.open_backing(f)) {
-                    Some(id) => reply.created_passthrough(
-                        &self.ttl,
-                        &fuse_attr(&a, false),
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::empty(),
-                        &id,
-                    ),
-                    None => reply.created(
-                        &self.ttl,
-                        &fuse_attr(&a, false),
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::empty(),
-                    ),
-                }
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.created(reply, r)
+    }
+
+    fn tmpfile(&self, req: &Request, parent: INodeNo, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        debug!("tmpfile({parent}, {mode:o}, {flags:#x})");
+        let r = guard("tmpfile", || self.ov.tmpfile(caller(req, umask), parent.0, mode, flags, self.passthrough));
+        self.created(reply, r)
     }
 
     fn fallocate(
@@ -778,6 +749,23 @@ impl Filesystem for LayerFs {
         }) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+impl LayerFs {
+    fn created(&self, reply: ReplyCreate, r: Result<(Attr, u64, OpenIo)>) {
+        let (a, fh, io) = match r {
+            Ok(x) => x,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let attr = fuse_attr(&a, false);
+        match io {
+            OpenIo::Cached { .. } => reply.created(&self.ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty()),
+            OpenIo::Passthrough { fd, existing } => match self.backing(fh, &fd, existing, |f| reply.open_backing(f)) {
+                Some(id) => reply.created_passthrough(&self.ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty(), &id),
+                None => reply.created(&self.ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty()),
+            },
         }
     }
 }

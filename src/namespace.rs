@@ -538,7 +538,13 @@ impl OverlayFs {
         if node.is_dir() {
             return Err(Error::new(libc::EPERM, "hard link to a directory"));
         }
-        let src = self.copy_up(&node, false)?;
+        let snap = node.snapshot();
+        let src = match (&snap.loc, &snap.detached) {
+            // An O_TMPFILE file (the kernel links no other nameless file):
+            // linked through its fd.
+            (None, Some(fd)) => crate::inode::Loc { layer: 0, dir: fd.clone(), name: CString::default() },
+            _ => self.copy_up(&node, false)?,
+        };
         let p = self.prepare_parent(newp)?;
         let _g = p.node.lock.lock().unwrap_or_else(|e| e.into_inner());
         if resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?.exists() {
@@ -574,6 +580,35 @@ impl OverlayFs {
 }
 
 impl OverlayFs {
+    /// O_TMPFILE: an unnamed file in the upper copy of `parent`, opened; a
+    /// later `link` gives it a name.
+    pub fn tmpfile(&self, caller: Caller, parent: u64, mode: u32, flags: i32, passthrough: bool) -> Result<(Attr, u64, OpenIo)> {
+        let p = self.prepare_parent(parent)?;
+        let pst = sys::fstat(p.upper.fd.as_fd()).ctx(|| "stat parent".into())?;
+        let perm = mode & 0o7777 & !(caller.umask & 0o777);
+        let acc = flags & libc::O_ACCMODE;
+        let acc = if acc == libc::O_RDONLY { libc::O_RDWR } else { acc };
+        let fd = sys::openat(p.upper.fd.as_fd(), c".", libc::O_TMPFILE | acc, perm).ctx(|| "O_TMPFILE".into())?;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
+        if caller.uid != 0 || gid != 0 {
+            sys::fchownat(fd.as_fd(), c"", caller.uid, gid).ctx(|| "chown tmpfile".into())?;
+        }
+        let st = sys::fstat(fd.as_fd()).ctx(|| "stat tmpfile".into())?;
+        let ino = self.stack.map_ino(p.upper.layer, st.st_ino);
+        let path = fd.try_clone().ctx(|| "dup tmpfile".into())?;
+        let state = crate::inode::NodeState {
+            parent: Some(p.node.clone()),
+            loc: None,
+            dirs: Vec::new(),
+            detached: Some(Arc::new(path)),
+            unlinked: true,
+        };
+        let node = self.nodes.lookup(ino, libc::S_IFREG, state, |l| self.stack.is_upper(l));
+        let attr = self.getattr(ino, None)?;
+        let (fh, io) = self.insert_file(node, fd, 0, flags & !libc::O_TMPFILE, passthrough);
+        Ok((attr, fh, io))
+    }
+
     /// create: a new regular file, opened.
     pub fn create(
         &self,
