@@ -1250,7 +1250,7 @@ fn rm_rf_lower_tree() {
         sh(&format!("rm -rf '{}'", m.join("tree2").display()), &[])
     })
     .step("stat tree", |m| st(m, "tree"))
-    .step("list root", |m| list(m))
+    .step("list root", list)
     .upper_check("tree is a whiteout", upper_is_whiteout("tree"))
     .reverse()
     .run();
@@ -2807,7 +2807,7 @@ fn odd_names() {
     .step("unlink tab name (in both layers)", move |m| {
         unlink(&bp(m, b"tab\tname"))
     })
-    .step("list", |m| list(m))
+    .step("list", list)
     .reverse()
     .run();
 }
@@ -2857,7 +2857,7 @@ fn many_entries() {
                 .map(|_| String::new())
                 .map_err(|e| e.raw_os_error().unwrap_or(-1))
         })
-        .step("list root", |m| list(m))
+        .step("list root", list)
         .reverse()
         .run();
 }

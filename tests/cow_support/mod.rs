@@ -634,10 +634,10 @@ pub fn fresh_dir(p: &Path) {
 static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 extern "C" fn remove_bin_link() {
-    if let Some(p) = BIN.get() {
-        if p.as_path() != Path::new(layerfs_bin()) {
-            let _ = fs::remove_file(p);
-        }
+    if let Some(p) = BIN.get()
+        && p.as_path() != Path::new(layerfs_bin())
+    {
+        let _ = fs::remove_file(p);
     }
 }
 
@@ -674,10 +674,10 @@ fn pids_with_arg(arg: &[u8]) -> Vec<i32> {
         if pid == me {
             continue;
         }
-        if let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) {
-            if cmd.split(|&b| b == 0).any(|a| a == arg) {
-                out.push(pid);
-            }
+        if let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline"))
+            && cmd.split(|&b| b == 0).any(|a| a == arg)
+        {
+            out.push(pid);
         }
     }
     out
