@@ -59,6 +59,11 @@ pub enum Command {
     /// Run a command in an ephemeral overlay of the lowers, then print what
     /// it changed; exits with the command's status.
     Run(RunArgs),
+    /// Unpack an OCI image layout, a `docker save` archive or a layer tar
+    /// into one directory per layer, and print the `lowerdir=` to mount it.
+    Import(ImportArgs),
+    /// Write an upper layer as an OCI layer tar, as docker commits one.
+    Export(ExportArgs),
 }
 
 /// Output options shared by `diff` and `run`.
@@ -135,4 +140,72 @@ pub struct MountArgs {
     pub foreground: bool,
     /// Where to mount.
     pub mountpoint: PathBuf,
+}
+
+/// `layerfs import`.
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// An OCI image layout directory, a `docker save` archive, or a single
+    /// layer tar (plain, gzip or zstd; detected from its content).
+    #[arg(value_name = "IMAGE")]
+    pub image: PathBuf,
+    /// Where the layer directories go (one per layer, named by diff_id,
+    /// shared between images).
+    #[arg(value_name = "DEST")]
+    pub dest: PathBuf,
+    /// Which image of a layout/archive holding several (ref name or repo tag).
+    #[arg(long, value_name = "TAG")]
+    pub tag: Option<String>,
+    /// Which platform of a multi-platform image (default: this machine's).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
+    /// Also write the `lowerdir=` string to this file.
+    #[arg(long, value_name = "FILE")]
+    pub lowerdir_file: Option<PathBuf>,
+    /// Print only the `lowerdir=` line.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Do not shorten the history's CREATED BY column.
+    #[arg(long)]
+    pub no_trunc: bool,
+    /// Mark opaque directories with user.overlay.opaque (rootless layers).
+    #[arg(long)]
+    pub userxattr: bool,
+}
+
+/// `layerfs export`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The upper layer to export, instead of MOUNTPOINT.
+    #[arg(long, value_name = "DIR", conflicts_with = "mountpoint")]
+    pub upper: Option<PathBuf>,
+    /// A lower layer under the upper; repeat for more, the first is topmost.
+    #[arg(long = "lower", value_name = "DIR")]
+    pub lowers: Vec<PathBuf>,
+    /// A running layerfs mount, whose upper layer is exported.
+    #[arg(value_name = "MOUNTPOINT", required_unless_present = "upper")]
+    pub mountpoint: Option<PathBuf>,
+    /// The layer tar to write (`-` for stdout); `.gz`/`.zst` compress.
+    #[arg(short = 'o', long = "output", value_name = "FILE", required_unless_present = "oci_layout")]
+    pub output: Option<PathBuf>,
+    /// none, gzip or zstd (default: from the output name; gzip with
+    /// --oci-layout and no output).
+    #[arg(long, value_name = "KIND")]
+    pub compression: Option<String>,
+    /// Append the layer to the image in this OCI layout (new config,
+    /// manifest and index entry).
+    #[arg(long, value_name = "DIR")]
+    pub oci_layout: Option<PathBuf>,
+    /// The image of --oci-layout to extend; it is re-tagged to the result.
+    #[arg(long, value_name = "TAG", requires = "oci_layout")]
+    pub tag: Option<String>,
+    /// Tag the result as this instead (keeping --tag as it was).
+    #[arg(long, value_name = "TAG", requires = "oci_layout")]
+    pub new_tag: Option<String>,
+    /// The history entry's created_by (default: "layerfs export").
+    #[arg(long, value_name = "TEXT")]
+    pub created_by: Option<String>,
+    /// The layers use user.overlay.* xattrs (rootless, `userxattr`).
+    #[arg(long)]
+    pub userxattr: bool,
 }

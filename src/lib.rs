@@ -38,6 +38,7 @@ pub mod inode;
 pub mod layer;
 pub mod mount;
 pub mod namespace;
+pub mod oci;
 pub mod overlay;
 pub mod readdir;
 pub mod registry;

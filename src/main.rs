@@ -17,6 +17,8 @@ fn main() -> ExitCode {
         Some(Command::Mount(m)) => daemon::mount_from_args(m).map(|()| 0),
         Some(Command::Diff(d)) => commands::diff_cmd(d).map(|()| 0),
         Some(Command::Run(r)) => commands::run_cmd(r),
+        Some(Command::Import(a)) => layerfs::oci::cmd::import_cmd(a).map(|()| 0),
+        Some(Command::Export(a)) => layerfs::oci::cmd::export_cmd(a).map(|()| 0),
         None => daemon::mount_from_compat(cli.compat).map(|()| 0),
     };
     match run {
