@@ -18,8 +18,12 @@
 //!   names its upper part holds: every other name resolves identically in
 //!   both views. Where the lower parts differ (an opaque or redirected upper
 //!   dir, a dir that replaced a non-dir, a new dir) that one directory is
-//!   compared in full, and the walk recurses only into entries of the new
-//!   view. Whole lower trees are never walked.
+//!   compared in full, one level, and the walk recurses only into entries
+//!   of the new view. Lower trees are walked only where the new view shows
+//!   them below a new name (a renamed directory: all its contents are `A`).
+//! - What the upper alone cannot tell is out of scope: with the kernel's
+//!   `index=on` a copy-up also changes the other names of a hard link through
+//!   the workdir's index, which is not read here (docker mounts `index=off`).
 //! - Every access is an `*at` call relative to an fd of a layer directory,
 //!   never following a symlink: a symlink in a layer is only `lstat`ed, and a
 //!   redirect can only lead down through real directories of a layer.
@@ -401,7 +405,7 @@ impl Stack {
         let st = match sys::fstatat(dir.as_fd(), &cname) {
             Ok(st) => st,
             Err(e) if is_enoent(&e) => return self.probe_absent(layer, dir, name),
-            Err(e) => return Err(e).ctx(|| self.what(layer, "stat", name)),
+            Err(e) => return Err(e).ctx(|| self.what(layer, "stat", Some(name))),
         };
         if whiteout::is_whiteout_stat(&st) || (xwh && self.is_xattr_whiteout(dir, &cname, &st)?) {
             return Ok(Found::Whiteout);
@@ -414,7 +418,8 @@ impl Stack {
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Ok(Found::NonDir(obj));
         }
-        let fd = sys::open_dir_at(dir.as_fd(), &obj.name).ctx(|| self.what(layer, "open", name))?;
+        let fd = sys::open_dir_at(dir.as_fd(), &obj.name)
+            .ctx(|| self.what(layer, "open", Some(name)))?;
         let dp = self.dir_part(layer, Rc::new(fd), &st)?;
         Ok(Found::Dir(obj, dp))
     }
@@ -442,7 +447,7 @@ impl Stack {
         let opaque = self.opaque_value(layer, &fd)?;
         let oci_opaque = self.layers[layer].oci && exists(&fd, whiteout::OCI_OPAQUE)?;
         let redirect = get_xattr(xattr::Target::Fd(fd.as_fd()), &self.redirect)
-            .ctx(|| self.what(layer, "read redirect of", b"dir"))?;
+            .ctx(|| self.what(layer, "read the redirect xattr", None))?;
         Ok(DirPart {
             part: Part {
                 layer,
@@ -457,7 +462,7 @@ impl Stack {
 
     fn opaque_value(&self, layer: usize, dir: &OwnedFd) -> Result<Opaque> {
         let v = get_xattr(xattr::Target::Fd(dir.as_fd()), &self.opaque)
-            .ctx(|| self.what(layer, "read opaque of", b"dir"))?;
+            .ctx(|| self.what(layer, "read the opaque xattr", None))?;
         Ok(Opaque::from_value(v.as_deref()))
     }
 
@@ -465,7 +470,8 @@ impl Stack {
     /// markers of lower layers left out), to be resolved one by one.
     fn names_in(&self, parts: &[Part], names: &mut BTreeSet<Vec<u8>>) -> Result<()> {
         for p in parts {
-            let entries = sys::read_dir(p.fd.as_fd()).ctx(|| self.what(p.layer, "list", b"dir"))?;
+            let entries =
+                sys::read_dir(p.fd.as_fd()).ctx(|| self.what(p.layer, "list a directory", None))?;
             let oci = self.layers[p.layer].oci;
             names.extend(
                 entries
@@ -491,12 +497,14 @@ impl Stack {
         Ok(self.capability(&old.obj)? != self.capability(&new.obj)?)
     }
 
-    fn what(&self, layer: usize, verb: &str, name: &[u8]) -> String {
-        format!(
-            "diff: {}: {verb} \"{}\"",
-            self.layers[layer].label,
-            name.escape_ascii()
-        )
+    /// Error context: the layer, what was done, and the name if any (the
+    /// walk adds the path).
+    fn what(&self, layer: usize, verb: &str, name: Option<&[u8]>) -> String {
+        let label = &self.layers[layer].label;
+        match name {
+            Some(n) => format!("diff: {label}: {verb} \"{}\"", n.escape_ascii()),
+            None => format!("diff: {label}: {verb}"),
+        }
     }
 }
 
@@ -626,9 +634,31 @@ impl Walk<'_> {
         new: &MergedDir,
         old: Option<&MergedDir>,
     ) -> Result<bool> {
+        let Some(names) = self.candidates(new, old).map_err(|e| at_path(e, path))? else {
+            return Ok(false);
+        };
+        let mut any = false;
+        for name in names {
+            let len = path.len();
+            path.push(b'/');
+            path.extend_from_slice(&name);
+            let r = self.child(path, new, old, &name);
+            path.truncate(len);
+            any |= r?;
+        }
+        Ok(any)
+    }
+
+    /// The names at which the two views of a directory may differ; `None`
+    /// when they cannot differ anywhere below it.
+    fn candidates(
+        &self,
+        new: &MergedDir,
+        old: Option<&MergedDir>,
+    ) -> Result<Option<BTreeSet<Vec<u8>>>> {
         let mut names = BTreeSet::new();
         match overlap(new, old) {
-            Overlap::Same => return Ok(false),
+            Overlap::Same => return Ok(None),
             Overlap::UpperOnTop => self.stack.names_in(&new.parts[..1], &mut names)?,
             Overlap::Different => {
                 self.stack.names_in(&new.parts, &mut names)?;
@@ -637,16 +667,7 @@ impl Walk<'_> {
                 }
             }
         }
-        let mut any = false;
-        for name in names {
-            let len = path.len();
-            path.push(b'/');
-            path.extend_from_slice(&name);
-            let r = self.child(path, new, old, &name);
-            path.truncate(len);
-            any |= r.map_err(|e| at_path(e, path, &name))?;
-        }
-        Ok(any)
+        Ok(Some(names))
     }
 
     fn child(
@@ -656,12 +677,11 @@ impl Walk<'_> {
         old: Option<&MergedDir>,
         name: &[u8],
     ) -> Result<bool> {
-        let n = self.stack.lookup(new, name)?;
-        let o = match old {
-            Some(dir) => self.stack.lookup(dir, name)?,
-            None => None,
-        };
-        match (n, o) {
+        let found = self.stack.lookup(new, name).and_then(|n| match old {
+            Some(dir) => Ok((n, self.stack.lookup(dir, name)?)),
+            None => Ok((n, None)),
+        });
+        match found.map_err(|e| at_path(e, path))? {
             (None, None) => Ok(false),
             (None, Some(_)) => Ok(self.report(ChangeKind::Deleted, path)),
             (Some(n), None) => {
@@ -678,7 +698,7 @@ impl Walk<'_> {
     /// An entry of both views: `C` if its attributes differ, or (for a
     /// directory) if anything below it was reported.
     fn both(&mut self, path: &mut Vec<u8>, new: &Entry, old: &Entry) -> Result<bool> {
-        let changed = self.stack.differs(new, old)?;
+        let changed = self.stack.differs(new, old).map_err(|e| at_path(e, path))?;
         if changed {
             self.report(ChangeKind::Changed, path);
         }
@@ -702,12 +722,10 @@ impl Walk<'_> {
 }
 
 /// Adds the path being compared to an error's context.
-fn at_path(e: Error, parent: &[u8], name: &[u8]) -> Error {
-    let path = [parent, b"/", name].concat();
-    Error::new(
-        e.errno(),
-        format!("{} (at \"{}\")", e.context(), path.escape_ascii()),
-    )
+fn at_path(e: Error, path: &[u8]) -> Error {
+    let path = if path.is_empty() { &b"/"[..] } else { path };
+    let context = format!("{} (at \"{}\")", e.context(), path.escape_ascii());
+    Error::new(e.errno(), context)
 }
 
 // ---------------------------------------------------------------------------
@@ -1016,13 +1034,13 @@ mod tests {
         tree(&l, &["a/b/c/f", "a/other", "z"]);
         tree(&u, &["a/b/c/g"]);
         assert_eq!(
-            run(&u, &[l.clone()]),
+            run(&u, std::slice::from_ref(&l)),
             ["C /a", "C /a/b", "C /a/b/c", "A /a/b/c/g"]
         );
         // A copied-up file with the same attributes is no change.
         std::fs::write(u.join("z"), b"x").unwrap();
         same_times(&l.join("z"), &u.join("z"));
-        assert_eq!(run(&u, &[l.clone()]).len(), 4);
+        assert_eq!(run(&u, std::slice::from_ref(&l)).len(), 4);
     }
 
     #[test]
@@ -1031,6 +1049,36 @@ mod tests {
         let u = t.path().join("u");
         tree(&u, &["d/e/f", "g"]);
         assert_eq!(run(&u, &[]), ["A /d", "A /d/e", "A /d/e/f", "A /g"]);
+    }
+
+    /// Lower directories the upper does not touch are never looked up: each
+    /// one here carries a malformed redirect that would fail the diff.
+    #[test]
+    fn untouched_lower_dirs_are_not_read() {
+        let t = tempfile::tempdir().unwrap();
+        let (l, u) = (t.path().join("l"), t.path().join("u"));
+        tree(&l, &["touched/f", "touched/trap/x", "untouched/trap/x"]);
+        tree(&u, &["touched/f"]);
+        std::fs::write(u.join("touched/f"), b"longer").unwrap();
+        let set = |p: &str| {
+            let fd = sys::open_path_dir(&l.join(p)).unwrap();
+            xattr::set(
+                xattr::Target::Fd(fd.as_fd()),
+                c"user.overlay.redirect",
+                b"../bad",
+                0,
+            )
+        };
+        if let Err(e) = set("touched/trap").and_then(|_| set("untouched/trap")) {
+            eprintln!("skipped: no user xattrs here ({e})");
+            return;
+        }
+        let opts = DiffOptions {
+            private: Private::USER,
+        };
+        let v = diff(&u, &[l], &opts).unwrap();
+        let paths: Vec<&[u8]> = v.iter().map(|c| &c.path[..]).collect();
+        assert_eq!(paths, [&b"/touched"[..], b"/touched/f"]);
     }
 
     #[test]

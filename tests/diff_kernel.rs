@@ -1,0 +1,1554 @@
+//! `layerfs::diff` against uppers written by the kernel's overlayfs.
+//!
+//! Each table case builds lower layers with a small DSL, mounts the kernel's
+//! overlayfs over them with a fresh upper, performs real container-style
+//! operations through the mount, unmounts, and compares `diff(upper, lowers)`
+//! with the lines written by hand from docker's rules (moby go-archive
+//! `addChanges`/`statDifferent`/`sameFsTime`). Some cases first run an
+//! earlier container whose upper becomes the top lower ("committed"), so that
+//! lowers hold kernel-written whiteouts, opaque dirs and redirects. A few
+//! cases need formats the kernel does not write (OCI markers, xattr
+//! whiteouts), so their upper is built by hand.
+//!
+//! The randomized test applies random operation sequences (seeded, no
+//! crates; `DIFF_SEED`/`DIFF_ROUNDS` to replay or extend) through a kernel
+//! mount and compares `diff` with a naive docker-style comparison of the two
+//! complete merged trees, each read through a read-only kernel mount
+//! (upper+lowers, and lowers alone). `DIFF_KEEP=1` keeps the layers of a
+//! failing round.
+//!
+//! Needs root (mount(2), mknod, trusted.* xattrs).
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use layerfs::diff::{self, DiffOptions};
+use layerfs::whiteout::Private;
+
+type B = &'static [u8];
+
+/// The mtime every lower object gets unless a case says otherwise.
+const FIXED: (i64, i64) = (1_600_000_000, 123_456_789);
+
+/// A valid v2 `security.capability` value: cap_net_raw, effective.
+const CAP_NET_RAW: B =
+    b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+
+// ---------------------------------------------------------------------------
+// Thin libc wrappers (paths are bytes; nothing follows a final symlink)
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("no NUL in test paths")
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn mknod(p: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    // SAFETY: valid C string; mknod has no memory effects.
+    check(unsafe { libc::mknod(c(p).as_ptr(), mode, libc::makedev(major, minor)) })
+}
+
+fn lchown(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: valid C string.
+    check(unsafe { libc::lchown(c(p).as_ptr(), uid, gid) })
+}
+
+fn lutimes(p: &Path, (sec, nsec): (i64, i64)) -> io::Result<()> {
+    let t = libc::timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    };
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        t,
+    ];
+    let flags = libc::AT_SYMLINK_NOFOLLOW;
+    // SAFETY: valid C string and a two-element timespec array.
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, c(p).as_ptr(), times.as_ptr(), flags) })
+}
+
+fn lsetxattr(p: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let n = CString::new(name).expect("no NUL");
+    // SAFETY: valid C strings and a value readable for its length.
+    check(unsafe {
+        libc::lsetxattr(
+            c(p).as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    })
+}
+
+fn lremovexattr(p: &Path, name: &str) -> io::Result<()> {
+    let n = CString::new(name).expect("no NUL");
+    // SAFETY: valid C strings.
+    check(unsafe { libc::lremovexattr(c(p).as_ptr(), n.as_ptr()) })
+}
+
+fn lgetxattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let n = CString::new(name).expect("no NUL");
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C strings and a buffer writable for its length.
+    let r = unsafe {
+        libc::lgetxattr(
+            c(p).as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if r < 0 {
+        return None;
+    }
+    buf.truncate(r as usize);
+    Some(buf)
+}
+
+fn set_umask() {
+    // SAFETY: umask cannot fail; every test sets the same value.
+    unsafe { libc::umask(0o022) };
+}
+
+fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "diff_kernel tests need root");
+    set_umask();
+}
+
+// ---------------------------------------------------------------------------
+// Mounts
+
+/// A mounted overlay; unmounted on drop (also while unwinding from a panic).
+struct Mount {
+    target: PathBuf,
+    active: bool,
+}
+
+impl Mount {
+    fn overlay(target: &Path, opts: &str, read_only: bool) -> Mount {
+        let flags = if read_only { libc::MS_RDONLY } else { 0 };
+        let data = CString::new(opts).expect("no NUL");
+        // SAFETY: valid C strings; `data` is the overlay option string.
+        let r = unsafe {
+            libc::mount(
+                c"overlay".as_ptr(),
+                c(target).as_ptr(),
+                c"overlay".as_ptr(),
+                flags,
+                data.as_ptr().cast(),
+            )
+        };
+        if let Err(e) = check(r) {
+            panic!("mount -t overlay -o {opts} {}: {e}", target.display());
+        }
+        Mount {
+            target: target.to_path_buf(),
+            active: true,
+        }
+    }
+
+    fn unmount(mut self) {
+        // SAFETY: valid C string.
+        let r = check(unsafe { libc::umount2(c(&self.target).as_ptr(), 0) });
+        r.unwrap_or_else(|e| panic!("umount {}: {e}", self.target.display()));
+        self.active = false;
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.active {
+            let t = c(&self.target);
+            // SAFETY: valid C string.
+            if unsafe { libc::umount2(t.as_ptr(), 0) } < 0 {
+                // SAFETY: valid C string; a lazy unmount as the last resort.
+                unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
+/// Lower dirs `l1..ln` (l1 topmost), an upper, a work dir and mount points.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    lowers: Vec<PathBuf>,
+    upper: PathBuf,
+    work: PathBuf,
+    mnt: PathBuf,
+}
+
+impl Fixture {
+    fn new(nlowers: usize) -> Fixture {
+        let mut dir = tempfile::tempdir().expect("tempdir");
+        // DIFF_KEEP=1 keeps the layers for inspection after a failure.
+        dir.disable_cleanup(std::env::var_os("DIFF_KEEP").is_some());
+        let root = dir.path().to_path_buf();
+        let lowers: Vec<PathBuf> = (1..=nlowers).map(|i| root.join(format!("l{i}"))).collect();
+        let (upper, work, mnt) = (root.join("u"), root.join("w"), root.join("m"));
+        for d in lowers.iter().chain([&upper, &work, &mnt]) {
+            fs::create_dir(d).expect("mkdir");
+        }
+        Fixture {
+            _dir: dir,
+            root,
+            lowers,
+            upper,
+            work,
+            mnt,
+        }
+    }
+
+    fn lowerdir(&self) -> String {
+        let v: Vec<String> = self
+            .lowers
+            .iter()
+            .map(|l| l.display().to_string())
+            .collect();
+        v.join(":")
+    }
+
+    fn mount_rw(&self, extra: &str) -> Mount {
+        let mut opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            self.lowerdir(),
+            self.upper.display(),
+            self.work.display()
+        );
+        if !extra.is_empty() {
+            opts = format!("{opts},{extra}");
+        }
+        Mount::overlay(&self.mnt, &opts, false)
+    }
+
+    /// Runs the operations `next` gives (it sees the mount point) in a
+    /// container whose upper is `lowers[0]`, over the lowers below it; errors
+    /// are returned only when `strict`.
+    fn commit(
+        &self,
+        mut next: impl FnMut(&Path) -> Option<Op>,
+        strict: bool,
+    ) -> Result<Vec<Op>, String> {
+        let below: Vec<String> = self.lowers[1..]
+            .iter()
+            .map(|l| l.display().to_string())
+            .collect();
+        let work = self.root.join("w0");
+        fs::create_dir(&work).expect("mkdir");
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={},redirect_dir=on",
+            below.join(":"),
+            self.lowers[0].display(),
+            work.display()
+        );
+        let m = Mount::overlay(&self.mnt, &opts, false);
+        let mut ops = Vec::new();
+        while let Some(op) = next(&self.mnt) {
+            if let Err(e) = apply(&self.mnt, &op)
+                && strict
+            {
+                return Err(format!("commit {op:?}: {e}"));
+            }
+            ops.push(op);
+        }
+        m.unmount();
+        Ok(ops)
+    }
+
+    fn diff(&self, private: Private) -> Vec<Vec<u8>> {
+        let opts = DiffOptions { private };
+        let changes = diff::diff(&self.upper, &self.lowers, &opts)
+            .unwrap_or_else(|e| panic!("diff failed: {e}"));
+        let lines: Vec<Vec<u8>> = changes
+            .iter()
+            .map(|ch| [&[ch.kind.letter() as u8, b' '][..], &ch.path].concat())
+            .collect();
+        let paths: Vec<&[u8]> = changes.iter().map(|ch| &ch.path[..]).collect();
+        assert!(
+            paths.windows(2).all(|w| w[0] < w[1]),
+            "not sorted/unique: {}",
+            show(&lines)
+        );
+        lines
+    }
+}
+
+fn at(root: &Path, rel: &[u8]) -> PathBuf {
+    root.join(OsStr::from_bytes(rel))
+}
+
+fn show(lines: &[Vec<u8>]) -> String {
+    let v: Vec<String> = lines.iter().map(|l| l.escape_ascii().to_string()).collect();
+    format!("[{}]", v.join(", "))
+}
+
+// ---------------------------------------------------------------------------
+// The layer DSL
+
+/// One object of a layer built by hand. Paths are relative, parents implicit.
+#[derive(Clone, Copy, Debug)]
+enum E {
+    /// Regular file (0644) with content.
+    F(B, B),
+    /// Directory (0755).
+    D(B),
+    /// Symlink: path, target.
+    S(B, B),
+    /// Hard link: new path, existing path.
+    H(B, B),
+    /// Fifo.
+    P(B),
+    /// Character device: path, major, minor.
+    Chr(B, u32, u32),
+    /// Kernel whiteout (char 0/0).
+    Wh(B),
+    /// `trusted.overlay.opaque=y` on a directory.
+    Opq(B),
+    /// An xattr: path, name, value.
+    X(B, &'static str, B),
+    Mode(B, u32),
+    Own(B, u32, u32),
+    /// mtime, applied after every object got `FIXED`.
+    Time(B, i64, i64),
+}
+
+fn make_parent(p: &Path) -> io::Result<()> {
+    fs::create_dir_all(p.parent().expect("has a parent"))
+}
+
+fn create(root: &Path, e: &E) -> io::Result<()> {
+    match *e {
+        E::F(p, data) => {
+            make_parent(&at(root, p))?;
+            let mut opts = fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            open_nofollow(&at(root, p), &mut opts)?.write_all(data)
+        }
+        E::D(p) => fs::create_dir_all(at(root, p)),
+        E::S(p, target) => {
+            make_parent(&at(root, p))?;
+            std::os::unix::fs::symlink(OsStr::from_bytes(target), at(root, p))
+        }
+        E::H(p, existing) => {
+            make_parent(&at(root, p))?;
+            fs::hard_link(at(root, existing), at(root, p))
+        }
+        E::P(p) => {
+            make_parent(&at(root, p))?;
+            mknod(&at(root, p), libc::S_IFIFO | 0o644, 0, 0)
+        }
+        E::Chr(p, major, minor) => {
+            make_parent(&at(root, p))?;
+            mknod(&at(root, p), libc::S_IFCHR | 0o644, major, minor)
+        }
+        E::Wh(p) => {
+            make_parent(&at(root, p))?;
+            mknod(&at(root, p), libc::S_IFCHR, 0, 0)
+        }
+        E::Opq(p) => lsetxattr(&at(root, p), "trusted.overlay.opaque", b"y"),
+        E::X(p, name, value) => lsetxattr(&at(root, p), name, value),
+        E::Mode(p, mode) => {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(at(root, p), fs::Permissions::from_mode(mode))
+        }
+        E::Own(p, uid, gid) => lchown(&at(root, p), uid, gid),
+        E::Time(..) => Ok(()),
+    }
+}
+
+/// Sets `FIXED` on every object below `dir` (children before parents).
+fn fix_times(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            fix_times(&entry.path())?;
+        }
+        lutimes(&entry.path(), FIXED)?;
+    }
+    lutimes(dir, FIXED)
+}
+
+/// Builds a layer; `strict` fails on any error (table cases), otherwise
+/// impossible entries (random trees) are skipped.
+fn build(root: &Path, spec: &[E], strict: bool) {
+    fs::create_dir_all(root).expect("layer root");
+    for e in spec {
+        if let Err(err) = create(root, e)
+            && strict
+        {
+            panic!("building {e:?} in {}: {err}", root.display());
+        }
+    }
+    fix_times(root).expect("fix times");
+    for e in spec {
+        if let E::Time(p, sec, nsec) = *e
+            && let Err(err) = lutimes(&at(root, p), (sec, nsec))
+            && strict
+        {
+            panic!("setting mtime of {p:?}: {err}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Container operations, performed through the mount
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    /// Create or truncate, then write.
+    Write(B, B),
+    Append(B, B),
+    Truncate(B, u64),
+    Chmod(B, u32),
+    Chown(B, u32, u32),
+    Touch(B, i64, i64),
+    SetX(B, &'static str, B),
+    RmX(B, &'static str),
+    Rm(B),
+    Rmdir(B),
+    RmRf(B),
+    Mkdir(B),
+    MkdirP(B),
+    Mv(B, B),
+    Link(B, B),
+    /// Symlink: target, path.
+    Symlink(B, B),
+    Mkfifo(B),
+    Mknod(B, u32, u32),
+    /// Open for writing and close without writing.
+    OpenWrite(B),
+}
+
+/// Opens without following a final symlink, and without blocking on a fifo.
+fn open_nofollow(p: &Path, opts: &mut fs::OpenOptions) -> io::Result<fs::File> {
+    opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p)
+}
+
+fn apply(mnt: &Path, op: &Op) -> io::Result<()> {
+    let p = |rel: B| at(mnt, rel);
+    match *op {
+        Op::Write(f, data) => open_nofollow(
+            &p(f),
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+        )?
+        .write_all(data),
+        Op::Append(f, data) => {
+            open_nofollow(&p(f), fs::OpenOptions::new().append(true))?.write_all(data)
+        }
+        Op::Truncate(f, len) => {
+            open_nofollow(&p(f), fs::OpenOptions::new().write(true))?.set_len(len)
+        }
+        Op::Chmod(f, mode) => chmod_nofollow(&p(f), mode),
+        Op::Chown(f, uid, gid) => lchown(&p(f), uid, gid),
+        Op::Touch(f, sec, nsec) => lutimes(&p(f), (sec, nsec)),
+        Op::SetX(f, name, value) => lsetxattr(&p(f), name, value),
+        Op::RmX(f, name) => lremovexattr(&p(f), name),
+        Op::Rm(f) => fs::remove_file(p(f)),
+        Op::Rmdir(f) => fs::remove_dir(p(f)),
+        Op::RmRf(f) => fs::remove_dir_all(p(f)),
+        Op::Mkdir(f) => fs::create_dir(p(f)),
+        Op::MkdirP(f) => fs::create_dir_all(p(f)),
+        Op::Mv(a, b) => fs::rename(p(a), p(b)),
+        Op::Link(a, b) => fs::hard_link(p(a), p(b)),
+        Op::Symlink(target, f) => std::os::unix::fs::symlink(OsStr::from_bytes(target), p(f)),
+        Op::Mkfifo(f) => mknod(&p(f), libc::S_IFIFO | 0o644, 0, 0),
+        Op::Mknod(f, major, minor) => mknod(&p(f), libc::S_IFCHR | 0o644, major, minor),
+        Op::OpenWrite(f) => open_nofollow(&p(f), fs::OpenOptions::new().write(true)).map(drop),
+    }
+}
+
+/// chmod that never changes a symlink's target.
+fn chmod_nofollow(p: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if fs::symlink_metadata(p)?.file_type().is_symlink() {
+        return Ok(());
+    }
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+}
+
+// ---------------------------------------------------------------------------
+// The table
+
+/// A scenario: lowers (topmost first), mount options, operations, and the
+/// `docker diff` lines expected, worked out by hand.
+struct Case {
+    name: &'static str,
+    lowers: &'static [&'static [E]],
+    /// Extra mount options (`redirect_dir=on`, `userxattr`).
+    opts: &'static str,
+    ops: &'static [Op],
+    /// Operations of an earlier container, committed: run with `lowers[0]` as
+    /// the upper over the other lowers (`redirect_dir=on`), so the top lower
+    /// holds what the kernel writes (whiteouts, opaque dirs, redirects).
+    commit: &'static [Op],
+    /// Instead of mounting: an upper built by hand (formats the kernel does not write).
+    upper: Option<&'static [E]>,
+    /// Paths that must exist in the upper afterwards (proves a copy-up happened).
+    copied: &'static [B],
+    expect: &'static [B],
+}
+
+const CASE: Case = Case {
+    name: "",
+    lowers: &[],
+    opts: "",
+    ops: &[],
+    commit: &[],
+    upper: None,
+    copied: &[],
+    expect: &[],
+};
+
+const RICH: &[E] = &[
+    E::F(b"etc/passwd", b"root:x:0:0\n"),
+    E::S(b"etc/localtime", b"/usr/share/zoneinfo/UTC"),
+    E::F(b"bin/tool", b"#!/bin/sh\n"),
+    E::Mode(b"bin/tool", 0o755),
+    E::H(b"bin/tool-link", b"bin/tool"),
+    E::P(b"run/fifo"),
+    E::Chr(b"dev/null", 1, 3),
+    E::D(b"tmp"),
+    E::Mode(b"tmp", 0o1777),
+    E::F(b"home/u/.profile", b"x"),
+    E::Own(b"home/u", 1000, 1000),
+    E::Own(b"home/u/.profile", 1000, 1000),
+];
+
+const FILE: &[E] = &[E::F(b"f", b"data"), E::D(b"d"), E::F(b"d/x", b"x")];
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "seeds",
+            lowers: &[
+                &[E::F(b"app.py", b"hello world!\n"), E::D(b"tmp")],
+                &[E::F(b"usr/lib/x/file", b"lib")],
+            ],
+            ops: &[
+                Op::Write(b"app.py", b"hello beautiful world!\n"),
+                Op::Write(b"tmp/cache", b"cached"),
+                Op::Rm(b"usr/lib/x/file"),
+            ],
+            expect: &[
+                b"C /app.py",
+                b"C /tmp",
+                b"A /tmp/cache",
+                b"C /usr",
+                b"C /usr/lib",
+                b"C /usr/lib/x",
+                b"D /usr/lib/x/file",
+            ],
+            ..CASE
+        },
+        Case {
+            name: "no_changes_over_a_rich_lower",
+            lowers: &[RICH],
+            ..CASE
+        },
+        Case {
+            name: "append",
+            lowers: &[&[E::F(b"etc/conf", b"a=1\n")]],
+            ops: &[Op::Append(b"etc/conf", b"b=2\n")],
+            expect: &[b"C /etc", b"C /etc/conf"],
+            ..CASE
+        },
+        Case {
+            name: "truncate",
+            lowers: &[&[E::F(b"data/f", b"hello")]],
+            ops: &[Op::Truncate(b"data/f", 2)],
+            expect: &[b"C /data", b"C /data/f"],
+            ..CASE
+        },
+        Case {
+            name: "rewrite_same_size_changes_mtime",
+            lowers: &[FILE],
+            ops: &[Op::Write(b"f", b"DATA")],
+            expect: &[b"C /f"],
+            ..CASE
+        },
+        Case {
+            name: "chmod",
+            lowers: &[RICH],
+            ops: &[Op::Chmod(b"bin/tool", 0o700)],
+            expect: &[b"C /bin", b"C /bin/tool"],
+            ..CASE
+        },
+        Case {
+            name: "chmod_to_same_mode_is_no_change",
+            lowers: &[FILE],
+            ops: &[Op::Chmod(b"f", 0o644)],
+            copied: &[b"f"],
+            ..CASE
+        },
+        Case {
+            name: "setuid_bit",
+            lowers: &[RICH],
+            ops: &[Op::Chmod(b"bin/tool", 0o4755)],
+            expect: &[b"C /bin", b"C /bin/tool"],
+            ..CASE
+        },
+        Case {
+            name: "sticky_bit_removed_from_dir",
+            lowers: &[RICH],
+            ops: &[Op::Chmod(b"tmp", 0o777)],
+            expect: &[b"C /tmp"],
+            ..CASE
+        },
+        Case {
+            name: "chown",
+            lowers: &[FILE],
+            ops: &[Op::Chown(b"f", 1000, 1000)],
+            expect: &[b"C /f"],
+            ..CASE
+        },
+        Case {
+            name: "chown_group_only",
+            lowers: &[RICH],
+            ops: &[Op::Chown(b"home/u/.profile", 1000, 0)],
+            expect: &[b"C /home", b"C /home/u", b"C /home/u/.profile"],
+            ..CASE
+        },
+        Case {
+            name: "chown_to_same_owner_is_no_change",
+            lowers: &[RICH],
+            ops: &[Op::Chown(b"home/u/.profile", 1000, 1000)],
+            copied: &[b"home/u/.profile"],
+            ..CASE
+        },
+        Case {
+            name: "touch_other_time",
+            lowers: &[FILE],
+            ops: &[Op::Touch(b"f", 1_700_000_000, 5)],
+            expect: &[b"C /f"],
+            ..CASE
+        },
+        Case {
+            name: "touch_same_second_without_ns_is_same_time",
+            lowers: &[FILE],
+            ops: &[Op::Touch(b"f", FIXED.0, 0)],
+            copied: &[b"f"],
+            ..CASE
+        },
+        Case {
+            name: "touch_same_second_other_ns_differs",
+            lowers: &[FILE],
+            ops: &[Op::Touch(b"f", FIXED.0, 5)],
+            expect: &[b"C /f"],
+            ..CASE
+        },
+        Case {
+            name: "dir_mtime_is_ignored",
+            lowers: &[FILE],
+            ops: &[Op::Touch(b"d", 1_700_000_000, 0)],
+            copied: &[b"d"],
+            ..CASE
+        },
+        Case {
+            name: "set_capability",
+            lowers: &[&[
+                E::F(b"usr/bin/ping", b"elf"),
+                E::Mode(b"usr/bin/ping", 0o755),
+            ]],
+            ops: &[Op::SetX(
+                b"usr/bin/ping",
+                "security.capability",
+                CAP_NET_RAW,
+            )],
+            expect: &[b"C /usr", b"C /usr/bin", b"C /usr/bin/ping"],
+            ..CASE
+        },
+        Case {
+            name: "capability_kept_by_copy_up",
+            lowers: &[&[
+                E::F(b"ping", b"elf"),
+                E::Mode(b"ping", 0o755),
+                E::X(b"ping", "security.capability", CAP_NET_RAW),
+            ]],
+            ops: &[Op::Chmod(b"ping", 0o755)],
+            copied: &[b"ping"],
+            ..CASE
+        },
+        Case {
+            name: "capability_removed_only",
+            lowers: &[&[
+                E::F(b"ping", b"elf"),
+                E::X(b"ping", "security.capability", CAP_NET_RAW),
+            ]],
+            ops: &[Op::RmX(b"ping", "security.capability")],
+            expect: &[b"C /ping"],
+            ..CASE
+        },
+        Case {
+            name: "other_xattrs_are_ignored",
+            lowers: &[FILE],
+            ops: &[
+                Op::SetX(b"f", "user.note", b"hi"),
+                Op::SetX(b"d", "user.x", b"1"),
+            ],
+            copied: &[b"f", b"d"],
+            ..CASE
+        },
+        Case {
+            name: "open_for_write_without_writing",
+            lowers: &[RICH],
+            ops: &[Op::OpenWrite(b"etc/passwd")],
+            copied: &[b"etc/passwd"],
+            ..CASE
+        },
+        Case {
+            name: "rm_nested_file",
+            lowers: &[&[E::F(b"a/b/c", b"x"), E::F(b"a/b/d", b"y")]],
+            ops: &[Op::Rm(b"a/b/c")],
+            expect: &[b"C /a", b"C /a/b", b"D /a/b/c"],
+            ..CASE
+        },
+        Case {
+            name: "rm_rf_whole_tree_is_one_delete",
+            lowers: &[
+                &[E::F(b"t/a", b"1"), E::F(b"t/deep/er/f", b"2")],
+                &[E::F(b"t/b", b"3"), E::F(b"t/c/d", b"4")],
+            ],
+            ops: &[Op::RmRf(b"t")],
+            expect: &[b"D /t"],
+            ..CASE
+        },
+        Case {
+            name: "rmdir_empty_lower_dir",
+            lowers: &[&[E::D(b"e"), E::D(b"keep")]],
+            ops: &[Op::Rmdir(b"e")],
+            expect: &[b"D /e"],
+            ..CASE
+        },
+        Case {
+            name: "rm_rf_then_mkdir_is_opaque",
+            lowers: &[
+                &[E::F(b"d/x", b"x")],
+                &[E::F(b"d/y", b"y"), E::F(b"d/sub/z", b"z")],
+            ],
+            ops: &[
+                Op::RmRf(b"d"),
+                Op::Mkdir(b"d"),
+                Op::Write(b"d/new", b"n"),
+                Op::Write(b"d/y", b"re-created"),
+            ],
+            expect: &[b"C /d", b"A /d/new", b"D /d/sub", b"D /d/x", b"C /d/y"],
+            ..CASE
+        },
+        Case {
+            name: "rm_rf_then_mkdir_empty",
+            lowers: &[FILE],
+            ops: &[Op::RmRf(b"d"), Op::Mkdir(b"d")],
+            expect: &[b"C /d", b"D /d/x"],
+            ..CASE
+        },
+        Case {
+            name: "rm_rf_then_mkdir_other_mode",
+            lowers: &[&[E::D(b"d")]],
+            ops: &[Op::RmRf(b"d"), Op::Mkdir(b"d"), Op::Chmod(b"d", 0o700)],
+            expect: &[b"C /d"],
+            ..CASE
+        },
+        Case {
+            name: "mv_file_across_dirs",
+            lowers: &[&[E::F(b"a/f", b"x"), E::D(b"b")]],
+            ops: &[Op::Mv(b"a/f", b"b/g")],
+            expect: &[b"C /a", b"D /a/f", b"C /b", b"A /b/g"],
+            ..CASE
+        },
+        Case {
+            name: "mv_over_lower_file",
+            lowers: &[&[E::F(b"a", b"aaa"), E::F(b"b", b"b")]],
+            ops: &[Op::Mv(b"a", b"b")],
+            expect: &[b"D /a", b"C /b"],
+            ..CASE
+        },
+        Case {
+            name: "hard_link_to_lower_file",
+            lowers: &[&[E::F(b"d/f", b"x"), E::D(b"e")]],
+            ops: &[Op::Link(b"d/f", b"e/h")],
+            copied: &[b"d/f"],
+            expect: &[b"C /e", b"A /e/h"],
+            ..CASE
+        },
+        Case {
+            name: "write_through_one_name_of_a_lower_hard_link",
+            lowers: &[RICH],
+            ops: &[Op::Append(b"bin/tool-link", b"echo\n")],
+            expect: &[b"C /bin", b"C /bin/tool-link"],
+            ..CASE
+        },
+        Case {
+            name: "mkfifo_and_mknod",
+            lowers: &[RICH],
+            ops: &[Op::Mkfifo(b"run/new-fifo"), Op::Mknod(b"dev/zero", 1, 5)],
+            expect: &[b"C /dev", b"A /dev/zero", b"C /run", b"A /run/new-fifo"],
+            ..CASE
+        },
+        Case {
+            name: "device_rdev_changed",
+            lowers: &[RICH],
+            ops: &[
+                Op::Rm(b"dev/null"),
+                Op::Mknod(b"dev/null", 1, 7),
+                Op::Touch(b"dev/null", FIXED.0, FIXED.1),
+            ],
+            expect: &[b"C /dev", b"C /dev/null"],
+            ..CASE
+        },
+        Case {
+            name: "fifo_replaced_by_file",
+            lowers: &[RICH],
+            ops: &[Op::Rm(b"run/fifo"), Op::Write(b"run/fifo", b"")],
+            expect: &[b"C /run", b"C /run/fifo"],
+            ..CASE
+        },
+        Case {
+            name: "symlink_target_is_not_compared",
+            lowers: &[&[E::S(b"link", b"a")]],
+            ops: &[
+                Op::Rm(b"link"),
+                Op::Symlink(b"b", b"link"),
+                Op::Touch(b"link", FIXED.0, FIXED.1),
+            ],
+            ..CASE
+        },
+        Case {
+            name: "symlink_size_is_compared",
+            lowers: &[&[E::S(b"link", b"a")]],
+            ops: &[
+                Op::Rm(b"link"),
+                Op::Symlink(b"longer", b"link"),
+                Op::Touch(b"link", FIXED.0, FIXED.1),
+            ],
+            expect: &[b"C /link"],
+            ..CASE
+        },
+        Case {
+            name: "replace_dir_with_file",
+            lowers: &[FILE],
+            ops: &[Op::RmRf(b"d"), Op::Write(b"d", b"now a file")],
+            expect: &[b"C /d"],
+            ..CASE
+        },
+        Case {
+            name: "replace_file_with_dir",
+            lowers: &[FILE],
+            ops: &[
+                Op::Rm(b"f"),
+                Op::Mkdir(b"f"),
+                Op::Write(b"f/a", b"a"),
+                Op::Mkdir(b"f/b"),
+                Op::Write(b"f/b/c", b"c"),
+            ],
+            expect: &[b"C /f", b"A /f/a", b"A /f/b", b"A /f/b/c"],
+            ..CASE
+        },
+        Case {
+            name: "create_then_delete",
+            lowers: &[RICH],
+            ops: &[
+                Op::Write(b"tmp/x", b"x"),
+                Op::Rm(b"tmp/x"),
+                Op::MkdirP(b"tmp/y/z"),
+                Op::RmRf(b"tmp/y"),
+            ],
+            copied: &[b"tmp"],
+            ..CASE
+        },
+        Case {
+            name: "odd_names",
+            lowers: &[&[E::F(b"old\xffname", b"x"), E::D(b"sp ace")]],
+            ops: &[
+                Op::Write(b"a b", b"1"),
+                Op::Write(b"new\nline", b"2"),
+                Op::Write(b"\xff\xfe", b"3"),
+                Op::Mkdir(b"dir with space"),
+                Op::Write(b"dir with space/f\tg", b"4"),
+                Op::Rm(b"old\xffname"),
+                Op::Write(b"sp ace/x y", b"5"),
+            ],
+            expect: &[
+                b"A /a b",
+                b"A /dir with space",
+                b"A /dir with space/f\tg",
+                b"A /new\nline",
+                b"D /old\xffname",
+                b"C /sp ace",
+                b"A /sp ace/x y",
+                b"A /\xff\xfe",
+            ],
+            ..CASE
+        },
+        Case {
+            name: "deep_new_dirs",
+            lowers: &[RICH],
+            ops: &[Op::MkdirP(b"p/q/r/s/t"), Op::Write(b"p/q/r/s/t/f", b"deep")],
+            expect: &[
+                b"A /p",
+                b"A /p/q",
+                b"A /p/q/r",
+                b"A /p/q/r/s",
+                b"A /p/q/r/s/t",
+                b"A /p/q/r/s/t/f",
+            ],
+            ..CASE
+        },
+        Case {
+            name: "new_dirs_below_lower_dirs",
+            lowers: &[&[E::D(b"usr/share")]],
+            ops: &[Op::MkdirP(b"usr/share/app/data")],
+            expect: &[
+                b"C /usr",
+                b"C /usr/share",
+                b"A /usr/share/app",
+                b"A /usr/share/app/data",
+            ],
+            ..CASE
+        },
+        Case {
+            name: "symlinks_created_pointing_out",
+            lowers: &[RICH],
+            ops: &[
+                Op::Symlink(b"/etc", b"escape"),
+                Op::Symlink(b"/", b"home/u/root"),
+            ],
+            expect: &[b"A /escape", b"C /home", b"C /home/u", b"A /home/u/root"],
+            ..CASE
+        },
+        Case {
+            name: "hostile_symlinks_in_lower_are_not_followed",
+            lowers: &[&[E::S(b"etc", b"/etc"), E::S(b"up", b"../../../..")]],
+            ops: &[
+                Op::Rm(b"etc"),
+                Op::Mkdir(b"etc"),
+                Op::Write(b"etc/passwd", b"x"),
+            ],
+            expect: &[b"C /etc", b"A /etc/passwd"],
+            ..CASE
+        },
+        Case {
+            name: "multi_lower_shadowing_and_lower_whiteout",
+            lowers: &[
+                &[E::F(b"etc/f", b"new"), E::Wh(b"etc/h")],
+                &[
+                    E::F(b"etc/f", b"old"),
+                    E::F(b"etc/g", b"g"),
+                    E::F(b"etc/h", b"h"),
+                ],
+            ],
+            ops: &[Op::Rm(b"etc/f"), Op::Write(b"etc/h", b"again")],
+            expect: &[b"C /etc", b"D /etc/f", b"A /etc/h"],
+            ..CASE
+        },
+        Case {
+            name: "opaque_dir_in_lower",
+            lowers: &[
+                &[E::F(b"d/a", b"a"), E::Opq(b"d")],
+                &[E::F(b"d/b", b"b"), E::F(b"d/c", b"c")],
+            ],
+            ops: &[Op::Rm(b"d/a"), Op::Write(b"d/b", b"x")],
+            expect: &[b"C /d", b"D /d/a", b"A /d/b"],
+            ..CASE
+        },
+        Case {
+            name: "renamed_dir_redirect",
+            lowers: &[&[E::F(b"a/f", b"f"), E::F(b"a/sub/g", b"g"), E::F(b"z", b"z")]],
+            opts: "redirect_dir=on",
+            ops: &[Op::Mv(b"a", b"a2")],
+            expect: &[b"D /a", b"A /a2", b"A /a2/f", b"A /a2/sub", b"A /a2/sub/g"],
+            ..CASE
+        },
+        Case {
+            name: "renamed_dir_absolute_redirect",
+            lowers: &[&[E::F(b"x/b/f", b"f"), E::D(b"y")]],
+            opts: "redirect_dir=on",
+            ops: &[Op::Mv(b"x/b", b"y/b2")],
+            expect: &[b"C /x", b"D /x/b", b"C /y", b"A /y/b2", b"A /y/b2/f"],
+            ..CASE
+        },
+        Case {
+            name: "renamed_dir_then_modified",
+            lowers: &[&[E::F(b"a/f", b"f"), E::F(b"a/sub/g", b"g")]],
+            opts: "redirect_dir=on",
+            ops: &[
+                Op::Mv(b"a", b"a2"),
+                Op::Rm(b"a2/f"),
+                Op::Write(b"a2/new", b"n"),
+            ],
+            expect: &[
+                b"D /a",
+                b"A /a2",
+                b"A /a2/new",
+                b"A /a2/sub",
+                b"A /a2/sub/g",
+            ],
+            ..CASE
+        },
+        Case {
+            name: "renamed_dir_twice_and_into_new_dir",
+            lowers: &[&[E::F(b"a/f", b"f"), E::F(b"b/g", b"g")]],
+            opts: "redirect_dir=on",
+            ops: &[
+                Op::Mv(b"a", b"a2"),
+                Op::Mv(b"a2", b"a3"),
+                Op::Mkdir(b"n"),
+                Op::Mv(b"b", b"n/b"),
+            ],
+            expect: &[
+                b"D /a",
+                b"A /a3",
+                b"A /a3/f",
+                b"D /b",
+                b"A /n",
+                b"A /n/b",
+                b"A /n/b/g",
+            ],
+            ..CASE
+        },
+        Case {
+            name: "renamed_dir_over_empty_lower_dir",
+            lowers: &[&[E::F(b"a/f", b"f"), E::D(b"e")]],
+            opts: "redirect_dir=on",
+            ops: &[Op::Mv(b"a", b"e")],
+            expect: &[b"D /a", b"C /e", b"A /e/f"],
+            ..CASE
+        },
+        Case {
+            name: "renamed_subdir_of_renamed_dir",
+            lowers: &[&[E::F(b"a/b/f", b"f"), E::F(b"a/c", b"c"), E::D(b"x")]],
+            opts: "redirect_dir=on",
+            ops: &[Op::Mv(b"a", b"a2"), Op::Mv(b"a2/b", b"x/b2")],
+            expect: &[
+                b"D /a",
+                b"A /a2",
+                b"A /a2/c",
+                b"C /x",
+                b"A /x/b2",
+                b"A /x/b2/f",
+            ],
+            ..CASE
+        },
+        Case {
+            name: "userxattr_opaque_dir",
+            lowers: &[&[E::F(b"d/x", b"x"), E::F(b"e", b"e")]],
+            opts: "userxattr",
+            ops: &[Op::RmRf(b"d"), Op::Mkdir(b"d"), Op::Rm(b"e")],
+            expect: &[b"C /d", b"D /d/x", b"D /e"],
+            ..CASE
+        },
+        Case {
+            name: "metacopy_chmod_and_rename",
+            lowers: &[&[E::F(b"f", b"data"), E::F(b"h", b"data")]],
+            opts: "metacopy=on,redirect_dir=on",
+            ops: &[
+                Op::Chmod(b"f", 0o600),
+                Op::Mv(b"f", b"g"),
+                Op::Chmod(b"h", 0o600),
+            ],
+            expect: &[b"D /f", b"A /g", b"C /h"],
+            ..CASE
+        },
+        Case {
+            name: "committed_lower_with_redirect",
+            lowers: &[&[], &[E::F(b"a/f", b"f"), E::F(b"a/g", b"g")]],
+            commit: &[Op::Mv(b"a", b"a2"), Op::Rm(b"a2/g")],
+            ops: &[Op::Write(b"a2/new", b"n")],
+            expect: &[b"C /a2", b"A /a2/new"],
+            ..CASE
+        },
+        Case {
+            name: "committed_redirect_renamed_again",
+            lowers: &[&[], &[E::F(b"a/b/f", b"f"), E::D(b"x")]],
+            commit: &[Op::Mv(b"a/b", b"x/b2")],
+            opts: "redirect_dir=on",
+            ops: &[Op::Mv(b"x/b2", b"b3"), Op::Rm(b"b3/f")],
+            expect: &[b"A /b3", b"C /x", b"D /x/b2"],
+            ..CASE
+        },
+        Case {
+            name: "absolute_redirect_through_a_redirected_lower_dir",
+            lowers: &[&[], &[E::F(b"a/b/f", b"f"), E::D(b"x")]],
+            commit: &[Op::Mv(b"a", b"a2")],
+            opts: "redirect_dir=on",
+            ops: &[Op::Mv(b"a2/b", b"x/b2")],
+            expect: &[b"C /a2", b"D /a2/b", b"C /x", b"A /x/b2", b"A /x/b2/f"],
+            ..CASE
+        },
+        Case {
+            name: "committed_opaque_dir_and_whiteout",
+            lowers: &[&[], &[E::F(b"d/x", b"x"), E::F(b"e", b"e")]],
+            commit: &[
+                Op::RmRf(b"d"),
+                Op::Mkdir(b"d"),
+                Op::Write(b"d/y", b"y"),
+                Op::Rm(b"e"),
+            ],
+            ops: &[Op::Write(b"e", b"back"), Op::Write(b"d/x", b"new x")],
+            expect: &[b"C /d", b"A /d/x", b"A /e"],
+            ..CASE
+        },
+        Case {
+            name: "oci_markers_in_lower_with_hand_built_upper",
+            lowers: &[
+                &[
+                    E::F(b".wh.foo", b""),
+                    E::F(b"dir/.wh..wh..opq", b""),
+                    E::F(b"dir/keep", b"k"),
+                ],
+                &[
+                    E::F(b"foo", b"f"),
+                    E::F(b"dir/hidden", b"h"),
+                    E::F(b"bar", b"b"),
+                ],
+            ],
+            upper: Some(&[
+                E::F(b"foo", b"new"),
+                E::F(b"dir/y", b"y"),
+                E::Wh(b"dir/hidden"),
+                E::Wh(b"bar"),
+                E::Wh(b"ghost"),
+            ]),
+            expect: &[b"D /bar", b"C /dir", b"A /dir/y", b"A /foo"],
+            ..CASE
+        },
+        Case {
+            name: "xattr_whiteouts_with_hand_built_upper",
+            lowers: &[
+                &[
+                    E::F(b"d/f", b""),
+                    E::X(b"d/f", "trusted.overlay.whiteout", b""),
+                    E::X(b"d", "trusted.overlay.opaque", b"x"),
+                ],
+                &[E::F(b"d/f", b"f"), E::F(b"d/g", b"g"), E::F(b"e/g", b"g")],
+            ],
+            upper: Some(&[
+                E::F(b"d/f", b"back"),
+                E::F(b"e/g", b""),
+                E::X(b"e/g", "trusted.overlay.whiteout", b""),
+                E::X(b"e", "trusted.overlay.opaque", b"x"),
+            ]),
+            expect: &[b"C /d", b"A /d/f", b"C /e", b"D /e/g"],
+            ..CASE
+        },
+    ]
+}
+
+fn run_case(c: &Case) -> Result<(), String> {
+    let fx = Fixture::new(c.lowers.len());
+    for (l, spec) in fx.lowers.iter().zip(c.lowers) {
+        build(l, spec, true);
+    }
+    if !c.commit.is_empty() {
+        let mut ops = c.commit.iter().copied();
+        fx.commit(|_| ops.next(), true)?;
+    }
+    let userxattr = c.opts.contains("userxattr");
+    match c.upper {
+        Some(spec) => build(&fx.upper, spec, true),
+        None => {
+            let m = fx.mount_rw(c.opts);
+            for op in c.ops {
+                apply(&fx.mnt, op).map_err(|e| format!("{op:?}: {e}"))?;
+            }
+            m.unmount();
+        }
+    }
+    for p in c.copied {
+        let st =
+            fs::symlink_metadata(at(&fx.upper, p)).map_err(|e| format!("copied {p:?}: {e}"))?;
+        if st.file_type().is_char_device() && st.rdev() == 0 {
+            return Err(format!("{} is a whiteout in the upper", p.escape_ascii()));
+        }
+    }
+    let private = if userxattr {
+        Private::USER
+    } else {
+        Private::TRUSTED
+    };
+    let got = fx.diff(private);
+    let mut want: Vec<Vec<u8>> = c.expect.iter().map(|l| l.to_vec()).collect();
+    want.sort_by(|a, b| a[2..].cmp(&b[2..]));
+    if got != want {
+        return Err(format!("got  {}\nwant {}", show(&got), show(&want)));
+    }
+    Ok(())
+}
+
+#[test]
+fn table_cases_match_docker_rules() {
+    require_root();
+    let cases = cases();
+    assert!(cases.len() >= 30);
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|c| run_case(c).err().map(|e| format!("--- {}\n{e}", c.name)))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn output_of_odd_names_in_every_format() {
+    require_root();
+    let fx = Fixture::new(1);
+    build(&fx.lowers[0], &[E::F(b"x", b"x")], true);
+    build(
+        &fx.upper,
+        &[E::F(b"n\nl", b""), E::F(b"q\"\\\xff", b""), E::Wh(b"x")],
+        true,
+    );
+    let changes = diff::diff(&fx.upper, &fx.lowers, &DiffOptions::default()).unwrap();
+    let mut out = Vec::new();
+    diff::write_changes(&mut out, &changes, diff::Format::Nul).unwrap();
+    assert_eq!(out, b"A /n\nl\0A /q\"\\\xff\0D /x\0");
+    out.clear();
+    diff::write_changes(&mut out, &changes, diff::Format::Json).unwrap();
+    let want = concat!(
+        r#"{"kind":"A","path":"/n\nl"}"#,
+        "\n",
+        r#"{"kind":"A","path":"/q\"\\\\\\xff","raw":false}"#,
+        "\n",
+        r#"{"kind":"D","path":"/x"}"#,
+        "\n"
+    );
+    assert_eq!(String::from_utf8(out).unwrap(), want);
+}
+
+#[test]
+fn bad_redirect_is_an_error_not_a_diff() {
+    require_root();
+    let fx = Fixture::new(1);
+    build(&fx.lowers[0], &[E::F(b"a/f", b"f")], true);
+    build(
+        &fx.upper,
+        &[
+            E::Wh(b"a"),
+            E::D(b"a2"),
+            E::X(b"a2", "trusted.overlay.redirect", b"../../etc"),
+        ],
+        true,
+    );
+    let err = diff::diff(&fx.upper, &fx.lowers, &DiffOptions::default()).unwrap_err();
+    assert!(err.context().contains("redirect"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// Randomized: random operations through the kernel vs a naive docker diff
+
+/// xorshift64*: deterministic per seed, no crates.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+        v[self.below(v.len())]
+    }
+}
+
+const NAMES: &[B] = &[b"a", b"b", b"c", b"d e", b"n\nl", b"\xff"];
+const TIMES: &[(i64, i64)] = &[FIXED, (FIXED.0, 0), (FIXED.0, 7), (FIXED.0 + 1, FIXED.1)];
+const MODES: &[u32] = &[0o644, 0o755, 0o600, 0o4755, 0o1777];
+
+fn leak(v: Vec<u8>) -> B {
+    Box::leak(v.into_boxed_slice())
+}
+
+fn rand_path(rng: &mut Rng) -> B {
+    let depth = 1 + rng.below(3);
+    let comps: Vec<B> = (0..depth).map(|_| rng.pick(NAMES)).collect();
+    leak(comps.join(&b'/'))
+}
+
+/// Relative targets only: even when followed, they stay inside the tree.
+fn rand_target(rng: &mut Rng) -> B {
+    rng.pick(&[b"a", b"b/c", b"missing", b"d e"])
+}
+
+fn rand_layer(rng: &mut Rng, n: usize, with_markers: bool) -> Vec<E> {
+    let mut spec = Vec::new();
+    for _ in 0..n {
+        let p = rand_path(rng);
+        let kinds = if with_markers { 9 } else { 7 };
+        spec.push(match rng.below(kinds) {
+            0 | 1 => E::F(p, rng.pick(&[b"", b"x", b"xyz"])),
+            2 | 3 => E::D(p),
+            4 => E::S(p, rand_target(rng)),
+            5 => E::P(p),
+            6 => E::H(p, rand_path(rng)),
+            7 => E::Wh(p),
+            _ => E::Opq(p),
+        });
+        match rng.below(6) {
+            0 => spec.push(E::Mode(p, rng.pick(MODES))),
+            1 => spec.push(E::Own(p, 1000, rng.pick(&[0, 1000]))),
+            2 => spec.push(E::X(p, "security.capability", CAP_NET_RAW)),
+            3 => {
+                let (s, ns) = rng.pick(TIMES);
+                spec.push(E::Time(p, s, ns))
+            }
+            _ => {}
+        }
+    }
+    spec
+}
+
+/// The paths currently in the mount (never through a symlink), so that half
+/// of the operations hit something that exists.
+fn existing(dir: &Path, prefix: &[u8], out: &mut Vec<B>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let rel = [prefix, entry.file_name().as_bytes()].concat();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            existing(&entry.path(), &[&rel[..], b"/"].concat(), out);
+        }
+        out.push(leak(rel));
+    }
+}
+
+fn rand_op(rng: &mut Rng, mnt: &Path) -> Op {
+    let mut paths = Vec::new();
+    existing(mnt, b"", &mut paths);
+    let path = |rng: &mut Rng| {
+        if !paths.is_empty() && rng.below(2) == 0 {
+            rng.pick(&paths)
+        } else {
+            rand_path(rng)
+        }
+    };
+    let p = path(rng);
+    match rng.below(21) {
+        0 | 1 => Op::Write(p, rng.pick(&[b"", b"x", b"new data"])),
+        2 => Op::Append(p, b"+"),
+        3 => Op::Truncate(p, rng.below(3) as u64),
+        4 => Op::Chmod(p, rng.pick(MODES)),
+        5 => Op::Chown(p, rng.pick(&[0, 1000]), rng.pick(&[0, 1000])),
+        6 => {
+            let (s, ns) = rng.pick(TIMES);
+            Op::Touch(p, s, ns)
+        }
+        7 => Op::SetX(p, "security.capability", CAP_NET_RAW),
+        8 => Op::Rm(p),
+        9 => Op::RmRf(p),
+        10 | 11 => Op::Mkdir(p),
+        12..=14 => Op::Mv(p, path(rng)),
+        15 => Op::Link(p, rand_path(rng)),
+        16 => Op::Symlink(rand_target(rng), p),
+        17 => Op::Mkfifo(p),
+        18 => Op::Mknod(p, 1, rng.pick(&[3, 5])),
+        19 => Op::OpenWrite(p),
+        _ => Op::SetX(p, "user.x", b"1"),
+    }
+}
+
+/// What the naive walk records per path: exactly what docker reads.
+#[derive(Debug)]
+struct Node {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    rdev: u64,
+    size: u64,
+    mtime: (i64, i64),
+    cap: Option<Vec<u8>>,
+    children: BTreeMap<Vec<u8>, Node>,
+}
+
+impl Node {
+    fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+}
+
+/// `None` for a name listed but not found: the kernel lists whiteouts of a
+/// directory that only one lower layer has, and docker's walker skips names
+/// whose lstat says ENOENT.
+fn snapshot(p: &Path) -> Option<Node> {
+    let st = match fs::symlink_metadata(p) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        r => r.unwrap_or_else(|e| panic!("lstat {}: {e}", p.display())),
+    };
+    let mut children = BTreeMap::new();
+    if st.is_dir() {
+        for entry in fs::read_dir(p).expect("readdir") {
+            let entry = entry.expect("entry");
+            if let Some(node) = snapshot(&entry.path()) {
+                children.insert(entry.file_name().as_bytes().to_vec(), node);
+            }
+        }
+    }
+    Some(Node {
+        mode: st.mode(),
+        uid: st.uid(),
+        gid: st.gid(),
+        rdev: st.rdev(),
+        size: st.size(),
+        mtime: (st.mtime(), st.mtime_nsec()),
+        cap: lgetxattr(p, "security.capability").filter(|v| !v.is_empty()),
+        children,
+    })
+}
+
+/// The rule as moby's `statDifferent` states it, written out independently.
+fn naive_stat_different(old: &Node, new: &Node) -> bool {
+    let same_time = old.mtime == new.mtime
+        || (old.mtime.0 == new.mtime.0 && (old.mtime.1 == 0 || new.mtime.1 == 0));
+    old.mode != new.mode
+        || old.uid != new.uid
+        || old.gid != new.gid
+        || old.rdev != new.rdev
+        || (!old.is_dir() && (!same_time || old.size != new.size))
+}
+
+/// moby's `addChanges` over two complete trees.
+fn naive_changes(new: &Node, old: Option<&Node>, path: &[u8], added: bool, out: &mut Vec<Vec<u8>>) {
+    let start = out.len();
+    let none = BTreeMap::new();
+    let old_children = match old {
+        Some(o) if new.is_dir() => &o.children,
+        _ => &none,
+    };
+    for (name, nc) in &new.children {
+        let p = [path, b"/", name].concat();
+        let oc = old_children.get(name);
+        let child_added = match oc {
+            None => true,
+            Some(oc) => naive_stat_different(oc, nc) || oc.cap != nc.cap,
+        };
+        if child_added {
+            out.push([if oc.is_none() { &b"A "[..] } else { b"C " }, &p].concat());
+        }
+        naive_changes(nc, oc, &p, child_added, out);
+    }
+    for name in old_children
+        .keys()
+        .filter(|n| !new.children.contains_key(*n))
+    {
+        out.push([&b"D "[..], path, b"/", name].concat());
+    }
+    if out.len() > start && new.is_dir() && !added && !path.is_empty() {
+        out.push([&b"C "[..], path].concat());
+    }
+}
+
+fn naive_diff(fx: &Fixture) -> Vec<Vec<u8>> {
+    let (new_mnt, old_mnt) = (fx.root.join("new"), fx.root.join("old"));
+    fs::create_dir(&new_mnt).unwrap();
+    fs::create_dir(&old_mnt).unwrap();
+    let new_opts = format!(
+        "lowerdir={}:{},redirect_dir=follow",
+        fx.upper.display(),
+        fx.lowerdir()
+    );
+    let new_m = Mount::overlay(&new_mnt, &new_opts, true);
+    let old_m = Mount::overlay(&old_mnt, &format!("lowerdir={}", fx.lowerdir()), true);
+    let (new, old) = (snapshot(&new_mnt).unwrap(), snapshot(&old_mnt).unwrap());
+    new_m.unmount();
+    old_m.unmount();
+    let mut out = Vec::new();
+    naive_changes(&new, Some(&old), b"", false, &mut out);
+    out.sort_by(|a, b| a[2..].cmp(&b[2..]));
+    out
+}
+
+fn random_round(seed: u64) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    let fx = Fixture::new(2);
+    let l2 = rand_layer(&mut rng, 14, false);
+    build(&fx.lowers[1], &l2, false);
+    // The top lower: built by hand, or written by the kernel as an earlier
+    // container's upper (redirects, opaque dirs and whiteouts in a lower).
+    let (mut l1, mut commit) = (Vec::new(), Vec::new());
+    if rng.below(3) == 0 {
+        let mut left = 20;
+        commit = fx.commit(
+            |mnt| {
+                (left > 0).then(|| {
+                    left -= 1;
+                    rand_op(&mut rng, mnt)
+                })
+            },
+            false,
+        )?;
+    } else {
+        l1 = rand_layer(&mut rng, 10, true);
+        build(&fx.lowers[0], &l1, false);
+    }
+    let redirect = rng.below(3) != 0;
+    let m = fx.mount_rw(if redirect { "redirect_dir=on" } else { "" });
+    let mut ops = Vec::new();
+    for _ in 0..30 {
+        let op = rand_op(&mut rng, &fx.mnt);
+        let _ = apply(&fx.mnt, &op); // failing operations (ENOENT, EXDEV…) are part of the game
+        ops.push(op);
+    }
+    m.unmount();
+    let want = naive_diff(&fx);
+    let got = fx.diff(Private::TRUSTED);
+    if got != want {
+        return Err(format!(
+            "seed {seed} (redirect_dir={redirect})\nL1 {l1:?}\nL2 {l2:?}\ncommit {commit:?}\nops {ops:?}\ngot  {}\nwant {}",
+            show(&got),
+            show(&want)
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn random_sequences_match_a_naive_docker_diff() {
+    require_root();
+    let rounds: u64 = std::env::var("DIFF_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let first: u64 = std::env::var("DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    for seed in first..first + rounds {
+        if let Err(e) = random_round(seed) {
+            panic!("{e}");
+        }
+    }
+}
