@@ -88,12 +88,12 @@ pub fn file_type(fmt: u32) -> FileType {
     }
 }
 
-/// `FileAttr` for an entry reply (`ino` is the node id) or, with
-/// `for_stat`, for an attribute reply (`ino` is the reported `st_ino`).
-fn fuse_attr(a: &Attr, for_stat: bool) -> FileAttr {
+/// The `FileAttr` of a reply; its `ino` is the reported `st_ino` (the node
+/// id, which may differ, travels separately).
+fn to_fuse(a: &Attr) -> FileAttr {
     let st = &a.st;
     FileAttr {
-        ino: INodeNo(if for_stat { st.st_ino } else { a.ino }),
+        ino: INodeNo(st.st_ino),
         size: st.st_size as u64,
         blocks: st.st_blocks as u64,
         atime: systime(st.st_atime, st.st_atime_nsec),
@@ -129,28 +129,20 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
-fn to_fuse(a: &Attr) -> FileAttr {
-    fuse_attr(a, true)
-}
-
 impl LayerFs {
-    /// The attribute timeout of an entry reply: zero where the node id is
-    /// not the `st_ino` (the kernel would show the node id until it asks
-    /// again with GETATTR, whose answer carries the real `st_ino`).
+    /// The attribute timeout: zero for objects reachable through several
+    /// nodes (hard links), whose attributes may change through another.
     fn attr_ttl(&self, a: &Attr) -> Duration {
-        if a.cache && a.ino == a.st.st_ino {
-            self.ttl
-        } else {
-            Duration::ZERO
-        }
+        if a.cache { self.ttl } else { Duration::ZERO }
     }
 
     fn entry(&self, reply: ReplyEntry, r: Result<Attr>) {
         match r {
-            Ok(a) => reply.entry_with_ttls(
+            Ok(a) => reply.entry_node(
+                INodeNo(a.ino),
                 &self.attr_ttl(&a),
                 &self.ttl,
-                &fuse_attr(&a, false),
+                &to_fuse(&a),
                 Generation(0),
             ),
             Err(e) => reply.error(errno(&e)),
@@ -683,14 +675,32 @@ impl Filesystem for LayerFs {
     ) {
         debug!("create({parent}, {name:?}, {mode:o}, {flags:#x})");
         let r = guard("create", || {
-            self.ov.create(caller(req, umask), parent.0, &cname(name)?, mode, flags, self.passthrough)
+            self.ov.create(
+                caller(req, umask),
+                parent.0,
+                &cname(name)?,
+                mode,
+                flags,
+                self.passthrough,
+            )
         });
         self.created(reply, r)
     }
 
-    fn tmpfile(&self, req: &Request, parent: INodeNo, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn tmpfile(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         debug!("tmpfile({parent}, {mode:o}, {flags:#x})");
-        let r = guard("tmpfile", || self.ov.tmpfile(caller(req, umask), parent.0, mode, flags, self.passthrough));
+        let r = guard("tmpfile", || {
+            self.ov
+                .tmpfile(caller(req, umask), parent.0, mode, flags, self.passthrough)
+        });
         self.created(reply, r)
     }
 
@@ -759,14 +769,21 @@ impl LayerFs {
             Ok(x) => x,
             Err(e) => return reply.error(errno(&e)),
         };
-        let attr = fuse_attr(&a, false);
-        match io {
-            OpenIo::Cached { .. } => reply.created(&self.ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty()),
-            OpenIo::Passthrough { fd, existing } => match self.backing(fh, &fd, existing, |f| reply.open_backing(f)) {
-                Some(id) => reply.created_passthrough(&self.ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty(), &id),
-                None => reply.created(&self.ttl, &attr, Generation(0), FileHandle(fh), FopenFlags::empty()),
-            },
-        }
+        let backing = match io {
+            OpenIo::Cached { .. } => None,
+            OpenIo::Passthrough { fd, existing } => {
+                self.backing(fh, &fd, existing, |f| reply.open_backing(f))
+            }
+        };
+        reply.created_node(
+            INodeNo(a.ino),
+            &self.attr_ttl(&a),
+            &to_fuse(&a),
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::empty(),
+            backing.as_deref(),
+        );
     }
 }
 

@@ -106,7 +106,7 @@ pub struct Node {
     /// The `st_ino` reported; differs from `ino` only for per-name nodes.
     pub st_ino: AtomicU64,
     /// For per-name nodes: the (parent, name) key they are found by.
-    pub path_key: Option<(u64, Vec<u8>)>,
+    pub path_key: Mutex<Option<(u64, Vec<u8>)>>,
     /// How the kernel does I/O on this node's open files (see `NodeIo`).
     pub io: Mutex<NodeIo>,
     /// The kernel must not cache this node's attributes: its object is
@@ -128,7 +128,7 @@ impl Node {
         Node {
             ino,
             st_ino: AtomicU64::new(ino),
-            path_key: None,
+            path_key: Mutex::new(None),
             uncached: std::sync::atomic::AtomicBool::new(false),
             fmt,
             lookups: AtomicU64::new(0),
@@ -253,7 +253,7 @@ impl NodeTable {
         let id = self.next_path_id.fetch_add(1, Ordering::Relaxed);
         let mut node = Node::new(id, fmt, state);
         node.st_ino = AtomicU64::new(st_ino);
-        node.path_key = Some(key.clone());
+        node.path_key = Mutex::new(Some(key.clone()));
         node.uncached = std::sync::atomic::AtomicBool::new(true);
         let node = Arc::new(node);
         node.lookups.store(1, Ordering::Relaxed);
@@ -263,6 +263,18 @@ impl NodeTable {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, node.clone());
         node
+    }
+
+    /// Moves a per-name node to its new (parent, name) after a rename.
+    pub fn rekey(&self, node: &Node, key: (u64, Vec<u8>)) {
+        let mut pk = node.path_key.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(old) = pk.as_ref() else { return };
+        let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        if paths.get(old) == Some(&node.ino) {
+            paths.remove(old);
+        }
+        paths.insert(key.clone(), node.ino);
+        *pk = Some(key);
     }
 
     /// The per-name node at (parent, name), if the kernel holds one.
@@ -288,7 +300,11 @@ impl NodeTable {
             );
             if prev <= n
                 && let Some(node) = shard.remove(&ino)
-                && let Some(key) = &node.path_key
+                && let Some(key) = node
+                    .path_key
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
             {
                 let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
                 if paths.get(key) == Some(&ino) {

@@ -281,21 +281,43 @@ impl OverlayFs {
     /// Keeps a deleted object reachable for those who still hold it (open
     /// files, a cwd): an `O_PATH` fd on it, and no name.
     fn detach(&self, parent: u64, name: &CStr, ino: u64, r: &Resolved) {
-        let per_name = self.nodes.get_path(&(parent, name.to_bytes().to_vec()));
-        let Some(node) = per_name.or_else(|| self.nodes.get(ino)) else {
-            return;
-        };
         let fd = match r {
             Resolved::NonDir { loc, .. } => {
-                sys::openat(loc.dir.as_fd(), &loc.name, libc::O_PATH, 0).ok()
+                sys::openat(loc.dir.as_fd(), &loc.name, libc::O_PATH, 0)
+                    .ok()
+                    .map(Arc::new)
             }
             _ => None,
         };
-        node.set_state(|s| {
-            s.loc = None;
-            s.unlinked = true;
-            s.detached = fd.map(Arc::new);
-        });
+        for node in self.nodes_at(parent, name, ino) {
+            node.set_state(|s| {
+                s.loc = None;
+                s.unlinked = true;
+                s.detached = fd.clone();
+            });
+        }
+    }
+
+    /// The nodes through which the kernel may hold the object at `name` in
+    /// `parent`: its per-name node, and the node of its inode number if that
+    /// node is located at this very name.
+    fn nodes_at(&self, parent: u64, name: &CStr, st_ino: u64) -> Vec<Arc<Node>> {
+        let mut v: Vec<Arc<Node>> = self
+            .nodes
+            .get_path(&(parent, name.to_bytes().to_vec()))
+            .into_iter()
+            .collect();
+        if let Some(n) = self.nodes.get(st_ino)
+            && !v.iter().any(|x| Arc::ptr_eq(x, &n))
+        {
+            let s = n.snapshot();
+            let here = s.parent.as_ref().map(|p| p.ino) == Some(parent)
+                && s.loc.as_ref().is_some_and(|l| l.name.as_c_str() == name);
+            if here || n.is_dir() {
+                v.push(n);
+            }
+        }
+        v
     }
 
     /// rename, with `RENAME_NOREPLACE` and `RENAME_EXCHANGE`.
@@ -324,49 +346,90 @@ impl OverlayFs {
             return Ok(());
         }
         self.check_rename_types(&old, &new, exchange)?;
-        let old_ino = resolve::ino_of(&self.stack, &old)?;
-        let old_node = self.record(&op, old)?.0;
-        let new_node = match &new {
-            Resolved::Absent => None,
-            _ => {
-                let ino = resolve::ino_of(&self.stack, &new)?;
-                Some(
-                    self.record(
-                        &np,
-                        resolve::lookup(&self.stack, &np.snapshot().dirs, newname)?,
-                    )?
-                    .0,
-                )
-                .filter(|n| n.ino == ino)
+        // The nodes through which the kernel holds both objects (a fresh,
+        // temporary one if it holds none: lookups given back at the end).
+        let mut temp = Vec::new();
+        let old_nodes = self.held_nodes(&op, oldname, old, &mut temp)?;
+        let new_nodes = match new.exists() {
+            true => {
+                let r = resolve::lookup(&self.stack, &np.snapshot().dirs, newname)?;
+                self.held_nodes(&np, newname, r, &mut temp)?
             }
+            false => Vec::new(),
         };
-        self.movable(&old_node)?;
-        let exchanged = new_node.as_ref().filter(|_| exchange);
+        let result = self.rename_nodes(
+            oldp, oldname, newp, newname, &new, exchange, &old_nodes, &new_nodes,
+        );
+        for n in temp {
+            self.forget(n.ino, 1);
+        }
+        result
+    }
+
+    fn held_nodes(
+        &self,
+        parent: &Arc<Node>,
+        name: &CStr,
+        r: Resolved,
+        temp: &mut Vec<Arc<Node>>,
+    ) -> Result<Vec<Arc<Node>>> {
+        let ino = resolve::ino_of(&self.stack, &r)?;
+        let held = self.nodes_at(parent.ino, name, ino);
+        if !held.is_empty() {
+            return Ok(held);
+        }
+        let n = self.record(parent, r)?.0;
+        temp.push(n.clone());
+        Ok(vec![n])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename_nodes(
+        &self,
+        oldp: u64,
+        oldname: &CStr,
+        newp: u64,
+        newname: &CStr,
+        new: &Resolved,
+        exchange: bool,
+        old_nodes: &[Arc<Node>],
+        new_nodes: &[Arc<Node>],
+    ) -> Result<()> {
+        let old_node = &old_nodes[0];
+        self.movable(old_node)?;
+        let exchanged = new_nodes.first().filter(|_| exchange);
         if let Some(n) = exchanged {
             self.movable(n)?;
         }
-        self.copy_up(&old_node, false)?;
+        self.copy_up(old_node, false)?;
         if let Some(n) = exchanged {
             self.copy_up(n, false)?;
         }
         if !exchange && new.exists() {
-            let ino = resolve::ino_of(&self.stack, &new)?;
-            self.detach(newp, newname, ino, &new);
+            let ino = resolve::ino_of(&self.stack, new)?;
+            self.detach(newp, newname, ino, new);
         }
         let po = self.prepare_parent(oldp)?;
         let pn = self.prepare_parent(newp)?;
-        let result = self.do_rename(&po, oldname, &pn, newname, exchanged, &old_node);
-        let result = result.and_then(|()| {
-            if exchange && let Some(n) = &new_node {
+        // Both parents locked (in inode order) against concurrent changes.
+        let (first, second) = if po.node.ino <= pn.node.ino {
+            (&po.node, &pn.node)
+        } else {
+            (&pn.node, &po.node)
+        };
+        let _g1 = first.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g2 = (!Arc::ptr_eq(first, second))
+            .then(|| second.lock.lock().unwrap_or_else(|e| e.into_inner()));
+        self.do_rename(&po, oldname, &pn, newname, exchanged, old_node)?;
+        if exchanged.is_some() {
+            for n in new_nodes {
                 self.after_move(&po, oldname, n)?;
             }
-            self.after_move(&pn, newname, &old_node)
-        });
-        self.forget(old_ino, 1);
-        if let Some(n) = new_node {
-            self.forget(n.ino, 1);
         }
-        result
+        for n in old_nodes {
+            self.after_move(&pn, newname, n)?;
+        }
+        Ok(())
     }
 
     fn check_rename_types(&self, old: &Resolved, new: &Resolved, exchange: bool) -> Result<()> {
@@ -520,6 +583,8 @@ impl OverlayFs {
             Resolved::NonDir { loc, .. } => (loc, Vec::new()),
             Resolved::Absent => return Err(Error::new(libc::EIO, "moved object vanished")),
         };
+        self.nodes
+            .rekey(moved, (pn.node.ino, newname.to_bytes().to_vec()));
         moved.set_state(|s| {
             s.parent = Some(pn.node.clone());
             s.loc = Some(loc);
@@ -542,7 +607,11 @@ impl OverlayFs {
         let src = match (&snap.loc, &snap.detached) {
             // An O_TMPFILE file (the kernel links no other nameless file):
             // linked through its fd.
-            (None, Some(fd)) => crate::inode::Loc { layer: 0, dir: fd.clone(), name: CString::default() },
+            (None, Some(fd)) => crate::inode::Loc {
+                layer: 0,
+                dir: fd.clone(),
+                name: CString::default(),
+            },
             _ => self.copy_up(&node, false)?,
         };
         let p = self.prepare_parent(newp)?;
@@ -582,14 +651,30 @@ impl OverlayFs {
 impl OverlayFs {
     /// O_TMPFILE: an unnamed file in the upper copy of `parent`, opened; a
     /// later `link` gives it a name.
-    pub fn tmpfile(&self, caller: Caller, parent: u64, mode: u32, flags: i32, passthrough: bool) -> Result<(Attr, u64, OpenIo)> {
+    pub fn tmpfile(
+        &self,
+        caller: Caller,
+        parent: u64,
+        mode: u32,
+        flags: i32,
+        passthrough: bool,
+    ) -> Result<(Attr, u64, OpenIo)> {
         let p = self.prepare_parent(parent)?;
         let pst = sys::fstat(p.upper.fd.as_fd()).ctx(|| "stat parent".into())?;
         let perm = mode & 0o7777 & !(caller.umask & 0o777);
         let acc = flags & libc::O_ACCMODE;
-        let acc = if acc == libc::O_RDONLY { libc::O_RDWR } else { acc };
-        let fd = sys::openat(p.upper.fd.as_fd(), c".", libc::O_TMPFILE | acc, perm).ctx(|| "O_TMPFILE".into())?;
-        let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
+        let acc = if acc == libc::O_RDONLY {
+            libc::O_RDWR
+        } else {
+            acc
+        };
+        let fd = sys::openat(p.upper.fd.as_fd(), c".", libc::O_TMPFILE | acc, perm)
+            .ctx(|| "O_TMPFILE".into())?;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            caller.gid
+        };
         if caller.uid != 0 || gid != 0 {
             sys::fchownat(fd.as_fd(), c"", caller.uid, gid).ctx(|| "chown tmpfile".into())?;
         }
@@ -603,7 +688,9 @@ impl OverlayFs {
             detached: Some(Arc::new(path)),
             unlinked: true,
         };
-        let node = self.nodes.lookup(ino, libc::S_IFREG, state, |l| self.stack.is_upper(l));
+        let node = self
+            .nodes
+            .lookup(ino, libc::S_IFREG, state, |l| self.stack.is_upper(l));
         let attr = self.getattr(ino, None)?;
         let (fh, io) = self.insert_file(node, fd, 0, flags & !libc::O_TMPFILE, passthrough);
         Ok((attr, fh, io))

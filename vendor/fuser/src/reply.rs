@@ -270,6 +270,25 @@ impl ReplyEntry {
         ));
     }
 
+    /// layerfs patch: an entry whose node id (`nodeid`) differs from the
+    /// inode number reported in `attr.ino` (several nodes, one `st_ino`).
+    pub fn entry_node(
+        self,
+        nodeid: INodeNo,
+        attr_ttl: &Duration,
+        entry_ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+    ) {
+        self.reply.send_ll(&ll::ResponseStruct::new_entry(
+            nodeid,
+            generation,
+            &attr.into(),
+            *attr_ttl,
+            *entry_ttl,
+        ));
+    }
+
     /// Reply to a request with the given error code
     pub fn error(self, err: Errno) {
         self.reply.error(err);
@@ -552,6 +571,34 @@ impl ReplyCreate {
     ///
     /// Note that you must reuse the given `BackingId` for all future [`ReplyOpen::opened_passthrough()`]
     /// invocations as long as the passed file handle stays open!
+    /// layerfs patch: `created`/`created_passthrough` with the node id
+    /// given separately from `attr.ino`.
+    pub fn created_node(
+        self,
+        nodeid: INodeNo,
+        ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+        fh: ll::FileHandle,
+        flags: FopenFlags,
+        backing_id: Option<&BackingId>,
+    ) {
+        let (flags, id) = match backing_id {
+            Some(b) => (flags | FopenFlags::FOPEN_PASSTHROUGH, b.backing_id),
+            None => (flags, 0),
+        };
+        self.reply.send_ll(&ll::ResponseStruct::new_create_node(
+            nodeid,
+            ttl,
+            &attr.into(),
+            generation,
+            fh,
+            flags,
+            id,
+        ));
+    }
+
+    /// Reply to a request with a newly created file entry and an opened backing id.
     pub fn created_passthrough(
         self,
         ttl: &Duration,

@@ -210,9 +210,22 @@ impl ResponseStruct<abi::fuse_create_out> {
         flags: FopenFlags,
         backing_id: u32,
     ) -> Self {
+        Self::new_create_node(INodeNo(attr.attr.ino), ttl, attr, generation, fh, flags, backing_id)
+    }
+
+    /// layerfs patch: a create reply whose node id is given separately.
+    pub(crate) fn new_create_node(
+        nodeid: INodeNo,
+        ttl: &Duration,
+        attr: &Attr,
+        generation: Generation,
+        fh: FileHandle,
+        flags: FopenFlags,
+        backing_id: u32,
+    ) -> Self {
         ResponseStruct(abi::fuse_create_out(
             abi::fuse_entry_out {
-                nodeid: attr.attr.ino,
+                nodeid: nodeid.into(),
                 generation: generation.into(),
                 entry_valid: ttl.as_secs(),
                 attr_valid: ttl.as_secs(),
@@ -464,7 +477,6 @@ impl DirEntList {
 
 #[derive(Debug)]
 pub(crate) struct DirEntryPlus<T: AsRef<Path>> {
-    #[allow(unused)] // We use `attr.ino` instead
     ino: INodeNo,
     generation: Generation,
     offset: DirEntOffset,
@@ -518,7 +530,9 @@ impl DirEntPlusList {
         let name = x.name.as_ref().as_os_str().as_bytes();
         let header = abi::fuse_direntplus {
             entry_out: abi::fuse_entry_out {
-                nodeid: x.attr.attr.ino,
+                // layerfs patch: the node id given, which may differ from
+                // the inode number reported in the attributes and dirent.
+                nodeid: x.ino.into(),
                 generation: x.generation.into(),
                 entry_valid: x.entry_valid.as_secs(),
                 attr_valid: x.attr_valid.as_secs(),
