@@ -70,6 +70,8 @@ fn serve(
     ready: Option<std::os::fd::OwnedFd>,
 ) -> Result<(), String> {
     process::block_term_signals();
+    // The daemon creates objects with exactly the caller's mode.
+    crate::sys::umask(0);
     let mut session = match new_session(cfg, mountpoint) {
         Ok(s) => s,
         Err(e) => {

@@ -112,7 +112,6 @@ pub fn new_session(cfg: &MountConfig, mountpoint: &Path) -> Result<Session<Layer
             mountpoint.display()
         ));
     }
-    crate::sys::umask(0);
     crate::sys::raise_nofile_limit();
     let stack = Stack::open(cfg).map_err(|e| format!("cannot open the layers: {e}"))?;
     let ov = OverlayFs::new(stack, cfg.options.clone())
@@ -150,7 +149,22 @@ fn mount_options(cfg: &MountConfig) -> Vec<MountOption> {
     } else {
         MountOption::RO
     });
-    for f in &cfg.options.kernel_flags {
+    // Like a kernel overlay mount, device nodes and setuid bits work (a
+    // container or chroot root needs both) unless nodev/nosuid are asked
+    // for; FUSE's own default would be nodev,nosuid. Only root may.
+    let flags = &cfg.options.kernel_flags;
+    if cfg.options.allow_other && crate::config::is_root() {
+        if !flags.iter().any(|f| f == "nodev") {
+            v.push(MountOption::Dev);
+        }
+        if !flags.iter().any(|f| f == "nosuid") {
+            v.push(MountOption::Suid);
+        }
+    }
+    for f in flags
+        .iter()
+        .filter(|f| !matches!(f.as_str(), "dev" | "suid"))
+    {
         v.push(match f.as_str() {
             "nodev" => MountOption::NoDev,
             "nosuid" => MountOption::NoSuid,

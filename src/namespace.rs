@@ -160,6 +160,12 @@ impl OverlayFs {
             }
             NewObject::Symlink { target } => sys::symlinkat(target, dir, name).ctx(what)?,
         }
+        // In a library mount the process umask may still apply: undo it.
+        if !default_acl && perm & self.proc_umask != 0 && !matches!(obj, NewObject::Symlink { .. })
+        {
+            let o = sys::openat(dir, name, libc::O_PATH, 0).ctx(what)?;
+            sys::fchmod_fd(o.as_fd(), perm).ctx(what)?;
+        }
         let setgid_dir = parent.st_mode & libc::S_ISGID != 0;
         let gid = if setgid_dir {
             parent.st_gid

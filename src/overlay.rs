@@ -70,6 +70,8 @@ pub struct OverlayFs {
     pub(crate) opts: Options,
     pub(crate) invalidator: OnceLock<Box<dyn Invalidator>>,
     tmp_counter: std::sync::atomic::AtomicU64,
+    /// This process's umask (0 in the daemon; a library user's may not be).
+    pub(crate) proc_umask: u32,
 }
 
 /// `O_ACCMODE` and flags that make an open modify the file.
@@ -99,6 +101,7 @@ impl OverlayFs {
             opts,
             invalidator: OnceLock::new(),
             tmp_counter: std::sync::atomic::AtomicU64::new(0),
+            proc_umask: process_umask(),
         })
     }
 
@@ -571,4 +574,16 @@ fn mark_new_upper(stack: &Stack) -> Result<()> {
     uuid[6] = (uuid[6] & 0x0f) | 0x40;
     uuid[8] = (uuid[8] & 0x3f) | 0x80;
     xattr::set(root, &name, &uuid, 0).ctx(|| "write upper uuid".into())
+}
+
+/// The process umask, read without changing it (from /proc/self/status).
+fn process_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
 }
