@@ -83,6 +83,10 @@ impl OverlayFs {
     pub fn new(stack: Stack, opts: Options) -> Result<OverlayFs> {
         mark_new_upper(&stack)?;
         let dirs = resolve::root_dirs(&stack)?;
+        // The root reports its topmost directory's inode number, as the
+        // kernel's overlay root does (its FUSE node id is always 1).
+        let top = &dirs[0];
+        let root_ino = stack.map_ino(top.layer, sys::fstat(top.fd.as_fd()).ctx(|| "stat root".into())?.st_ino);
         let root = Node::new(
             ROOT_INO,
             libc::S_IFDIR,
@@ -94,6 +98,7 @@ impl OverlayFs {
                 unlinked: false,
             },
         );
+        root.st_ino.store(root_ino, Ordering::Relaxed);
         Ok(OverlayFs {
             stack,
             nodes: NodeTable::new(root),
