@@ -43,6 +43,8 @@ pub struct Options {
     pub timeout: std::time::Duration,
     /// Let the kernel enforce and cache POSIX ACLs (off with `noacl`).
     pub acl: bool,
+    /// How owners and directory link counts are presented.
+    pub view: crate::idmap::View,
     /// Use FUSE passthrough for files in the upper layer when the kernel
     /// allows it (off with `passthrough=off`).
     pub passthrough: bool,
@@ -63,6 +65,7 @@ impl Default for Options {
             timeout: std::time::Duration::from_secs(86400),
             acl: true,
             passthrough: true,
+            view: crate::idmap::View::default(),
             kernel_flags: Vec::new(),
             ignored: Vec::new(),
         }
@@ -210,14 +213,36 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
             o.timeout = std::time::Duration::from_secs_f64(secs.min(1e9));
         }
         ("noacl", None) => o.acl = false,
+        ("uidmapping", Some(v)) => {
+            o.view.uids = crate::idmap::IdMap::parse(&String::from_utf8_lossy(v))?
+        }
+        ("gidmapping", Some(v)) => {
+            o.view.gids = crate::idmap::IdMap::parse(&String::from_utf8_lossy(v))?
+        }
+        ("squash_to_root", None) => {
+            o.view.squash_uid.get_or_insert(0);
+            o.view.squash_gid.get_or_insert(0);
+        }
+        ("squash_to_uid", Some(v)) => o.view.squash_uid = Some(parse_id(&key, v)?),
+        ("squash_to_gid", Some(v)) => o.view.squash_gid = Some(parse_id(&key, v)?),
+        ("static_nlink", None) => o.view.static_nlink = true,
         ("passthrough", Some(b"off" | b"0" | b"no")) | ("nopassthrough", None) => {
             o.passthrough = false
         }
         ("passthrough", Some(_)) => o.passthrough = true,
-        ("default_permissions" | "static_nlink" | "fast_ino" | "nonempty", None) => {}
+        ("default_permissions" | "fast_ino" | "nonempty", None) => {}
         _ => o.ignored.push(String::from_utf8_lossy(item).into_owned()),
     }
     Ok(())
+}
+
+fn parse_id(key: &str, v: &[u8]) -> Result<u32, String> {
+    String::from_utf8_lossy(v).parse().map_err(|_| {
+        format!(
+            "option {key}: expected a numeric id, got '{}'",
+            String::from_utf8_lossy(v)
+        )
+    })
 }
 
 /// Why a configuration cannot be mounted; one line naming option and path.

@@ -25,6 +25,8 @@ use crate::overlay::{Attr, Caller, OpenIo, OverlayFs};
 
 pub struct LayerFs {
     pub ov: Arc<OverlayFs>,
+    /// How owners and link counts are presented (id mappings, squashing).
+    pub view: crate::idmap::View,
     pub ttl: Duration,
     pub acl: bool,
     /// Offer FUSE passthrough (set from the kernel's answer at init).
@@ -90,7 +92,7 @@ pub fn file_type(fmt: u32) -> FileType {
 
 /// The `FileAttr` of a reply; its `ino` is the reported `st_ino` (the node
 /// id, which may differ, travels separately).
-fn to_fuse(a: &Attr) -> FileAttr {
+fn fuse_attr(a: &Attr) -> FileAttr {
     let st = &a.st;
     FileAttr {
         ino: INodeNo(st.st_ino),
@@ -130,6 +132,22 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
 }
 
 impl LayerFs {
+    fn to_fuse(&self, a: &Attr) -> FileAttr {
+        let mut a = *a;
+        self.view.present(&mut a.st);
+        fuse_attr(&a)
+    }
+
+    /// The caller's credentials as stored on disk (through the id mappings).
+    fn caller(&self, req: &Request, umask: u32) -> Caller {
+        let c = caller(req, umask);
+        Caller {
+            uid: self.view.uid_to_disk(c.uid),
+            gid: self.view.gid_to_disk(c.gid),
+            ..c
+        }
+    }
+
     /// The attribute timeout: zero for objects reachable through several
     /// nodes (hard links), whose attributes may change through another.
     fn attr_ttl(&self, a: &Attr) -> Duration {
@@ -142,7 +160,7 @@ impl LayerFs {
                 INodeNo(a.ino),
                 &self.attr_ttl(&a),
                 &self.ttl,
-                &to_fuse(&a),
+                &self.to_fuse(&a),
                 Generation(0),
             ),
             Err(e) => reply.error(errno(&e)),
@@ -167,7 +185,7 @@ impl LayerFs {
     ) -> Result<Attr> {
         let n = cname(name)?;
         self.ov
-            .create_object(caller(req, umask), parent.0, &n, mode, obj)
+            .create_object(self.caller(req, umask), parent.0, &n, mode, obj)
             .map(|(a, _)| a)
     }
 }
@@ -216,7 +234,7 @@ impl Filesystem for LayerFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         debug!("getattr({ino})");
         match guard("getattr", || self.ov.getattr(ino.0, fh.map(|f| f.0))) {
-            Ok(a) => reply.attr(&self.attr_ttl(&a), &to_fuse(&a)),
+            Ok(a) => reply.attr(&self.attr_ttl(&a), &self.to_fuse(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -242,15 +260,15 @@ impl Filesystem for LayerFs {
         debug!("setattr({ino}, mode={mode:?}, uid={uid:?}, gid={gid:?}, size={size:?})");
         let a = SetAttr {
             mode,
-            uid,
-            gid,
+            uid: uid.map(|u| self.view.uid_to_disk(u)),
+            gid: gid.map(|g| self.view.gid_to_disk(g)),
             size,
             atime: set_time(atime),
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
         };
         match guard("setattr", || self.ov.setattr(ino.0, a)) {
-            Ok(a) => reply.attr(&self.attr_ttl(&a), &to_fuse(&a)),
+            Ok(a) => reply.attr(&self.attr_ttl(&a), &self.to_fuse(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -531,7 +549,7 @@ impl Filesystem for LayerFs {
                         (i + 1) as u64,
                         name,
                         &self.ttl,
-                        &to_fuse(&a),
+                        &self.to_fuse(&a),
                         Generation(0),
                     ),
                     None => continue,
@@ -546,7 +564,7 @@ impl Filesystem for LayerFs {
                             (i + 1) as u64,
                             name,
                             &self.ttl,
-                            &to_fuse(&a),
+                            &self.to_fuse(&a),
                             Generation(0),
                         );
                         if full {
@@ -676,7 +694,7 @@ impl Filesystem for LayerFs {
         debug!("create({parent}, {name:?}, {mode:o}, {flags:#x})");
         let r = guard("create", || {
             self.ov.create(
-                caller(req, umask),
+                self.caller(req, umask),
                 parent.0,
                 &cname(name)?,
                 mode,
@@ -698,8 +716,13 @@ impl Filesystem for LayerFs {
     ) {
         debug!("tmpfile({parent}, {mode:o}, {flags:#x})");
         let r = guard("tmpfile", || {
-            self.ov
-                .tmpfile(caller(req, umask), parent.0, mode, flags, self.passthrough)
+            self.ov.tmpfile(
+                self.caller(req, umask),
+                parent.0,
+                mode,
+                flags,
+                self.passthrough,
+            )
         });
         self.created(reply, r)
     }
@@ -778,7 +801,7 @@ impl LayerFs {
         reply.created_node(
             INodeNo(a.ino),
             &self.attr_ttl(&a),
-            &to_fuse(&a),
+            &self.to_fuse(&a),
             Generation(0),
             FileHandle(fh),
             FopenFlags::empty(),

@@ -34,6 +34,7 @@ pub mod diff;
 pub mod error;
 pub mod fuse;
 pub mod handles;
+pub mod idmap;
 pub mod inode;
 pub mod layer;
 pub mod mount;

@@ -119,6 +119,7 @@ pub fn new_session(cfg: &MountConfig, mountpoint: &Path) -> Result<Session<Layer
     let ov = Arc::new(ov);
     let fs = LayerFs {
         ov: ov.clone(),
+        view: cfg.options.view.clone(),
         ttl: cfg.options.timeout,
         acl: cfg.options.acl,
         passthrough: cfg.options.passthrough,

@@ -456,3 +456,9 @@ pub fn getrandom(buf: &mut [u8]) {
     // SAFETY: `buf` is writable for its length.
     unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
 }
+
+/// An all-zero `stat` (for tests and defaults).
+pub fn zeroed_stat() -> Stat {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    unsafe { std::mem::zeroed() }
+}
