@@ -86,7 +86,12 @@ impl OverlayFs {
         // The root reports its topmost directory's inode number, as the
         // kernel's overlay root does (its FUSE node id is always 1).
         let top = &dirs[0];
-        let root_ino = stack.map_ino(top.layer, sys::fstat(top.fd.as_fd()).ctx(|| "stat root".into())?.st_ino);
+        let root_ino = stack.map_ino(
+            top.layer,
+            sys::fstat(top.fd.as_fd())
+                .ctx(|| "stat root".into())?
+                .st_ino,
+        );
         let root = Node::new(
             ROOT_INO,
             libc::S_IFDIR,
