@@ -101,6 +101,8 @@ pub struct HashReader<R> {
     inner: R,
     hasher: Rc<RefCell<Hasher>>,
     counter: Option<Rc<Cell<u64>>>,
+    /// False: only count (the digest is known to equal another one).
+    hashing: bool,
 }
 
 impl<R: Read> HashReader<R> {
@@ -109,6 +111,16 @@ impl<R: Read> HashReader<R> {
             inner,
             hasher: Rc::default(),
             counter: None,
+            hashing: true,
+        }
+    }
+
+    /// A reader that does not hash (its digest is meaningless): for a
+    /// stream whose digest another reader computes anyway.
+    pub fn unhashed(inner: R) -> Self {
+        HashReader {
+            hashing: false,
+            ..HashReader::new(inner)
         }
     }
 
@@ -133,7 +145,9 @@ impl<R: Read> HashReader<R> {
 impl<R: Read> Read for HashReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.borrow_mut().update(&buf[..n]);
+        if self.hashing {
+            self.hasher.borrow_mut().update(&buf[..n]);
+        }
         if let Some(c) = &self.counter {
             c.set(c.get() + n as u64);
         }

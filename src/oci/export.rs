@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
@@ -81,6 +81,7 @@ pub fn export<W: Write>(upper: &Path, out: W, opts: &Options) -> Result<(Exporte
         } else {
             Progress::with(false)
         },
+        buf: vec![0; 256 << 10],
     };
     w.walk(root.as_fd(), b"", false)?;
     w.progress.done();
@@ -133,6 +134,8 @@ struct Walker<W: Write> {
     entries: u64,
     warnings: Vec<String>,
     progress: Progress,
+    /// Copy buffer for file data.
+    buf: Vec<u8>,
 }
 
 fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
@@ -216,8 +219,7 @@ impl<W: Write> Walker<W> {
                 }
                 h.xattrs = self.xattrs(xattr::Target::At(dir, &c))?;
                 let f = File::from(sys::openat(dir, &c, libc::O_RDONLY, 0).ctx(|| "open".into())?);
-                let cap = (st.st_size as usize).clamp(8 << 10, 256 << 10);
-                return self.write(&h, BufReader::with_capacity(cap, Exact::new(f, h.size)));
+                return self.write(&h, Exact::new(f, h.size));
             }
             libc::S_IFLNK => {
                 h.link = sys::readlinkat(dir, &c).ctx(|| "readlink".into())?;
@@ -295,7 +297,7 @@ impl<W: Write> Walker<W> {
 
     fn write(&mut self, h: &Hdr, data: impl Read) -> Result<()> {
         self.entries += 1;
-        write_entry(&mut self.b, h, data).ctx(|| "writing the tar".into())
+        write_entry(&mut self.b, h, data, &mut self.buf).ctx(|| "writing the tar".into())
     }
 }
 
@@ -426,7 +428,8 @@ fn pax_time(sec: i64, nsec: u32) -> String {
 fn write_entry<W: Write>(
     b: &mut tar::Builder<HashWriter<W>>,
     h: &Hdr,
-    data: impl Read,
+    mut data: impl Read,
+    buf: &mut [u8],
 ) -> io::Result<()> {
     let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     let split = split_ustar(&h.path);
@@ -508,7 +511,22 @@ fn write_entry<W: Write>(
         t.set_device_minor(h.rdev.1)?;
     }
     t.set_cksum();
-    b.append(&t, data)
+    // Header, data, padding: as `Builder::append` does, with a large buffer.
+    let w = b.get_mut();
+    w.write_all(t.as_bytes())?;
+    let mut n = 0u64;
+    loop {
+        let k = match data.read(buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..k])?;
+        n += k as u64;
+    }
+    let pad = (512 - n % 512) % 512;
+    w.write_all(&[0u8; 512][..pad as usize])
 }
 
 fn set_name(t: &mut tar::Header, prefix: &[u8], name: &[u8]) {

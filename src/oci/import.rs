@@ -340,8 +340,14 @@ impl Run<'_> {
         let counter = Rc::new(Cell::new(0u64));
         let blob = HashReader::new(self.open_blob(l)?).with_counter(counter.clone());
         let blob_hash = blob.hasher();
-        let (dec, _) = compress::decoder(blob)?;
-        let tar = HashReader::new(dec);
+        let (dec, compression) = compress::decoder(blob)?;
+        // An uncompressed blob is its own tar: hash it once.
+        let plain = compression == Compression::None;
+        let tar = if plain {
+            HashReader::unhashed(dec)
+        } else {
+            HashReader::new(dec)
+        };
         let label = format!("layer {}/{}", i + 1, self.total);
         let progress = &mut self.progress;
         let (stats, tar) = unpack::unpack(tar, into.as_fd(), &self.opts.unpack, |_| {
@@ -351,6 +357,7 @@ impl Run<'_> {
             .drain_and_finish()
             .map_err(|e| Error::new(format!("reading after the end of the tar: {e}")))?;
         let (digest, size) = blob_hash.borrow().clone().finish();
+        let diff_id = if plain { digest } else { diff_id };
         if let Some(want) = l.digest
             && want != digest
         {
