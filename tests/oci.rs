@@ -1416,3 +1416,31 @@ fn export_appends_a_layer_to_an_oci_layout() {
         );
     }
 }
+
+#[test]
+fn implicit_directories_are_0755_whatever_the_umask() {
+    let t = tmpdir();
+    let src = t.path().join("l.tar");
+    fs::write(&src, tar_bytes(&[file("a/b/f", "x").mode(0o600)])).unwrap();
+    let dest = t.path().join("dest");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 077; exec '{}' import -q '{}' '{}'",
+            common::layerfs_bin(),
+            src.display(),
+            dest.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let l = only_layer(&dest);
+    for p in [l.clone(), l.join("a"), l.join("a/b")] {
+        let mode = fs::metadata(&p).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o755, "{}", p.display());
+    }
+    assert_eq!(
+        fs::metadata(l.join("a/b/f")).unwrap().mode() & 0o7777,
+        0o600
+    );
+}

@@ -183,6 +183,12 @@ impl<W: Write> Walker<W> {
         xwh: bool,
     ) -> Result<()> {
         let c = cname(name).ctx(|| "bad name".into())?;
+        if name.starts_with(OCI_WH_PREFIX) {
+            self.warnings.push(format!(
+                "'/{}' is named like an OCI whiteout marker: tools that apply the layer will read it as one",
+                show(path)
+            ));
+        }
         let st = sys::fstatat(dir, &c).ctx(|| "stat".into())?;
         let mut h = Hdr::from_stat(path.to_vec(), &st);
         match fmt(&st) {

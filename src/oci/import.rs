@@ -282,6 +282,8 @@ impl Run<'_> {
             .ctx(|| "creating the layer directory".into())?;
         let into = sys::open_dir_at(self.staging.fd.as_fd(), &c)
             .ctx(|| "opening the layer directory".into())?;
+        // A layer without a `./` entry has a 0755 root, whatever the umask.
+        sys::fchmod_fd(into.as_fd(), 0o755).ctx(|| "chmod the layer directory".into())?;
         let out = self.unpack_blob(i, l, into)?;
         let name = match l.diff_id {
             Some(d) => self.dir_name(d, i),

@@ -125,24 +125,25 @@ fn open_subdir(
 ) -> std::result::Result<OwnedFd, String> {
     let c = cname(name).map_err(|e| e.to_string())?;
     match sys::open_dir_at(parent, &c) {
-        Ok(fd) => return Ok(fd),
+        Ok(fd) => Ok(fd),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
             sys::mkdirat(parent, &c, 0o755).map_err(|e| format!("cannot be created: {e}"))?;
+            let fd = sys::open_dir_at(parent, &c).map_err(|e| format!("cannot be opened: {e}"))?;
+            // Explicitly, whatever the umask.
+            sys::fchmod_fd(fd.as_fd(), 0o755).map_err(|e| format!("chmod: {e}"))?;
+            Ok(fd)
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-            return Err("does not exist in the layer".into());
+            Err("does not exist in the layer".into())
         }
-        Err(e) => {
-            return Err(match sys::fstatat(parent, &c) {
-                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => {
-                    "is a symlink (refusing to follow it)".into()
-                }
-                Ok(st) if st.st_mode & libc::S_IFMT != libc::S_IFDIR => "is not a directory".into(),
-                _ => format!("cannot be opened: {e}"),
-            });
-        }
+        Err(e) => Err(match sys::fstatat(parent, &c) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => {
+                "is a symlink (refusing to follow it)".into()
+            }
+            Ok(st) if st.st_mode & libc::S_IFMT != libc::S_IFDIR => "is not a directory".into(),
+            _ => format!("cannot be opened: {e}"),
+        }),
     }
-    sys::open_dir_at(parent, &c).map_err(|e| format!("cannot be opened: {e}"))
 }
 
 /// A directory whose mode and times are set at the end.
