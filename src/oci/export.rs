@@ -431,73 +431,93 @@ fn pax_time(sec: i64, nsec: u32) -> String {
     format!("{s}.{}", frac.trim_end_matches('0'))
 }
 
+/// Writes one member: its PAX header if needed, its ustar header, its data.
 fn write_entry<W: Write>(
     b: &mut tar::Builder<HashWriter<W>>,
     h: &Hdr,
-    mut data: impl Read,
+    data: impl Read,
     buf: &mut [u8],
 ) -> io::Result<()> {
-    let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     let split = split_ustar(&h.path);
-    if split.is_none() {
-        pax.push((b"path".to_vec(), h.path.clone()));
+    let pax = pax_records(h, split.is_none());
+    if !pax.is_empty() {
+        let (x, body) = pax_header(h, &pax);
+        b.append(&x, &body[..])?;
+    }
+    let t = ustar_header(h, split)?;
+    // Header, data, padding: as `Builder::append` does, with a large buffer.
+    let w = b.get_mut();
+    w.write_all(t.as_bytes())?;
+    let n = copy(data, w, buf)?;
+    let pad = (512 - n % 512) % 512;
+    w.write_all(&[0u8; 512][..pad as usize])
+}
+
+/// What the ustar header cannot hold, as sorted PAX records.
+fn pax_records(h: &Hdr, long_path: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut add = |k: &[u8], v: Vec<u8>| pax.push((k.to_vec(), v));
+    if long_path {
+        add(b"path", h.path.clone());
     }
     if h.link.len() > USTAR_NAME {
-        pax.push((b"linkpath".to_vec(), h.link.clone()));
+        add(b"linkpath", h.link.clone());
     }
     if h.uid as u64 > MAX_OCTAL_ID {
-        pax.push((b"uid".to_vec(), h.uid.to_string().into_bytes()));
+        add(b"uid", h.uid.to_string().into_bytes());
     }
     if h.gid as u64 > MAX_OCTAL_ID {
-        pax.push((b"gid".to_vec(), h.gid.to_string().into_bytes()));
+        add(b"gid", h.gid.to_string().into_bytes());
     }
     if h.size > MAX_OCTAL_12 {
-        pax.push((b"size".to_vec(), h.size.to_string().into_bytes()));
+        add(b"size", h.size.to_string().into_bytes());
     }
     if h.mtime.1 != 0 || h.mtime.0 < 0 || h.mtime.0 as u64 > MAX_OCTAL_12 {
-        pax.push((
-            b"mtime".to_vec(),
-            pax_time(h.mtime.0, h.mtime.1).into_bytes(),
-        ));
+        add(b"mtime", pax_time(h.mtime.0, h.mtime.1).into_bytes());
     }
     for (k, v) in &h.xattrs {
         let mut key = b"SCHILY.xattr.".to_vec();
         key.extend_from_slice(k);
         pax.push((key, v.clone()));
     }
-    if !pax.is_empty() {
-        pax.sort();
-        let mut body = Vec::new();
-        for (k, v) in &pax {
-            pax_record(&mut body, k, v);
-        }
-        let base = h
-            .path
-            .rsplit(|&b| b == b'/')
-            .find(|c| !c.is_empty())
-            .unwrap_or(b"");
-        let mut name = b"PaxHeaders.0/".to_vec();
-        name.extend_from_slice(base);
-        name.truncate(USTAR_NAME);
-        let mut x = tar::Header::new_ustar();
-        set_name(&mut x, &[], &name);
-        x.set_entry_type(tar::EntryType::XHeader);
-        x.set_mode(0o644);
-        x.set_uid(0);
-        x.set_gid(0);
-        x.set_mtime(0);
-        x.set_size(body.len() as u64);
-        x.set_cksum();
-        b.append(&x, &body[..])?;
+    pax.sort();
+    pax
+}
+
+/// The `x` member carrying `pax`, named `PaxHeaders.0/BASENAME` as Go's
+/// archive/tar names it, with fixed owner, mode and time.
+fn pax_header(h: &Hdr, pax: &[(Vec<u8>, Vec<u8>)]) -> (tar::Header, Vec<u8>) {
+    let mut body = Vec::new();
+    for (k, v) in pax {
+        pax_record(&mut body, k, v);
     }
+    let base = h
+        .path
+        .rsplit(|&b| b == b'/')
+        .find(|c| !c.is_empty())
+        .unwrap_or(b"");
+    let mut name = b"PaxHeaders.0/".to_vec();
+    name.extend_from_slice(base);
+    name.truncate(USTAR_NAME);
+    let mut x = tar::Header::new_ustar();
+    set_name(&mut x, &[], &name);
+    x.set_entry_type(tar::EntryType::XHeader);
+    x.set_mode(0o644);
+    x.set_uid(0);
+    x.set_gid(0);
+    x.set_mtime(0);
+    x.set_size(body.len() as u64);
+    x.set_cksum();
+    (x, body)
+}
+
+/// The ustar header; fields that do not fit are cut (their PAX records
+/// carry the real values).
+fn ustar_header(h: &Hdr, split: Option<(&[u8], &[u8])>) -> io::Result<tar::Header> {
     let mut t = tar::Header::new_ustar();
     match split {
         Some((prefix, name)) => set_name(&mut t, prefix, name),
-        None => {
-            let mut cut = h.path.clone();
-            cut.truncate(USTAR_NAME);
-            set_name(&mut t, &[], &cut)
-        }
+        None => set_name(&mut t, &[], &h.path[..h.path.len().min(USTAR_NAME)]),
     }
     t.set_entry_type(h.kind);
     t.set_mode(h.mode);
@@ -505,25 +525,24 @@ fn write_entry<W: Write>(
     t.set_gid(h.gid as u64);
     t.set_mtime(h.mtime.0.clamp(0, MAX_OCTAL_12 as i64) as u64);
     t.set_size(h.size);
-    if !h.link.is_empty() {
-        let mut l = h.link.clone();
-        l.truncate(USTAR_NAME);
-        if let Some(u) = t.as_ustar_mut() {
-            u.linkname[..l.len()].copy_from_slice(&l);
-        }
+    if let Some(u) = t.as_ustar_mut() {
+        let l = &h.link[..h.link.len().min(USTAR_NAME)];
+        u.linkname[..l.len()].copy_from_slice(l);
     }
     if matches!(h.kind, tar::EntryType::Char | tar::EntryType::Block) {
         t.set_device_major(h.rdev.0)?;
         t.set_device_minor(h.rdev.1)?;
     }
     t.set_cksum();
-    // Header, data, padding: as `Builder::append` does, with a large buffer.
-    let w = b.get_mut();
-    w.write_all(t.as_bytes())?;
+    Ok(t)
+}
+
+/// Copies `r` to `w` through `buf`; returns the byte count.
+fn copy(mut r: impl Read, w: &mut impl Write, buf: &mut [u8]) -> io::Result<u64> {
     let mut n = 0u64;
     loop {
-        let k = match data.read(buf) {
-            Ok(0) => break,
+        let k = match r.read(buf) {
+            Ok(0) => return Ok(n),
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -531,8 +550,6 @@ fn write_entry<W: Write>(
         w.write_all(&buf[..k])?;
         n += k as u64;
     }
-    let pad = (512 - n % 512) % 512;
-    w.write_all(&[0u8; 512][..pad as usize])
 }
 
 fn set_name(t: &mut tar::Header, prefix: &[u8], name: &[u8]) {

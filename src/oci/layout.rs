@@ -118,69 +118,57 @@ fn layer_media_type(manifest_type: &str, c: Compression) -> Result<&'static str>
 pub fn append(layout: &Path, a: &Append) -> Result<Appended> {
     let index_path = layout.join("index.json");
     let (mut index, _) = read_json(&index_path)?;
-    let entries = index["manifests"]
+    let mut entries = index["manifests"]
         .as_array()
         .cloned()
         .ok_or_else(|| Error::new("index.json has no manifests"))?;
     let pos = pick(&entries, a.tag.as_deref())?;
-    let old = &entries[pos];
+    let old = entries[pos].clone();
     let mt = old["mediaType"].as_str().unwrap_or("");
     if mt == MT_OCI_INDEX || mt == MT_DOCKER_LIST {
         return Err(Error::new(
             "the tag names an image index; appending to multi-platform images is not supported",
         ));
     }
-    let mut manifest = read_blob(layout, old)?;
+    let mut manifest = read_blob(layout, &old)?;
     let mut config = read_blob(layout, &manifest["config"])?;
     let manifest_type = manifest["mediaType"].as_str().unwrap_or(mt).to_string();
     let layer_type = layer_media_type(&manifest_type, a.layer.compression)?;
 
+    // Blobs first, index last: until the index changes, nothing refers to
+    // the new blobs and the layout is the old image.
     store_layer(layout, a)?;
-    let now = timestamp();
-    push(
-        &mut config["rootfs"]["diff_ids"],
-        json!(a.layer.diff_id.to_string()),
-    )?;
-    if config["history"].is_null() {
-        config["history"] = json!([]);
-    }
-    push(
-        &mut config["history"],
-        json!({"created": now, "created_by": a.created_by, "comment": "layerfs export"}),
-    )?;
-    config["created"] = json!(now);
-    let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::new(e.to_string()))?;
-    let config_digest = write_blob(layout, &config_bytes)?;
-
+    extend_config(&mut config, a)?;
+    let (config_digest, config_size) = write_json_blob(layout, &config)?;
     manifest["config"]["digest"] = json!(config_digest.to_string());
-    manifest["config"]["size"] = json!(config_bytes.len());
+    manifest["config"]["size"] = json!(config_size);
     push(
         &mut manifest["layers"],
         json!({"mediaType": layer_type, "digest": a.layer.digest.to_string(), "size": a.layer.size}),
     )?;
-    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| Error::new(e.to_string()))?;
-    let manifest_digest = write_blob(layout, &manifest_bytes)?;
+    let (manifest_digest, manifest_size) = write_json_blob(layout, &manifest)?;
 
     let mut entry = old.clone();
     entry["digest"] = json!(manifest_digest.to_string());
-    entry["size"] = json!(manifest_bytes.len());
+    entry["size"] = json!(manifest_size);
     if entry["mediaType"].is_null() {
         entry["mediaType"] = json!(manifest_type);
     }
-    let tag = a
-        .new_tag
-        .clone()
-        .or_else(|| old["annotations"][ANN_REF_NAME].as_str().map(String::from))
-        .unwrap_or_default();
-    let mut entries = entries;
-    match &a.new_tag {
+    let tag = match &a.new_tag {
         Some(t) => {
             entry["annotations"][ANN_REF_NAME] = json!(t);
             entries.retain(|e| e["annotations"][ANN_REF_NAME].as_str() != Some(t));
             entries.push(entry);
+            t.clone()
         }
-        None => entries[pos] = entry,
-    }
+        None => {
+            entries[pos] = entry;
+            old["annotations"][ANN_REF_NAME]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        }
+    };
     index["manifests"] = Value::Array(entries);
     let index_bytes = serde_json::to_vec(&index).map_err(|e| Error::new(e.to_string()))?;
     write_atomic(&index_path, &index_bytes)?;
@@ -189,6 +177,26 @@ pub fn append(layout: &Path, a: &Append) -> Result<Appended> {
         config: config_digest,
         tag,
     })
+}
+
+/// One more diff_id and one more history entry, and a new creation time.
+fn extend_config(config: &mut Value, a: &Append) -> Result<()> {
+    let now = timestamp();
+    push(
+        &mut config["rootfs"]["diff_ids"],
+        json!(a.layer.diff_id.to_string()),
+    )?;
+    push(
+        &mut config["history"],
+        json!({"created": now, "created_by": a.created_by, "comment": "layerfs export"}),
+    )?;
+    config["created"] = json!(now);
+    Ok(())
+}
+
+fn write_json_blob(layout: &Path, v: &Value) -> Result<(Digest, usize)> {
+    let bytes = serde_json::to_vec(v).map_err(|e| Error::new(e.to_string()))?;
+    Ok((write_blob(layout, &bytes)?, bytes.len()))
 }
 
 fn push(arr: &mut Value, v: Value) -> Result<()> {
