@@ -74,7 +74,11 @@ fn tools() -> Result<(), String> {
             "DPkg::Lock::Timeout=300",
         ];
         args.extend(&missing);
-        run("apt-get", &args).map_err(|e| format!("cannot install {missing:?}: {e}"))?;
+        if run("apt-get", &args).is_err() {
+            // A fresh machine may have no package lists yet.
+            let _ = run("apt-get", ["update", "-q", "-o", "DPkg::Lock::Timeout=300"]);
+            run("apt-get", &args).map_err(|e| format!("cannot install {missing:?}: {e}"))?;
+        }
         Ok(())
     })
     .clone()
@@ -102,11 +106,18 @@ fn busybox_deb() -> Result<PathBuf, String> {
     if let Some(p) = find() {
         return Ok(p);
     }
-    let o = Command::new("apt-get")
-        .args(["download", "-q", "busybox-static"])
-        .current_dir(&dir)
-        .output()
-        .map_err(|e| format!("apt-get: {e}"))?;
+    let download = || {
+        Command::new("apt-get")
+            .args(["download", "-q", "busybox-static"])
+            .current_dir(&dir)
+            .output()
+            .map_err(|e| format!("apt-get: {e}"))
+    };
+    let mut o = download()?;
+    if !o.status.success() {
+        let _ = run("apt-get", ["update", "-q", "-o", "DPkg::Lock::Timeout=300"]);
+        o = download()?;
+    }
     find().ok_or_else(|| {
         format!(
             "apt-get download busybox-static: {}",
