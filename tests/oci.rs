@@ -1444,3 +1444,50 @@ fn implicit_directories_are_0755_whatever_the_umask() {
         0o600
     );
 }
+
+#[test]
+fn rootless_import_marks_opaque_dirs_with_user_xattrs() {
+    let t = tmpdir();
+    fs::set_permissions(t.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let src = t.path().join("l.tar");
+    fs::write(
+        &src,
+        tar_bytes(&[
+            dir("d").owner(1000, 1000),
+            file("d/.wh..wh..opq", ""),
+            file("d/f", "x").owner(1000, 1000),
+            file(".wh.gone", ""),
+        ]),
+    )
+    .unwrap();
+    let dest = t.path().join("dest");
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            common::layerfs_bin(),
+            "import",
+        ])
+        .arg(&src)
+        .arg(&dest)
+        .arg("--userxattr")
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("keep the importing user as owner"),
+        "{stderr}"
+    );
+    let l = only_layer(&dest);
+    assert_eq!(
+        lget(&l.join("d"), "user.overlay.opaque"),
+        Some(b"y".to_vec())
+    );
+    assert_eq!(fs::metadata(l.join("d/f")).unwrap().uid(), 65534);
+    assert!(
+        is_whiteout(&l.join("gone")),
+        "unprivileged whiteouts (char 0/0)"
+    );
+}
