@@ -817,6 +817,19 @@ fn docker_save_archives_both_forms() {
         assert!(out.stdout.contains("app:v1"), "{}", out.stdout);
         results.push(lowers);
     }
+    // An unpacked `docker save` directory works too.
+    let unpacked = t.path().join("unpacked");
+    fs::create_dir(&unpacked).unwrap();
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(t.path().join("legacy.tar"))
+        .arg("-C")
+        .arg(&unpacked)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (from_dir, _) = import(&unpacked, &dest, &[]);
+    assert_eq!(from_dir, results[0]);
     assert_eq!(results[0], results[1], "same layers, same directories");
     assert_eq!(results[0].len(), 3);
     assert_eq!(fs::read_dir(&dest).unwrap().count(), 3);

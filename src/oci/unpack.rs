@@ -505,7 +505,13 @@ impl State<'_> {
             let c = xattr::name(&stored).map_err(io_err("bad xattr name"))?;
             match xattr::set(t, &c, value, 0) {
                 Ok(()) => {}
-                Err(e) if is(&e, libc::ENOTSUP) || (!self.opts.root && is(&e, libc::EPERM)) => {
+                // Not supported here, not allowed to us, or a user.* xattr on
+                // a symlink or device (Linux allows those on files and dirs only).
+                Err(e)
+                    if is(&e, libc::ENOTSUP)
+                        || (is(&e, libc::EPERM)
+                            && (!self.opts.root || name.starts_with(b"user."))) =>
+                {
                     self.st.warnings.push(format!(
                         "entry '{}': xattr {} not set: {e}",
                         show(&m.name),
