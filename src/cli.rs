@@ -142,7 +142,8 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
 }
 
-/// `layerfs import`.
+/// `layerfs import`. Not as root, device nodes are refused and owners stay
+/// the importing user's (with a warning); use --userxattr then.
 #[derive(Args, Debug)]
 pub struct ImportArgs {
     /// An OCI image layout directory, a `docker save` archive, or a single
@@ -179,14 +180,20 @@ pub struct ExportArgs {
     /// The upper layer to export, instead of MOUNTPOINT.
     #[arg(long, value_name = "DIR", conflicts_with = "mountpoint")]
     pub upper: Option<PathBuf>,
-    /// A lower layer under the upper; repeat for more, the first is topmost.
+    /// A lower layer under the upper (only checked: the layer is made from
+    /// the upper alone, as docker's overlay2 driver makes it).
     #[arg(long = "lower", value_name = "DIR")]
     pub lowers: Vec<PathBuf>,
     /// A running layerfs mount, whose upper layer is exported.
     #[arg(value_name = "MOUNTPOINT", required_unless_present = "upper")]
     pub mountpoint: Option<PathBuf>,
     /// The layer tar to write (`-` for stdout); `.gz`/`.zst` compress.
-    #[arg(short = 'o', long = "output", value_name = "FILE", required_unless_present = "oci_layout")]
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "FILE",
+        required_unless_present = "oci_layout"
+    )]
     pub output: Option<PathBuf>,
     /// none, gzip or zstd (default: from the output name; gzip with
     /// --oci-layout and no output).
