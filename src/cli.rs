@@ -61,6 +61,11 @@ pub enum Command {
     Run(RunArgs),
     /// Unpack an OCI image layout, a `docker save` archive or a layer tar
     /// into one directory per layer, and print the `lowerdir=` to mount it.
+    ///
+    /// Layers are checked against their digests and unpacked in overlay
+    /// format; DEST is left as it was if anything fails. Not as root, device
+    /// nodes are refused and owners stay the importing user's (use
+    /// --userxattr for the opaque markers then).
     Import(ImportArgs),
     /// Write an upper layer as an OCI layer tar, as docker commits one.
     Export(ExportArgs),
@@ -142,8 +147,7 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
 }
 
-/// `layerfs import`. Not as root, device nodes are refused and owners stay
-/// the importing user's (with a warning); use --userxattr then.
+/// `layerfs import`.
 #[derive(Args, Debug)]
 pub struct ImportArgs {
     /// An OCI image layout directory, a `docker save` archive, or a single
