@@ -91,6 +91,9 @@ pub fn export_cmd(a: ExportArgs) -> Result<(), String> {
         return Err(format!("--upper '{}': is not a directory", upper.display()));
     }
     let to_stdout = a.output.as_deref() == Some(Path::new("-"));
+    if let Some(o) = a.output.as_deref().filter(|_| !to_stdout) {
+        check_outside(o, &upper)?;
+    }
     let compression = match (&a.compression, &a.output) {
         (Some(c), _) => Compression::parse(c)?,
         (None, Some(o)) if !to_stdout => Compression::from_name(o),
@@ -155,6 +158,25 @@ pub fn export_cmd(a: ExportArgs) -> Result<(), String> {
     } else {
         print_out(&report)
     }
+}
+
+/// The output may not be inside the upper being exported (it would be
+/// part of its own content).
+fn check_outside(output: &Path, upper: &Path) -> Result<(), String> {
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let (Ok(p), Ok(u)) = (fs::canonicalize(parent), fs::canonicalize(upper)) else {
+        return Ok(()); // reported when writing
+    };
+    if p.starts_with(&u) {
+        return Err(format!(
+            "-o '{}' is inside the upper layer being exported",
+            output.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Exports into a temporary file beside `target`, renamed into place at
