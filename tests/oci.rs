@@ -1328,6 +1328,20 @@ fn export_writes_what_docker_writes_and_is_reproducible() {
         out2.as_os_str(),
     ]);
     let (b1, b2) = (fs::read(&out1).unwrap(), fs::read(&out2).unwrap());
+    let digest = format!("digest: {}", Digest::of(&b1));
+    let out = export(&[
+        "--upper".as_ref(),
+        upper.as_os_str(),
+        "-o".as_ref(),
+        out2.as_os_str(),
+    ]);
+    assert!(out.stdout.contains(&digest), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains(&format!("diff_id: {}", Digest::of(&b1))),
+        "{}",
+        out.stdout
+    );
     assert!(b1 == b2, "two exports of the same upper differ");
     for c in ["gz", "zst"] {
         let p1 = t.path().join(format!("1.tar.{c}"));

@@ -66,7 +66,13 @@ pub struct Exported {
 /// the writer.
 pub fn export<W: Write>(upper: &Path, out: W, opts: &Options) -> Result<(Exported, W)> {
     let root = sys::open_path_dir(upper).ctx(|| format!("opening '{}'", upper.display()))?;
-    let blob = HashWriter::new(out);
+    // An uncompressed blob is its own tar: hash it once (as the tar).
+    let plain = opts.compression == Compression::None;
+    let blob = if plain {
+        HashWriter::unhashed(out)
+    } else {
+        HashWriter::new(out)
+    };
     let enc = Encoder::new(blob, opts.compression).ctx(|| "starting the compressor".into())?;
     let tar = HashWriter::new(enc);
     let mut w = Walker {
@@ -92,6 +98,7 @@ pub fn export<W: Write>(upper: &Path, out: W, opts: &Options) -> Result<(Exporte
         .finish()
         .ctx(|| "finishing the compressed stream".into())?;
     let (out, digest, size) = blob.finish();
+    let digest = if plain { diff_id } else { digest };
     Ok((
         Exported {
             diff_id,
