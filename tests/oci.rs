@@ -1525,3 +1525,95 @@ fn rootless_import_marks_opaque_dirs_with_user_xattrs() {
         "unprivileged whiteouts (char 0/0)"
     );
 }
+
+/// A tree of every kind tar can hold, with odd names and attributes.
+fn sample_tree() -> common::Layer {
+    let long = format!("deep/{}/{}", "d".repeat(120), "f".repeat(120));
+    common::Layer::new()
+        .dir("etc")
+        .mode(0o755)
+        .file("etc/passwd", "root:x:0:0\n")
+        .owner(0, 0)
+        .file("etc/shadow", "secret")
+        .mode(0o640)
+        .owner(0, 42)
+        .file("bin/su", "su")
+        .mode(0o4755)
+        .file("bin/ping", "ping")
+        .xattr("security.capability", capability())
+        .file("bin/tagged", "t")
+        .xattr("user.a", "1")
+        .xattr("user.b", "\u{0}binary\u{ff}")
+        .hardlink("bin/su-again", "bin/su")
+        .symlink("lib", "usr/lib")
+        .symlink("abs", "/etc/passwd")
+        .char_dev("dev/null", 1, 3)
+        .block_dev("dev/sda", 8, 0)
+        .fifo("run/pipe")
+        .dir("tmp")
+        .mode(0o1777)
+        .dir("srv/g")
+        .mode(0o2775)
+        .owner(1000, 1000)
+        .file("odd/with space", "s")
+        .file("odd/new\nline", "n")
+        .file(b"odd/\xe9t\xe9", "latin1")
+        .file(long, "long")
+        .symlink("odd/longtarget", "t".repeat(150))
+        .file("big", common::pattern_bytes(300_000, 7))
+        .mtime(1_234_567_890, 987_654_321)
+}
+
+/// Layers written by GNU tar (gnu and posix formats) unpack exactly as GNU
+/// tar itself unpacks them.
+#[test]
+fn gnu_tar_layers_unpack_like_gnu_tar() {
+    let t = tmpdir();
+    let src = t.path().join("src");
+    sample_tree().build(&src);
+    for format in ["gnu", "posix"] {
+        let blob = t.path().join(format!("{format}.tar"));
+        // Only the posix format can hold xattrs.
+        let xattrs: &[&str] = if format == "posix" {
+            &["--xattrs", "--xattrs-include=*"]
+        } else {
+            &[]
+        };
+        let st = Command::new("tar")
+            .args(xattrs)
+            .arg("--numeric-owner")
+            .arg(format!("--format={format}"))
+            .arg("-C")
+            .arg(&src)
+            .arg("-cf")
+            .arg(&blob)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let reference = t.path().join(format!("ref-{format}"));
+        fs::create_dir(&reference).unwrap();
+        let st = Command::new("tar")
+            .args(xattrs)
+            .args(["--numeric-owner", "-xpf"])
+            .arg(&blob)
+            .arg("-C")
+            .arg(&reference)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let dest = t.path().join(format!("dest-{format}"));
+        let (lowers, _) = import(&blob, &dest, &[]);
+        let opts = CompareOpts {
+            blocks: false,
+            ..CompareOpts::raw_dirs()
+        };
+        let want = common::snapshot(&format!("tar -x ({format})"), &reference);
+        let got = common::snapshot(&format!("layerfs import ({format})"), &lowers[0]);
+        common::assert_same_with(opts, &want, &got);
+        if format == "posix" {
+            let big = &got.entries[&b"big"[..]];
+            assert_eq!(big.mtime, (1_234_567_890, 987_654_321), "sub-second mtimes");
+        }
+    }
+}
