@@ -1617,3 +1617,40 @@ fn gnu_tar_layers_unpack_like_gnu_tar() {
         }
     }
 }
+
+/// What export writes, GNU tar reads back into the same tree (names,
+/// types, modes, owners, contents, xattrs, sub-second mtimes, hard links).
+#[test]
+fn exported_layers_read_back_with_gnu_tar() {
+    let t = tmpdir();
+    let src = t.path().join("src");
+    sample_tree().build(&src);
+    let blob = t.path().join("out.tar");
+    export(&[
+        "--upper".as_ref(),
+        src.as_os_str(),
+        "-o".as_ref(),
+        blob.as_os_str(),
+    ]);
+    let back = t.path().join("back");
+    fs::create_dir(&back).unwrap();
+    let st = Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf"])
+        .arg(&blob)
+        .arg("-C")
+        .arg(&back)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let want = common::snapshot("source", &src);
+    let mut got = common::snapshot("tar -x of the export", &back);
+    // The root is not part of a layer.
+    let root = &want.entries[&Vec::new()];
+    let r = got.entries.get_mut(&Vec::new()).unwrap();
+    (r.mtime, r.mode) = (root.mtime, root.mode);
+    let opts = CompareOpts {
+        blocks: false,
+        ..CompareOpts::raw_dirs()
+    };
+    common::assert_same_with(opts, &want, &got);
+}
