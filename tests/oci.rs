@@ -616,6 +616,11 @@ fn compression_is_detected_from_content() {
     let dest = t.path().join("dest-a.tar.gz");
     let (_, out) = import(&src, &dest, &[]);
     assert_eq!(fs::read_dir(&dest).unwrap().count(), 1, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("0 new, 1 already there"),
+        "{}",
+        out.stdout
+    );
 }
 
 // ===========================================================================

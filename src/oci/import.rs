@@ -289,9 +289,14 @@ impl Run<'_> {
             Some(d) => self.dir_name(d, i),
             None => self.dir_name(out.diff_id, i),
         };
-        self.staged.push((staged, name.clone()));
+        // A lone layer tar is named only now: it may be there already.
+        let shared = self.dest.join(&name).is_dir();
+        if !shared {
+            self.staged.push((staged, name.clone()));
+        }
         Ok(Layer {
             dir: self.dest.join(name),
+            shared,
             ..out
         })
     }
