@@ -14,10 +14,25 @@ use clap::{Args, Parser, Subcommand};
 ///   layerfs [-f] [-d] -o lowerdir=L1:L2,upperdir=U,workdir=W[,OPTS] MOUNTPOINT
 ///   layerfs SOURCE MOUNTPOINT -o OPTS          (as run by mount.fuse3)
 ///
-/// Options understood in -o: lowerdir, upperdir, workdir, ro, rw, userxattr,
-/// volatile, fsync=0, allow_other, allow_root, threaded=N, nodev, nosuid,
-/// noexec, noatime. Accepted and ignored: default_permissions (always on),
-/// noacl, static_nlink, fast_ino, and anything unknown (with a warning).
+/// Options understood in -o:
+///   lowerdir=L1:L2 upperdir=U workdir=W   layers (escape ':' ',' '\' with '\')
+///   ro, rw                                read-only even with an upper
+///   userxattr                             private xattrs as user.overlay.* (rootless)
+///   volatile, fsync=0                     no fsync of copied-up files
+///   timeout=SECS                          kernel cache time of names/attrs (86400)
+///   threaded=N                            FUSE worker threads
+///   noacl                                 no POSIX ACL support
+///   passthrough=off                       no FUSE passthrough for upper files
+///   uidmapping=ID:MAPPED:LEN[:...]        show on-disk ids ID.. as MAPPED..
+///   gidmapping=ID:MAPPED:LEN[:...]        (and store them back mapped)
+///   squash_to_root, squash_to_uid=U, squash_to_gid=G   show every owner as given
+///   static_nlink                          directories report st_nlink 1
+///   allow_other, allow_root               others may use the mount (default as root)
+///   nodev, nosuid, noexec, noatime        kernel mount flags (as root the
+///                                         default is dev,suid, like overlayfs)
+/// Accepted and ignored: default_permissions (always on), fast_ino,
+/// nonempty; anything else is ignored with a warning (e.g. context=,
+/// xattr_permissions=, max_write=).
 #[derive(Parser, Debug)]
 #[command(
     name = "layerfs",
