@@ -1659,3 +1659,39 @@ fn exported_layers_read_back_with_gnu_tar() {
     };
     common::assert_same_with(opts, &want, &got);
 }
+
+/// A layer that comes back after another one gets its own copy (a
+/// directory can be given only once in a lowerdir); one repeated right away
+/// is applied once.
+#[test]
+fn repeated_layers() {
+    let t = tmpdir();
+    let a = tar_bytes(&[file("f", "from a")]);
+    let b = tar_bytes(&[file("f", "from b"), file("g", "b")]);
+    let layout = t.path().join("layout");
+    let blobs = |tars: &[&Vec<u8>]| -> Vec<LayerBlob> {
+        tars.iter().map(|t| layer_blob(t, "gzip")).collect()
+    };
+    let aba = oci_image(&layout, &blobs(&[&a, &b, &a]), json!([]), "aba");
+    let aab = oci_image(&layout, &blobs(&[&a, &a, &b]), json!([]), "aab");
+    write_index(&layout, vec![aba, aab]);
+    let dest = t.path().join("dest");
+    let (l, _) = import(&layout, &dest, &["--tag", "aba"]);
+    let (ha, hb) = (Digest::of(&a).hex(), Digest::of(&b).hex());
+    let names: Vec<String> = l
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, [format!("{ha}.1"), hb.clone(), ha.clone()]);
+    let view = mounted_views(&l);
+    assert_eq!(
+        entry(&view, "f").unwrap().content,
+        Some(common::ContentSummary::Bytes(b"from a".to_vec()))
+    );
+    let (l, _) = import(&layout, &dest, &["--tag", "aab"]);
+    let names: Vec<String> = l
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, [hb, ha]);
+}
