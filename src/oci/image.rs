@@ -192,6 +192,13 @@ fn normal(name: &[u8]) -> Option<String> {
     String::from_utf8(comps.join(&b'/')).ok()
 }
 
+/// Whether a member can be part of an image archive: top-level files,
+/// `<id>/layer.tar`-style files, and `blobs/<alg>/<hex>`.
+fn could_be_image_file(name: &str) -> bool {
+    let depth = name.split('/').count();
+    depth <= 2 || (depth == 3 && name.starts_with("blobs/"))
+}
+
 /// Resolves `target` of a symlink living at `at`, lexically, within the
 /// archive's own names (nothing on disk is involved).
 fn resolve_link(at: &str, target: &str) -> Option<String> {
@@ -229,6 +236,9 @@ impl Source {
             let Some(name) = normal(&m.name) else {
                 return Ok(());
             };
+            if !could_be_image_file(&name) {
+                return Ok(()); // keeps the index small for big layer tars
+            }
             let member = match m.kind {
                 Kind::File => Member::Data {
                     offset: m.offset,
