@@ -199,8 +199,10 @@ pub struct ExportArgs {
     /// The upper layer to export, instead of MOUNTPOINT.
     #[arg(long, value_name = "DIR", conflicts_with = "mountpoint")]
     pub upper: Option<PathBuf>,
-    /// A lower layer under the upper (only checked: the layer is made from
-    /// the upper alone, as docker's overlay2 driver makes it).
+    /// A lower layer under the upper; repeat for more, the first is
+    /// topmost. The layer is made from the upper, as docker's overlay2
+    /// driver makes it; the lowers are read only for directories renamed
+    /// with redirect_dir and metadata-only copy-ups.
     #[arg(long = "lower", value_name = "DIR")]
     pub lowers: Vec<PathBuf>,
     /// A running layerfs mount, whose upper layer is exported.

@@ -1695,3 +1695,74 @@ fn repeated_layers() {
         .collect();
     assert_eq!(names, [hb, ha]);
 }
+
+/// Unmounts on drop.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        common::unmount(&self.0);
+    }
+}
+
+/// An upper written by the kernel with `redirect_dir=on,metacopy=on` holds
+/// renamed directories and data-less copy-ups; with the lowers given, the
+/// export still reproduces the merged view.
+#[test]
+fn export_of_renamed_directories_and_metacopy_copy_ups() {
+    let t = tmpdir();
+    let layout = t.path().join("layout");
+    build_layout(&layout);
+    let dest = t.path().join("layers");
+    let (lowers, _) = import(&layout, &dest, &["--tag", "v1"]);
+    let (upper, work, mnt) = (t.path().join("u"), t.path().join("w"), t.path().join("m"));
+    for d in [&upper, &work, &mnt] {
+        fs::create_dir(d).unwrap();
+    }
+    let lowerdir: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},redirect_dir=on,metacopy=on",
+        lowerdir.join(":"),
+        upper.display(),
+        work.display()
+    );
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount {opts}");
+    let m = Mounted(mnt.clone());
+    sh(
+        "mv usr/bin usr/tools && echo new > usr/tools/added
+         mkdir -p opt && mv var/cache opt/cache2
+         chmod 600 etc/os-release && chown 7:7 usr/tools/tool",
+        &mnt,
+    );
+    let view = common::snapshot("kernel rw", &mnt);
+    drop(m);
+    let redirect = lget(&upper.join("usr/tools"), "trusted.overlay.redirect");
+    assert!(redirect.is_some(), "the kernel wrote a redirect");
+    let metacopy = lget(&upper.join("etc/os-release"), "trusted.overlay.metacopy");
+    assert!(metacopy.is_some(), "the kernel wrote a metacopy");
+
+    let tarball = t.path().join("out.tar");
+    let out = layerfs([
+        "export".as_ref(),
+        "--upper".as_ref(),
+        upper.as_os_str(),
+        "-o".as_ref(),
+        tarball.as_os_str(),
+    ]);
+    assert!(!out.ok && out.stderr.contains("--lower"), "{}", out.stderr);
+    let mut args: Vec<&OsStr> = vec!["--upper".as_ref(), upper.as_os_str()];
+    for l in &lowers {
+        args.extend(["--lower".as_ref(), l.as_os_str()]);
+    }
+    args.extend(["-o".as_ref(), tarball.as_os_str()]);
+    export(&args);
+    let (new, _) = import(&tarball, &dest, &[]);
+    let mut stack = new.clone();
+    stack.extend(lowers.iter().cloned());
+    assert_same_view(&view, &mounted_views(&stack));
+}

@@ -37,7 +37,7 @@ pub fn import_cmd(a: ImportArgs) -> Result<(), String> {
     }
     let lowerdir = imp.lowerdir();
     if let Some(f) = &a.lowerdir_file {
-        fs::write(f, format!("{lowerdir}\n"))
+        fs::write(f, [&lowerdir[..], b"\n"].concat())
             .map_err(|e| format!("writing '{}': {e}", f.display()))?;
     }
     let mut out = String::new();
@@ -52,15 +52,16 @@ pub fn import_cmd(a: ImportArgs) -> Result<(), String> {
             imp.layers.len() - new
         ));
     }
-    out.push_str(&lowerdir);
-    out.push('\n');
+    let mut out = out.into_bytes();
+    out.extend_from_slice(&lowerdir);
+    out.push(b'\n');
     print_out(&out)
 }
 
 /// Writes to stdout; a closed pipe is not an error.
-fn print_out(s: &str) -> Result<(), String> {
+fn print_out(s: &[u8]) -> Result<(), String> {
     let mut o = std::io::stdout().lock();
-    match o.write_all(s.as_bytes()).and_then(|()| o.flush()) {
+    match o.write_all(s).and_then(|()| o.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => r.map_err(|e| format!("writing the output: {e}")),
     }
@@ -68,11 +69,13 @@ fn print_out(s: &str) -> Result<(), String> {
 
 pub fn export_cmd(a: ExportArgs) -> Result<(), String> {
     let mut userxattr = a.userxattr;
+    let mut lowers = a.lowers.clone();
     let upper = match (&a.upper, &a.mountpoint) {
         (Some(u), _) => u.clone(),
         (None, Some(mp)) => {
             let r = crate::registry::find(mp)?;
             userxattr |= r.userxattr;
+            lowers = r.lowers;
             r.upper.ok_or_else(|| {
                 format!(
                     "'{}' is a read-only mount: it has no upper layer",
@@ -82,7 +85,7 @@ pub fn export_cmd(a: ExportArgs) -> Result<(), String> {
         }
         (None, None) => return Err("give --upper DIR or a MOUNTPOINT".into()),
     };
-    for l in &a.lowers {
+    for l in &lowers {
         if !l.is_dir() {
             return Err(format!("--lower '{}': is not a directory", l.display()));
         }
@@ -102,6 +105,7 @@ pub fn export_cmd(a: ExportArgs) -> Result<(), String> {
     };
     let opts = export::Options {
         private: private(userxattr),
+        lowers,
         compression,
         progress: true,
     };
@@ -156,7 +160,7 @@ pub fn export_cmd(a: ExportArgs) -> Result<(), String> {
         eprint!("{report}");
         Ok(())
     } else {
-        print_out(&report)
+        print_out(report.as_bytes())
     }
 }
 

@@ -22,19 +22,24 @@
 //! Unlike docker, sub-second mtimes are kept (as PAX `mtime`), so that
 //! applying the layer reproduces the merged view exactly.
 //!
-//! Refused: uppers with kernel redirects (`overlay.redirect`, renamed
-//! directories) or metadata-only copy-ups (`overlay.metacopy`), whose
-//! content lives partly in the lowers.
+//! Uppers the kernel wrote with `redirect_dir=on` or `metacopy=on` do not
+//! stand alone: a renamed directory (`overlay.redirect`) holds only its
+//! changes, a metadata-only copy-up (`overlay.metacopy`) has no data. With
+//! the lowers given, such a directory is written whole, as an opaque
+//! directory with every entry of its merged view, and such a file with its
+//! data, both read from a merged view (see [`super::merged`]); without the
+//! lowers the export is refused.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::compress::{Compression, Encoder};
 use super::digest::{Digest, HashWriter};
+use super::merged::MergedView;
 use super::progress::Progress;
 use super::{Ctx, Error, Result, show};
 use crate::layer::cname;
@@ -44,6 +49,9 @@ use crate::whiteout::{OCI_OPAQUE, OCI_WH_PREFIX, Opaque, Private};
 #[derive(Clone, Debug)]
 pub struct Options {
     pub private: Private,
+    /// The upper's lower layers (topmost first): needed only for renamed
+    /// directories and metadata-only copy-ups (see [`super::merged`]).
+    pub lowers: Vec<PathBuf>,
     pub compression: Compression,
     pub progress: bool,
 }
@@ -78,6 +86,10 @@ pub fn export<W: Write>(upper: &Path, out: W, opts: &Options) -> Result<(Exporte
     let mut w = Walker {
         b: tar::Builder::new(tar),
         private: opts.private.clone(),
+        upper: upper.to_path_buf(),
+        lowers: opts.lowers.clone(),
+        view: None,
+        in_view: false,
         names: XattrNames::new(&opts.private)?,
         links: HashMap::new(),
         entries: 0,
@@ -91,6 +103,7 @@ pub fn export<W: Write>(upper: &Path, out: W, opts: &Options) -> Result<(Exporte
     };
     w.walk(root.as_fd(), b"", false)?;
     w.progress.done();
+    w.view = None; // unmount
     let (entries, warnings) = (w.entries, std::mem::take(&mut w.warnings));
     let tar = w.b.into_inner().ctx(|| "finishing the tar".into())?;
     let (enc, diff_id, _) = tar.finish();
@@ -135,6 +148,13 @@ impl XattrNames {
 struct Walker<W: Write> {
     b: tar::Builder<HashWriter<W>>,
     private: Private,
+    upper: PathBuf,
+    lowers: Vec<PathBuf>,
+    /// The merged view, mounted when first needed.
+    view: Option<MergedView>,
+    /// Walking the merged view (below a renamed directory), where no
+    /// overlay markers are visible and xattr names are the user's.
+    in_view: bool,
     names: XattrNames,
     /// First name written for each hard-linked inode.
     links: HashMap<(u64, u64), Vec<u8>>,
@@ -209,16 +229,12 @@ impl<W: Write> Walker<W> {
                 return Ok(());
             }
             libc::S_IFREG => {
-                if xwh
-                    && st.st_size == 0
-                    && self.has(xattr::Target::At(dir, &c), &self.names.whiteout)?
-                {
+                let t = xattr::Target::At(dir, &c);
+                if !self.in_view && xwh && st.st_size == 0 && self.has(t, &self.names.whiteout)? {
                     return self.whiteout(rel, name, &st);
                 }
-                if self.has(xattr::Target::At(dir, &c), &self.names.metacopy)? {
-                    return Err(Error::new(
-                        "is a metadata-only copy-up (overlay.metacopy); its data is in a lower layer and exporting it is not supported",
-                    ));
+                if !self.in_view && self.has(t, &self.names.metacopy)? {
+                    return self.metacopy(rel, name, path);
                 }
                 if st.st_nlink > 1 {
                     let key = (st.st_dev, st.st_ino);
@@ -249,30 +265,83 @@ impl<W: Write> Walker<W> {
     fn dir(&mut self, parent: BorrowedFd<'_>, c: &CStr, mut h: Hdr, _st: &Stat) -> Result<()> {
         let fd = sys::open_dir_at(parent, c).ctx(|| "open".into())?;
         let t = xattr::Target::Fd(fd.as_fd());
+        h.xattrs = self.xattrs(t)?;
+        let path = h.path.clone();
+        if self.in_view {
+            self.dir_header(h, false)?;
+            return self.walk(fd.as_fd(), &path, false);
+        }
         if self.has(t, &self.names.redirect)? {
-            return Err(Error::new(
-                "is a renamed directory (overlay.redirect); its content is partly in a lower layer and exporting it is not supported",
-            ));
+            return self.redirected(h);
         }
         let opaque = Opaque::from_value(
             xattr::get(t, &self.names.opaque)
                 .ctx(|| "read opaque xattr".into())?
                 .as_deref(),
         );
-        h.xattrs = self.xattrs(t)?;
+        self.dir_header(h, opaque == Opaque::Yes)?;
+        self.walk(fd.as_fd(), &path, opaque == Opaque::XattrWhiteouts)
+    }
+
+    /// The directory's entry, then (if `opaque`) its opaque marker:
+    /// regular, empty, the directory's permission bits and owner, mtime 0.
+    fn dir_header(&mut self, mut h: Hdr, opaque: bool) -> Result<()> {
         let path = h.path.clone();
         h.path.push(b'/');
         self.write(&h, io::empty())?;
-        if opaque == Opaque::Yes {
-            let mut m = h.clone();
-            m.path = join(&path, OCI_OPAQUE);
-            m.kind = tar::EntryType::Regular;
-            m.mode &= 0o777;
-            m.mtime = (0, 0);
-            m.xattrs.clear();
-            self.write(&m, io::empty())?;
+        if opaque {
+            h.path = join(&path, OCI_OPAQUE);
+            h.kind = tar::EntryType::Regular;
+            h.mode &= 0o777;
+            h.mtime = (0, 0);
+            h.xattrs.clear();
+            self.write(&h, io::empty())?;
         }
-        self.walk(fd.as_fd(), &path, opaque == Opaque::XattrWhiteouts)
+        Ok(())
+    }
+
+    /// A directory renamed with `redirect_dir` holds only what changed in
+    /// it; the rest is at its old path in the lowers. The layer gets it
+    /// whole: opaque, with every entry of its merged view.
+    fn redirected(&mut self, h: Hdr) -> Result<()> {
+        let path = h.path.clone();
+        self.dir_header(h, true)?;
+        let fd = self
+            .view("is a renamed directory (overlay.redirect)")?
+            .open_dir(&path)?;
+        let outer = std::mem::replace(&mut self.in_view, true);
+        let r = self.walk(fd.as_fd(), &path, false);
+        self.in_view = outer;
+        r
+    }
+
+    /// A metadata-only copy-up: attributes from the upper, data from a
+    /// lower; the merged view has both.
+    fn metacopy(&mut self, rel: &[u8], name: &[u8], path: &[u8]) -> Result<()> {
+        let dir = self
+            .view("is a metadata-only copy-up (overlay.metacopy)")?
+            .open_dir(rel)?;
+        let outer = std::mem::replace(&mut self.in_view, true);
+        let r = self.entry(dir.as_fd(), rel, name, path, false);
+        self.in_view = outer;
+        r
+    }
+
+    /// The merged view of the upper over its lowers, mounted on first use.
+    fn view(&mut self, why: &str) -> Result<&MergedView> {
+        if self.view.is_none() {
+            if self.lowers.is_empty() {
+                return Err(Error::new(format!(
+                    "{why}: its content is partly in the lower layers; give them with --lower (or export the MOUNTPOINT)"
+                )));
+            }
+            self.view = Some(MergedView::mount(
+                &self.upper,
+                &self.lowers,
+                self.private == Private::USER,
+            )?);
+        }
+        Ok(self.view.as_ref().expect("just mounted"))
     }
 
     fn whiteout(&mut self, rel: &[u8], name: &[u8], st: &Stat) -> Result<()> {
@@ -296,7 +365,12 @@ impl<W: Write> Walker<W> {
     fn xattrs(&self, t: xattr::Target<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         for name in xattr::list(t).ctx(|| "list xattrs".into())? {
-            let Some(visible) = self.private.unescape(&name) else {
+            // In the merged view, names are already as users see them.
+            let visible = match self.in_view {
+                true => Some(std::borrow::Cow::Borrowed(&name[..])),
+                false => self.private.unescape(&name),
+            };
+            let Some(visible) = visible else {
                 continue;
             };
             let c = xattr::name(&name).ctx(|| "xattr name".into())?;

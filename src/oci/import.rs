@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -76,14 +75,12 @@ impl Imported {
         v
     }
 
-    /// `lowerdir=TOP:…:BOTTOM`, with `:`, `,` and `\` escaped.
-    pub fn lowerdir(&self) -> String {
-        let parts: Vec<String> = self
-            .lowers()
-            .iter()
-            .map(|p| escape_lowerdir(p.as_os_str().as_bytes()))
-            .collect();
-        format!("lowerdir={}", parts.join(":"))
+    /// `lowerdir=TOP:…:BOTTOM`, with `:`, `,` and `\` escaped (bytes: the
+    /// paths need not be UTF-8).
+    pub fn lowerdir(&self) -> Vec<u8> {
+        let mut v = b"lowerdir=".to_vec();
+        v.extend_from_slice(&super::lowerdir_value(&self.lowers()));
+        v
     }
 
     pub fn warnings(&self) -> Vec<String> {
@@ -93,17 +90,6 @@ impl Imported {
             .flat_map(|s| s.warnings.iter().cloned())
             .collect()
     }
-}
-
-fn escape_lowerdir(p: &[u8]) -> String {
-    let mut out = Vec::with_capacity(p.len());
-    for &b in p {
-        if matches!(b, b'\\' | b':' | b',') {
-            out.push(b'\\');
-        }
-        out.push(b);
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What the IMAGE argument is.
@@ -489,11 +475,6 @@ fn clip(s: &str, n: usize, no_trunc: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lowerdir_escapes() {
-        assert_eq!(escape_lowerdir(b"/a:b,c\\d"), "/a\\:b\\,c\\\\d");
-    }
 
     #[test]
     fn clipping() {

@@ -24,6 +24,7 @@ pub mod export;
 pub mod image;
 pub mod import;
 pub mod layout;
+pub mod merged;
 pub mod progress;
 pub mod tarsafe;
 pub mod tarstream;
@@ -91,6 +92,25 @@ pub fn show(name: &[u8]) -> String {
     }
 }
 
+/// The value of a `lowerdir=` option for these layers (topmost first):
+/// joined with `:`, with `:`, `,` and `\` in paths escaped by `\`.
+pub fn lowerdir_value(layers: &[std::path::PathBuf]) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = Vec::new();
+    for (i, p) in layers.iter().enumerate() {
+        if i > 0 {
+            out.push(b':');
+        }
+        for &b in p.as_os_str().as_bytes() {
+            if matches!(b, b'\\' | b':' | b',') {
+                out.push(b'\\');
+            }
+            out.push(b);
+        }
+    }
+    out
+}
+
 /// Whether this process runs with full privileges (may chown, mknod and set
 /// `trusted.*` xattrs).
 pub fn running_as_root() -> bool {
@@ -98,4 +118,13 @@ pub fn running_as_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lowerdir_escapes() {
+        let v = super::lowerdir_value(&["/a:b,c\\d".into(), "/e".into()]);
+        assert_eq!(v, b"/a\\:b\\,c\\\\d:/e");
+    }
 }
