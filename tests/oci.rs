@@ -1766,3 +1766,51 @@ fn export_of_renamed_directories_and_metacopy_copy_ups() {
     stack.extend(lowers.iter().cloned());
     assert_same_view(&view, &mounted_views(&stack));
 }
+
+/// Two images on the same base share its directory, mount at the same time,
+/// and each mount's changes stay in its own upper.
+#[test]
+fn images_sharing_a_base_mount_side_by_side() {
+    let t = tmpdir();
+    let layout = t.path().join("layout");
+    build_layout(&layout);
+    let dest = t.path().join("layers");
+    let (app, _) = import(&layout, &dest, &["--tag", "v1"]);
+    let (base, _) = import(&layout, &dest, &["--tag", "base"]);
+    assert_eq!(
+        app.last(),
+        base.last(),
+        "the base layer directory is shared"
+    );
+    let before = common::snapshot("base layer", &base[0]);
+    let m1 = LayerfsMount::new(&app, true, Syntax::Subcommand);
+    let m2 = LayerfsMount::new(&base, true, Syntax::Subcommand);
+    fs::write(m1.path().join("etc/os-release"), "app\n").unwrap();
+    fs::write(m2.path().join("etc/os-release"), "base\n").unwrap();
+    fs::remove_file(m2.path().join("etc/old.conf")).unwrap();
+    assert_eq!(
+        fs::read(m1.path().join("etc/os-release")).unwrap(),
+        b"app\n"
+    );
+    assert_eq!(
+        fs::read(m2.path().join("etc/os-release")).unwrap(),
+        b"base\n"
+    );
+    assert!(
+        !m1.path().join("etc/old.conf").exists(),
+        "whited out in the app image"
+    );
+    assert!(
+        !m2.path().join("etc/old.conf").exists(),
+        "deleted in the base container"
+    );
+    assert_eq!(
+        fs::read(m1.upper().unwrap().join("etc/os-release")).unwrap(),
+        b"app\n"
+    );
+    assert!(is_whiteout(&m2.upper().unwrap().join("etc/old.conf")));
+    assert!(!m1.upper().unwrap().join("etc/old.conf").exists());
+    drop((m1, m2));
+    let after = common::snapshot("base layer", &base[0]);
+    common::assert_same_with(CompareOpts::raw_dirs(), &before, &after);
+}
