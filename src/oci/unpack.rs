@@ -577,3 +577,109 @@ impl State<'_> {
         Some(cur)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn header(name: &str, kind: tar::EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        h.set_mtime(1_000);
+        // Our own ids: the test needs no privileges.
+        let me = std::fs::metadata("/proc/self").unwrap();
+        h.set_uid(me.uid() as u64);
+        h.set_gid(me.gid() as u64);
+        h.set_cksum();
+        h
+    }
+
+    /// Unpacks (dir, file, link) members into a fresh directory, as the
+    /// current user, with user.* markers (no privileges needed).
+    fn unpack_members(
+        members: &[(&str, tar::EntryType, &str)],
+    ) -> (tempfile::TempDir, Result<Stats>) {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, data) in members {
+            let mut h = header(
+                name,
+                *kind,
+                if *kind == tar::EntryType::Regular {
+                    data.len() as u64
+                } else {
+                    0
+                },
+            );
+            if *kind == tar::EntryType::Link || *kind == tar::EntryType::Symlink {
+                h.set_link_name(data).unwrap();
+                h.set_cksum();
+            }
+            let body: &[u8] = if *kind == tar::EntryType::Regular {
+                data.as_bytes()
+            } else {
+                b""
+            };
+            b.append(&h, body).unwrap();
+        }
+        let bytes = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let fd = sys::open_path_dir(dir.path()).unwrap();
+        let opts = Options {
+            private: Private::USER,
+            root: false,
+        };
+        let r = unpack(&bytes[..], fd.as_fd(), &opts, |_| {}).map(|(s, _)| s);
+        (dir, r)
+    }
+
+    #[test]
+    fn markers_links_and_replacements() {
+        use tar::EntryType::{Directory, Link, Regular, Symlink};
+        let (d, r) = unpack_members(&[
+            ("a/.wh..wh..opq", Regular, ""),
+            ("a/", Directory, ""),
+            ("a/f", Regular, "one"),
+            ("a/g", Link, "a/f"),
+            ("a/.wh.gone", Regular, ""),
+            ("s", Symlink, "a"),
+            ("x", Regular, "file first"),
+            ("x/", Directory, ""),
+            ("x/y", Regular, "then a dir"),
+        ]);
+        let st = r.unwrap();
+        assert_eq!(st.entries, 9);
+        let p = d.path();
+        assert_eq!(std::fs::read(p.join("a/g")).unwrap(), b"one");
+        assert_eq!(std::fs::metadata(p.join("a/f")).unwrap().nlink(), 2);
+        let wh = std::fs::symlink_metadata(p.join("a/gone")).unwrap();
+        assert_eq!((wh.mode() & libc::S_IFMT, wh.rdev()), (libc::S_IFCHR, 0));
+        let fd = sys::open_path_dir(&p.join("a")).unwrap();
+        let v = xattr::get(xattr::Target::Fd(fd.as_fd()), c"user.overlay.opaque").unwrap();
+        assert_eq!(v.as_deref(), Some(&b"y"[..]));
+        assert_eq!(std::fs::read(p.join("x/y")).unwrap(), b"then a dir");
+    }
+
+    #[test]
+    fn symlinked_parents_are_refused() {
+        use tar::EntryType::{Directory, Regular, Symlink};
+        let (d, r) = unpack_members(&[
+            ("d/", Directory, ""),
+            ("d/link", Symlink, "/"),
+            ("d/link/escape", Regular, "x"),
+        ]);
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("'d/link/escape'") && e.contains("symlink"),
+            "{e}"
+        );
+        assert!(!d.path().join("d/link/escape").exists());
+    }
+}
