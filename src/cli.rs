@@ -165,8 +165,8 @@ pub struct MountArgs {
 /// `layerfs import`.
 #[derive(Args, Debug)]
 pub struct ImportArgs {
-    /// An OCI image layout directory, a `docker save` archive, or a single
-    /// layer tar (plain, gzip or zstd; detected from its content).
+    /// An OCI image layout (directory or tar), a `docker save` archive, or a
+    /// single layer tar; plain, gzip or zstd, detected from the content.
     #[arg(value_name = "IMAGE")]
     pub image: PathBuf,
     /// Where the layer directories go (one per layer, named by diff_id,

@@ -843,6 +843,22 @@ fn docker_save_archives_both_forms() {
     let (from_dir, _) = import(&unpacked, &dest, &[]);
     assert_eq!(from_dir, results[0]);
     assert_eq!(results[0], results[1], "same layers, same directories");
+    // Compressed archives (`docker save | gzip`) too.
+    for (name, blob) in [
+        (
+            "legacy.tar.zst",
+            zstd(&fs::read(t.path().join("legacy.tar")).unwrap()),
+        ),
+        (
+            "newer.tar.gz",
+            gzip(&fs::read(t.path().join("newer.tar")).unwrap()),
+        ),
+    ] {
+        let p = t.path().join(name);
+        fs::write(&p, blob).unwrap();
+        let (lowers, _) = import(&p, &dest, &["--tag", "v1"]);
+        assert_eq!(lowers, results[0], "{name}");
+    }
     assert_eq!(results[0].len(), 3);
     assert_eq!(fs::read_dir(&dest).unwrap().count(), 3);
     assert!(is_whiteout(&results[0][1].join("etc/old.conf")));

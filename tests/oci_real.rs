@@ -343,6 +343,15 @@ fn skopeo_archives_import_to_the_same_layers() {
         .unwrap();
         let lowers = import(&p, &dest, &["-q"]);
         assert_eq!(lowers, from_layout, "{kind}: the same layer directories");
+        // `… | gzip` archives too.
+        let gz = f.work.join(format!("{name}.gz"));
+        let out = Command::new("gzip").arg("-c").arg(&p).output().unwrap();
+        fs::write(&gz, out.stdout).unwrap();
+        let lowers = import(&gz, &dest, &["-q"]);
+        assert_eq!(
+            lowers, from_layout,
+            "{kind} | gzip: the same layer directories"
+        );
     }
     assert_eq!(
         fs::read_dir(&dest).unwrap().count(),

@@ -98,21 +98,68 @@ enum Input {
     Layer(PathBuf),
 }
 
-fn open_input(image: &Path) -> Result<Input> {
+/// What IMAGE is: a directory is an image; a tar is an image archive if it
+/// holds `manifest.json` or an OCI layout, else a layer. A compressed tar
+/// whose first member looks like part of an image archive (`docker save |
+/// gzip`) is decompressed into DEST (`scratch`) to be read as one.
+fn open_input(image: &Path, scratch: &Path) -> Result<(Input, Option<tempfile::TempPath>)> {
     let meta = fs::metadata(image).ctx(|| format!("'{}'", image.display()))?;
     if meta.is_dir() {
-        return Ok(Input::Image(Source::Dir(image.to_path_buf())));
+        return Ok((Input::Image(Source::Dir(image.to_path_buf())), None));
     }
     let mut head = [0u8; 512];
     let mut f = File::open(image).ctx(|| format!("opening '{}'", image.display()))?;
     let n = read_up_to(&mut f, &mut head).ctx(|| format!("reading '{}'", image.display()))?;
-    if Compression::sniff(&head[..n])? != Compression::None {
-        return Ok(Input::Layer(image.to_path_buf()));
-    }
-    Ok(match Source::scan_archive(image)? {
-        Some(src) => Input::Image(src),
-        None => Input::Layer(image.to_path_buf()),
+    let (tar, temp) = if Compression::sniff(&head[..n])? == Compression::None {
+        (image.to_path_buf(), None)
+    } else if compressed_archive(image)? {
+        let t = decompress_into(image, scratch)?;
+        (t.to_path_buf(), Some(t))
+    } else {
+        return Ok((Input::Layer(image.to_path_buf()), None));
+    };
+    Ok(match Source::scan_archive(&tar)? {
+        Some(src) => (Input::Image(src), temp),
+        None => (Input::Layer(image.to_path_buf()), None),
     })
+}
+
+/// Whether the first member of a compressed tar is one an image archive
+/// starts with (`blobs/`, `<64 hex>/`, `manifest.json`, …).
+fn compressed_archive(image: &Path) -> Result<bool> {
+    let f = File::open(image).ctx(|| format!("opening '{}'", image.display()))?;
+    let (mut r, _) = compress::decoder(f)?;
+    let mut h = [0u8; 512];
+    if read_up_to(&mut r, &mut h).unwrap_or(0) < 512 {
+        return Ok(false);
+    }
+    let name = &h[..100];
+    let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(100)];
+    let name = std::str::from_utf8(name).unwrap_or("");
+    let first = name
+        .trim_start_matches("./")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let hex = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    Ok(matches!(
+        first,
+        "blobs" | "oci-layout" | "index.json" | "manifest.json" | "repositories"
+    ) || hex(first)
+        || [".json", ".tar"]
+            .iter()
+            .any(|x| first.strip_suffix(x).is_some_and(hex)))
+}
+
+fn decompress_into(image: &Path, scratch: &Path) -> Result<tempfile::TempPath> {
+    let f = File::open(image).ctx(|| format!("opening '{}'", image.display()))?;
+    let (mut r, _) = compress::decoder(f)?;
+    let mut t = tempfile::Builder::new()
+        .prefix(&format!("{STAGING_PREFIX}{}-archive-", std::process::id()))
+        .tempfile_in(scratch)
+        .ctx(|| format!("creating a file in '{}'", scratch.display()))?;
+    std::io::copy(&mut r, &mut t).ctx(|| format!("decompressing '{}'", image.display()))?;
+    Ok(t.into_temp_path())
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -171,7 +218,10 @@ fn remove_stale_staging(dest: &Path) {
         };
         let pid = rest.split('-').next().unwrap_or("");
         if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
-            let _ = fs::remove_dir_all(e.path());
+            let _ = match e.file_type() {
+                Ok(t) if t.is_dir() => fs::remove_dir_all(e.path()),
+                _ => fs::remove_file(e.path()),
+            };
         }
     }
 }
@@ -180,7 +230,7 @@ fn remove_stale_staging(dest: &Path) {
 pub fn import(image_path: &Path, dest: &Path, opts: &Options) -> Result<Imported> {
     fs::create_dir_all(dest).ctx(|| format!("creating '{}'", dest.display()))?;
     let dest = fs::canonicalize(dest).ctx(|| format!("'{}'", dest.display()))?;
-    let input = open_input(image_path)?;
+    let (input, _decompressed) = open_input(image_path, &dest)?;
     let (src, plan) = match input {
         Input::Image(src) => {
             let plan =
