@@ -32,7 +32,6 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -292,9 +291,17 @@ fn without_fuse_overlayfs_markers(
         .collect()
 }
 
-fn layerfs_diff(layerfs: &Path, upper: &str, lowers: &str) -> Res<BTreeSet<String>> {
+fn layerfs_diff(
+    layerfs: &Path,
+    upper: &str,
+    lowers: &str,
+    userxattr: bool,
+) -> Res<BTreeSet<String>> {
     let mut c = Command::new(layerfs);
     c.args(["diff", "--upper", upper]);
+    if userxattr {
+        c.arg("--userxattr");
+    }
     for l in lowers.split(':').filter(|l| !l.is_empty()) {
         c.args(["--lower", l]);
     }
@@ -405,27 +412,36 @@ struct Podman {
     layerfs: PathBuf,
     /// The mount program is layerfs (so `layerfs diff MOUNTPOINT` works).
     mounts_are_layerfs: bool,
+    /// Rootless: podman runs as this user (and the uppers use user.* xattrs).
+    user: Option<String>,
+    /// The mount program is fuse-overlayfs (the reference runs).
+    on_fuse_overlayfs: bool,
 }
 
 impl Podman {
     /// A private podman under `dir` whose mount program is `prog`.
     fn new(dir: &Path, prog: &Path, layerfs: &Path) -> Res<Self> {
-        let out = must(
-            Command::new(Path::new(REPO).join("scripts/engines/podman-env.sh"))
-                .arg(dir)
-                .arg(prog),
-            SHORT,
-        )?;
+        Self::new_as(dir, prog, layerfs, None)
+    }
+
+    /// The same, for `user` (rootless) when given.
+    fn new_as(dir: &Path, prog: &Path, layerfs: &Path, user: Option<&str>) -> Res<Self> {
+        let script = Path::new(REPO).join("scripts/engines/podman-env.sh");
+        let mut c = as_user(user, &script);
+        c.arg(dir).arg(prog);
+        let out = must(&mut c, SHORT)?;
         Ok(Podman {
             dir: dir.to_owned(),
             podman: PathBuf::from(out.trim()),
             layerfs: layerfs.to_owned(),
             mounts_are_layerfs: prog == layerfs,
+            user: user.map(str::to_owned),
+            on_fuse_overlayfs: prog.file_name().is_some_and(|n| n == "fuse-overlayfs"),
         })
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.podman);
+        let mut c = as_user(self.user.as_deref(), &self.podman);
         c.args(args);
         c
     }
@@ -453,10 +469,16 @@ impl Podman {
     /// `podman diff` and `layerfs diff` of the container's upper agree.
     fn check_diff(&self, name: &str) -> Res<BTreeSet<String>> {
         let engine = self.diff(name)?;
+        if self.on_fuse_overlayfs && self.user.is_some() {
+            // fuse-overlayfs rootless marks opaque dirs with
+            // user.fuseoverlayfs.opaque and a `.wh..wh..opq` file, neither
+            // of which is overlay format: nothing for layerfs diff to read.
+            return Ok(engine);
+        }
         let upper = self.inspect("container", name, "UpperDir")?;
         let lowers = self.inspect("container", name, "LowerDir")?;
         let ours = without_fuse_overlayfs_markers(
-            layerfs_diff(&self.layerfs, &upper, &lowers)?,
+            layerfs_diff(&self.layerfs, &upper, &lowers, self.user.is_some())?,
             self.mounts_are_layerfs,
         );
         let ours_shown = without(&ours, PODMAN_DIFF_HIDES);
@@ -466,6 +488,18 @@ impl Podman {
             set_diff("podman diff vs layerfs diff", &engine, &ours_shown)
         );
         Ok(engine)
+    }
+}
+
+/// `program`, run as `user` (with runuser) when given.
+fn as_user(user: Option<&str>, program: &Path) -> Command {
+    match user {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", u, "--"]).arg(program);
+            c
+        }
+        None => Command::new(program),
     }
 }
 
@@ -639,7 +673,7 @@ fn podman_scenarios(p: &Podman, rootfs: &Path, t: &mut Timings) -> Res {
         } else {
             let upper = p.inspect("container", "running", "UpperDir")?;
             let lowers = p.inspect("container", "running", "LowerDir")?;
-            layerfs_diff(&p.layerfs, &upper, &lowers)?
+            layerfs_diff(&p.layerfs, &upper, &lowers, false)?
         };
         let ours = without(
             &without_fuse_overlayfs_markers(ours, p.mounts_are_layerfs),
@@ -734,16 +768,12 @@ fn podman_scenarios(p: &Podman, rootfs: &Path, t: &mut Timings) -> Res {
             &["C /srv/data/change.txt", "A /srv/data/mapped.txt"],
             "podman diff mapped",
         )?;
-        // On disk, as with the kernel's overlay on id-mapped lowers: host ids.
-        let upper = p.inspect("container", "mapped", "UpperDir")?;
-        let md = fs::metadata(Path::new(&upper).join("srv/data/mapped.txt"))
-            .map_err(|e| e.to_string())?;
-        ensure!(
-            (md.uid(), md.gid()) == (100005, 100006),
-            "mapped.txt in the upper is owned by {}:{}, expected host ids 100005:100006",
-            md.uid(),
-            md.gid()
-        );
+        // Not checked: the owners on disk. podman 4.3 hands the mount
+        // program lowers that the kernel already id-maps (`mapped/0/...`)
+        // *and* `uidmapping=`; the kernel's own overlay (no mount program)
+        // stores host ids (100005:100006) in the upper, and a commit keeps
+        // them, so not even the kernel round-trips the owners through
+        // `podman commit` here.
         Ok(())
     })?;
 
@@ -1032,7 +1062,7 @@ impl Docker {
         let upper = self.inspect(name, "UpperDir")?;
         let lowers = self.inspect(name, "LowerDir")?;
         let ours = without_fuse_overlayfs_markers(
-            layerfs_diff(&self.layerfs, &upper, &lowers)?,
+            layerfs_diff(&self.layerfs, &upper, &lowers, false)?,
             self.mounts_are_layerfs,
         );
         ensure!(
@@ -1149,7 +1179,12 @@ fn docker_scenarios(d: &Docker, rootfs: &Path, t: &mut Timings) -> Res {
             layerfs_diff_mount(&d.layerfs, &d.inspect("running", "MergedDir")?)?
         } else {
             let upper = d.inspect("running", "UpperDir")?;
-            layerfs_diff(&d.layerfs, &upper, &d.inspect("running", "LowerDir")?)?
+            layerfs_diff(
+                &d.layerfs,
+                &upper,
+                &d.inspect("running", "LowerDir")?,
+                false,
+            )?
         };
         let ours = without_fuse_overlayfs_markers(ours, d.mounts_are_layerfs);
         let engine = change_set(&d.ok(&["diff", "running"])?);
@@ -1253,4 +1288,309 @@ fn docker_fuse_overlayfs_driver_runs_layerfs() {
         }
         panic!("{msg}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// rootless podman
+
+const ROOTLESS_USER: &str = "layerfs-engines";
+
+/// Puts /dev/fuse's mode back as it was.
+struct FuseMode(u32);
+
+impl Drop for FuseMode {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(self.0));
+    }
+}
+
+/// An ordinary user with a subordinate id range, for rootless podman;
+/// removed again (with its id ranges) when the guard goes.
+fn ensure_rootless_user() -> Res<RootlessUser> {
+    let _g = SETUP.lock().unwrap_or_else(|e| e.into_inner());
+    let created = !run(Command::new("id").args(["-u", ROOTLESS_USER]), SHORT).ok;
+    if created {
+        must(
+            Command::new("useradd")
+                .args(["--no-create-home", "--home-dir", "/nonexistent"])
+                .args(["--shell", "/usr/sbin/nologin", ROOTLESS_USER]),
+            SHORT,
+        )?;
+    }
+    for file in ["/etc/subuid", "/etc/subgid"] {
+        let text = fs::read_to_string(file).unwrap_or_default();
+        if !text
+            .lines()
+            .any(|l| l.starts_with(&format!("{ROOTLESS_USER}:")))
+        {
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(file)
+                .map_err(|e| format!("{file}: {e}"))?;
+            writeln!(f, "{ROOTLESS_USER}:400000:65536").map_err(|e| format!("{file}: {e}"))?;
+        }
+    }
+    Ok(RootlessUser { created })
+}
+
+struct RootlessUser {
+    created: bool,
+}
+
+impl Drop for RootlessUser {
+    fn drop(&mut self) {
+        if !self.created {
+            return;
+        }
+        let _ = run(Command::new("userdel").arg(ROOTLESS_USER), SHORT);
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            if let Ok(text) = fs::read_to_string(file) {
+                let prefix = format!("{ROOTLESS_USER}:");
+                let kept: String = text
+                    .lines()
+                    .filter(|l| !l.starts_with(&prefix))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                if kept != text {
+                    let _ = fs::write(file, kept);
+                }
+            }
+        }
+    }
+}
+
+fn rootless_scenarios(p: &Podman, rootfs: &Path, t: &mut Timings) -> Res {
+    t.step("rootless podman import", || {
+        p.ok(&[
+            "import",
+            rootfs.to_str().unwrap(),
+            "localhost/lfs-base:latest",
+        ])
+    })?;
+    let out = t.step("rootless podman run: add, change, delete", || {
+        p.ok(&[
+            "run",
+            "--network=host",
+            "--name",
+            "changes",
+            "localhost/lfs-base",
+            "sh",
+            "-c",
+            CHANGES,
+        ])
+    })?;
+    ensure!(out.contains("done"), "container output: {out}");
+    let diff = t.step("rootless podman diff = layerfs diff --userxattr", || {
+        p.check_diff("changes")
+    })?;
+    expect_contains(
+        &diff,
+        &[
+            "A /srv/data/new.txt",
+            "C /srv/data/change.txt",
+            "D /srv/data/delete.txt",
+            "C /usr/lib/python3.11/json",
+        ],
+        "podman diff",
+    )?;
+    t.step("rootless podman commit + run the new image", || {
+        p.ok(&["commit", "changes", "localhost/lfs-changed:latest"])?;
+        let out = p.ok(&[
+            "run",
+            "--rm",
+            "--network=host",
+            "localhost/lfs-changed",
+            "sh",
+            "-c",
+            VERIFY,
+        ])?;
+        ensure!(out.contains("verified"), "output: {out}");
+        Ok(())
+    })?;
+    let bad = failed_calls(&p.log());
+    ensure!(
+        bad.is_empty(),
+        "failed mount-program calls:\n{}",
+        bad.join("\n")
+    );
+    Ok(())
+}
+
+/// Rootless podman (an ordinary user, its user namespace, cgroups left to
+/// podman) with layerfs as mount program. podman passes no `userxattr`
+/// here, so layerfs has to notice by itself that trusted.* xattrs are out
+/// of reach (fuse-overlayfs then uses user.* xattrs).
+#[test]
+#[ignore = "rootless podman passes no `userxattr` and layerfs then fails in the user \
+            namespace (\"write upper uuid: Operation not permitted\"); run with --ignored"]
+fn rootless_podman_with_layerfs() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    if !is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!("SKIP rootless_podman_with_layerfs: needs root (to set up a user) and /dev/fuse");
+        return;
+    }
+    let needed = [
+        ("/usr/bin/podman", "podman"),
+        ("/usr/sbin/runc", "runc"),
+        ("/usr/bin/conmon", "conmon"),
+        ("/usr/libexec/podman/catatonit", "catatonit"),
+        ("/usr/bin/newuidmap", "uidmap"),
+        ("/usr/bin/fusermount3", "fuse3"),
+    ];
+    let _user = match ensure_packages(&needed).and_then(|()| ensure_rootless_user()) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("SKIP rootless_podman_with_layerfs: {e}");
+            return;
+        }
+    };
+    let uid: u32 = must(Command::new("id").args(["-u", ROOTLESS_USER]), SHORT)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("uid of the rootless user");
+    let rootfs = rootfs_tar().expect("build the rootfs tarball");
+    let tmp = tempfile::Builder::new()
+        .prefix("lfs-rootless.")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let pinned = pinned_layerfs(tmp.path());
+    let tar = tmp.path().join("rootfs.tar");
+    fs::copy(&rootfs, &tar).unwrap();
+    // An ordinary user opens /dev/fuse (Debian's default mode is 0666).
+    let old = fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o7777;
+    let _restore = FuseMode(old);
+    fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+
+    let attempt = |name: &str, prog: &Path, t: &mut Timings| -> Res {
+        let dir = tmp.path().join(name);
+        fs::create_dir(&dir).map_err(|e| e.to_string())?;
+        chown(&dir, Some(uid), None).map_err(|e| e.to_string())?;
+        let r = Podman::new_as(&dir, prog, &pinned, Some(ROOTLESS_USER)).and_then(|p| {
+            let r = rootless_scenarios(&p, &tar, t);
+            let log = p.log();
+            drop(p);
+            r.map_err(|e| format!("{e}\n\nmount-program log ({}):\n{log}", prog.display()))
+        });
+        ensure_nothing_left(&dir, &pinned);
+        r
+    };
+    let mut t = Timings::default();
+    let (prog, is_layerfs) = mount_program(&pinned);
+    let r = attempt("p", &prog, &mut t);
+    eprintln!(
+        "{}",
+        t.report(&format!("rootless podman on {}", prog.display()))
+    );
+    if let Err(e) = r {
+        let mut msg = format!("rootless podman with {}: {e}", prog.display());
+        if is_layerfs && Path::new(FUSE_OVERLAYFS).exists() {
+            match attempt("ref", Path::new(FUSE_OVERLAYFS), &mut Timings::default()) {
+                Ok(()) => msg.push_str(
+                    "\n\nWith /usr/bin/fuse-overlayfs as mount program the same scenarios PASS: the failure is layerfs's.",
+                ),
+                Err(e) => {
+                    let _ = write!(
+                        msg,
+                        "\n\nWith /usr/bin/fuse-overlayfs as mount program they fail too: {}",
+                        e.lines().next().unwrap_or("")
+                    );
+                }
+            }
+        }
+        panic!("{msg}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What docker does to a container's rootfs: unmount, and mount again at once
+// at the same path.
+
+/// When a mount is unmounted from outside, its daemon must not unmount its
+/// mount point again on the way out, nor remove the `/run/layerfs` record of
+/// that path: by then the engine may have mounted the next layerfs there.
+/// (docker starts ~2.5% of its containers on an empty directory otherwise:
+/// `exec: "sh": executable file not found in $PATH`, and `layerfs diff
+/// MOUNTPOINT` finds no record of a running container now and then.)
+#[test]
+#[ignore = "layerfs bugs: vendor/fuser's is_mounted() takes POLLERR on /dev/fuse for \
+            \"still mounted\" (inverted), so an exiting daemon unmounts its path again and \
+            takes down a new mount there; and daemon.rs removes the registry record of \
+            the path at exit even when a newer mount wrote it; run with --ignored"]
+fn remount_at_the_same_path_survives_the_old_daemon() {
+    if !is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!(
+            "SKIP remount_at_the_same_path_survives_the_old_daemon: needs root and /dev/fuse"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let layerfs = pinned_layerfs(tmp.path());
+    let root = tmp.path();
+    fs::create_dir(root.join("lower")).unwrap();
+    fs::write(root.join("lower/f"), "lower").unwrap();
+    let m = root.join("m");
+    fs::create_dir(&m).unwrap();
+    let mut lost = Vec::new();
+    let mut unrecorded = Vec::new();
+    for i in 0..300 {
+        let (u, w) = (root.join(format!("u{i}")), root.join(format!("w{i}")));
+        fs::create_dir(&u).unwrap();
+        fs::create_dir(&w).unwrap();
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            root.join("lower").display(),
+            u.display(),
+            w.display()
+        );
+        // Straight one after the other, as the engines do (no polling).
+        let st = Command::new(&layerfs)
+            .args(["-o", &opts])
+            .arg(&m)
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount {i}: {st}");
+        if mount_line(&m).is_none() {
+            lost.push(i);
+            continue;
+        }
+        // And its record for `layerfs diff MOUNTPOINT` is still there.
+        let diff = Command::new(&layerfs)
+            .arg("diff")
+            .arg(&m)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        if !diff.success() {
+            unrecorded.push(i);
+        }
+        // Fails too when the mount went in the meantime.
+        let st = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&m)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        if !st.success() {
+            lost.push(i);
+        }
+    }
+    ensure_nothing_left(root, &layerfs);
+    assert!(
+        unrecorded.is_empty(),
+        "`layerfs diff MOUNTPOINT` found no record of {} of 300 running mounts \
+         (mounts {unrecorded:?}): the previous daemon removed the record of the path on \
+         its way out; lost mounts besides: {lost:?}",
+        unrecorded.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "{} of 300 mounts were gone right after layerfs returned, or before their \
+         unmount (mounts {lost:?}): the previous daemon unmounted the path on its way out",
+        lost.len()
+    );
 }
