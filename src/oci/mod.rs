@@ -8,8 +8,11 @@
 //! - [`unpack`] applies one layer tar to a directory in overlay format, only
 //!   with fd-relative calls that never follow a symlink;
 //! - [`image`] reads OCI image layouts and `docker save` archives;
-//! - [`import`] and [`export`] are the two commands; [`digest`],
-//!   [`compress`] and [`progress`] are their plumbing.
+//! - [`import`] and [`export`] are the two operations, [`cmd`] their
+//!   command-line front; [`layout`] appends an exported layer to an OCI
+//!   layout; [`merged`] mounts the merged view an export needs for kernel
+//!   redirects and metacopy files; [`digest`], [`compress`] and
+//!   [`progress`] are plumbing.
 //!
 //! Invariants: nothing is ever written outside the destination directory;
 //! an import that fails leaves the destination as it found it (layers are
