@@ -342,8 +342,37 @@ impl MountConfig {
             }
         }
         self.lowers = lowers;
+        if !self.options.userxattr && !trusted_xattrs_usable(self.work.as_deref()) {
+            // Rootless (a user namespace): trusted.* is out of reach, so the
+            // private xattrs are user.overlay.*, as the kernel's userxattr.
+            log::info!("trusted.* xattrs are not usable here: using user.overlay.* (userxattr)");
+            self.options.userxattr = true;
+        }
         Ok(self)
     }
+}
+
+/// Can this process store `trusted.*` xattrs? Probed on the work dir when
+/// there is one; otherwise judged by the user namespace (outside the initial
+/// one they are never available).
+fn trusted_xattrs_usable(work: Option<&Path>) -> bool {
+    if let Some(w) = work
+        && let Ok(fd) = crate::sys::open_path_dir(w)
+    {
+        use std::os::fd::AsFd;
+        let t = crate::sys::xattr::Target::Fd(fd.as_fd());
+        let name = c"trusted.overlay.layerfs-probe";
+        return match crate::sys::xattr::set(t, name, b"1", 0) {
+            Ok(()) => {
+                let _ = crate::sys::xattr::remove(t, name);
+                true
+            }
+            Err(e) => e.raw_os_error() != Some(libc::EPERM),
+        };
+    }
+    std::fs::read_to_string("/proc/self/uid_map")
+        .map(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
+        .unwrap_or(true)
 }
 
 fn check_workdir_contents(w: &Path) -> Result<(), String> {

@@ -81,7 +81,9 @@ fn opens_for_write(flags: i32) -> bool {
 
 impl OverlayFs {
     pub fn new(stack: Stack, opts: Options) -> Result<OverlayFs> {
-        mark_new_upper(&stack)?;
+        if let Err(e) = mark_new_upper(&stack) {
+            log::warn!("{e}");
+        }
         let dirs = resolve::root_dirs(&stack)?;
         // The root reports its topmost directory's inode number, as the
         // kernel's overlay root does (its FUSE node id is always 1).

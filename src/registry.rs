@@ -1,9 +1,11 @@
 //! Where running mounts record their layers, so that `layerfs diff
 //! MOUNTPOINT` can find them: one small file per mount under `/run/layerfs`
 //! (or `$XDG_RUNTIME_DIR/layerfs` for non-root users), named by a hash of
-//! the canonical mount point, written once the mount is ready and removed
-//! when the daemon exits. A file left by a killed daemon is recognised by its
-//! dead pid (or a mount point that is no longer mounted) and ignored.
+//! the canonical mount point and the daemon's pid, written once the mount is
+//! ready and removed when that daemon exits. Container engines mount again
+//! at a path at once, so several records of one path may exist for a moment:
+//! the newest one whose daemon is alive wins. A file left by a killed daemon
+//! is recognised by its dead pid and ignored.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -40,15 +42,19 @@ fn fnv(bytes: &[u8]) -> u64 {
     })
 }
 
-fn file_for(mountpoint: &Path) -> Option<(PathBuf, PathBuf)> {
+/// The record-name prefix of a mount point, and the canonical path.
+fn prefix_for(mountpoint: &Path) -> Option<(String, PathBuf)> {
     let canon = std::fs::canonicalize(mountpoint).ok()?;
-    let f = dir().join(format!("{:016x}", fnv(canon.as_os_str().as_bytes())));
-    Some((f, canon))
+    Some((
+        format!("{:016x}-", fnv(canon.as_os_str().as_bytes())),
+        canon,
+    ))
 }
 
 /// Records a ready mount; returns the file to remove at exit.
 pub fn record(mountpoint: &Path, cfg: &MountConfig) -> Option<PathBuf> {
-    let (file, canon) = file_for(mountpoint)?;
+    let (prefix, canon) = prefix_for(mountpoint)?;
+    let file = dir().join(format!("{prefix}{}", std::process::id()));
     let mut v: Vec<Vec<u8>> = vec![
         MAGIC.to_vec(),
         std::process::id().to_string().into_bytes(),
@@ -61,7 +67,7 @@ pub fn record(mountpoint: &Path, cfg: &MountConfig) -> Option<PathBuf> {
     ];
     v.extend(cfg.lowers.iter().map(|l| l.as_os_str().as_bytes().to_vec()));
     std::fs::create_dir_all(dir()).ok()?;
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = dir().join(format!(".tmp-{}", std::process::id()));
     std::fs::write(&tmp, v.join(&b'\0')).ok()?;
     std::fs::rename(&tmp, &file).ok()?;
     Some(file)
@@ -75,21 +81,41 @@ pub fn find(mountpoint: &Path) -> Result<Recorded, String> {
             mountpoint.display()
         )
     };
-    let (file, canon) = file_for(mountpoint).ok_or_else(not_found)?;
-    let data = std::fs::read(&file).map_err(|_| not_found())?;
+    let (prefix, canon) = prefix_for(mountpoint).ok_or_else(not_found)?;
+    let mut best: Option<(std::time::SystemTime, Recorded)> = None;
+    for ent in std::fs::read_dir(dir()).map_err(|_| not_found())?.flatten() {
+        if !ent.file_name().as_bytes().starts_with(prefix.as_bytes()) {
+            continue;
+        }
+        let Ok(data) = std::fs::read(ent.path()) else {
+            continue;
+        };
+        let Some(r) = parse(&data, &canon) else {
+            continue;
+        };
+        let mtime = ent
+            .metadata()
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::UNIX_EPOCH);
+        if best.as_ref().is_none_or(|(t, _)| mtime >= *t) {
+            best = Some((mtime, r));
+        }
+    }
+    best.map(|(_, r)| r).ok_or_else(not_found)
+}
+
+/// A record of a live daemon for `canon`, if `data` is one.
+fn parse(data: &[u8], canon: &Path) -> Option<Recorded> {
     let f: Vec<&[u8]> = data.split(|&b| b == 0).collect();
     if f.len() < 6 || f[0] != MAGIC || f[2] != canon.as_os_str().as_bytes() {
-        return Err(not_found());
+        return None;
     }
-    let pid: u32 = std::str::from_utf8(f[1])
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(not_found)?;
+    let pid: u32 = std::str::from_utf8(f[1]).ok()?.parse().ok()?;
     if !Path::new(&format!("/proc/{pid}")).exists() {
-        return Err(not_found());
+        return None;
     }
     let path = |b: &[u8]| PathBuf::from(OsString::from_vec(b.to_vec()));
-    Ok(Recorded {
+    Some(Recorded {
         pid,
         userxattr: f[3] == b"1",
         upper: (!f[4].is_empty()).then(|| path(f[4])),
