@@ -1423,8 +1423,6 @@ fn rootless_scenarios(p: &Podman, rootfs: &Path, t: &mut Timings) -> Res {
 /// here, so layerfs has to notice by itself that trusted.* xattrs are out
 /// of reach (fuse-overlayfs then uses user.* xattrs).
 #[test]
-#[ignore = "rootless podman passes no `userxattr` and layerfs then fails in the user \
-            namespace (\"write upper uuid: Operation not permitted\"); run with --ignored"]
 fn rootless_podman_with_layerfs() {
     use std::os::unix::fs::{PermissionsExt, chown};
     if !is_root() || !Path::new("/dev/fuse").exists() {
@@ -1515,10 +1513,6 @@ fn rootless_podman_with_layerfs() {
 /// `exec: "sh": executable file not found in $PATH`, and `layerfs diff
 /// MOUNTPOINT` finds no record of a running container now and then.)
 #[test]
-#[ignore = "layerfs bugs: vendor/fuser's is_mounted() takes POLLERR on /dev/fuse for \
-            \"still mounted\" (inverted), so an exiting daemon unmounts its path again and \
-            takes down a new mount there; and daemon.rs removes the registry record of \
-            the path at exit even when a newer mount wrote it; run with --ignored"]
 fn remount_at_the_same_path_survives_the_old_daemon() {
     if !is_root() || !Path::new("/dev/fuse").exists() {
         eprintln!(
