@@ -87,7 +87,7 @@ fn wait_output(mut child: Child, limit: Duration, what: &str) -> Output {
     // A leftover process (the command, orphaned) may hold the pipes open:
     // say so in the output instead of waiting for it.
     let get = |rx: mpsc::Receiver<Vec<u8>>| {
-        rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| {
+        rx.recv_timeout(Duration::from_secs(2)).unwrap_or_else(|_| {
             format!("<{what} exited ({status}) but a leftover process holds this pipe open>")
                 .into_bytes()
         })
@@ -228,7 +228,7 @@ impl Env {
         if !left.is_empty() {
             problems.push(format!("scratch left behind: {left:?}"));
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(3);
         while !pids_with_arg(self.marker.as_bytes()).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -341,6 +341,38 @@ fn the_command_runs_in_the_merged_view_and_its_output_comes_first() {
     let cwd = text(&out.stderr);
     let tmp = fs::canonicalize(&env.tmp).unwrap();
     assert!(cwd.starts_with(tmp.to_str().unwrap()), "cwd {cwd:?}");
+    env.assert_clean();
+}
+
+#[test]
+fn the_command_reads_the_callers_stdin() {
+    require_root();
+    use std::io::Write;
+    let env = Env::new();
+    let l = std_lower(&env);
+    let upper = env.path("upper");
+    let args = ["--upper".as_ref(), os(&upper), "--lower".as_ref(), os(&l)];
+    let cmd = [
+        "sh".as_ref(),
+        "-c".as_ref(),
+        "cat > piped".as_ref(),
+        env.marker.as_ref(),
+    ];
+    let mut c = env.command(&args, &cmd);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"from the caller\n").unwrap();
+    drop(stdin);
+    let out = wait_output(child, Duration::from_secs(60), "layerfs run");
+    assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "A /piped\n");
+    assert_eq!(
+        fs::read_to_string(upper.join("piped")).unwrap(),
+        "from the caller\n"
+    );
     env.assert_clean();
 }
 
@@ -991,6 +1023,18 @@ fn chroot_runs_the_command_inside_the_merged_root() {
         "stderr: {}",
         text(&out.stderr)
     );
+    env.assert_clean();
+    // A program name without a slash is looked up in the root's PATH.
+    let cmd = [
+        "busybox".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        "busybox ls /bin; echo x > /y".as_ref(),
+        env.marker.as_ref(),
+    ];
+    let out = run_timeout(&mut env.command(&layers, &cmd));
+    assert_eq!(code(&out), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "busybox\nA /y\n");
     env.assert_clean();
     // A program that exists on the host but not in the root cannot start.
     let out = run_timeout(&mut env.command(
