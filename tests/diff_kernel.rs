@@ -365,6 +365,11 @@ impl LayerfsMount {
             cmd.arg("-o").arg(opts);
         }
         cmd.arg(target);
+        Self::run(cmd, target)
+    }
+
+    /// Runs a mount command `cmd` that mounts layerfs at `target`.
+    fn run(mut cmd: Command, target: &Path) -> Result<LayerfsMount, String> {
         let out = run_timeout(&mut cmd, Duration::from_secs(30));
         let fstype = mount_fstype(target);
         let m = LayerfsMount {
@@ -2147,12 +2152,17 @@ fn naive_lines(new: &Node, old: &Node) -> Vec<Vec<u8>> {
 }
 
 /// A snapshot of `layers` (topmost first) through a read-only kernel mount
-/// at `fx.root/name` (redirects followed).
-fn kernel_view(fx: &Fixture, name: &str, layers: &[&Path]) -> Node {
+/// at `fx.root/name` (redirects followed, or `userxattr`).
+fn kernel_view(fx: &Fixture, name: &str, layers: &[&Path], userxattr: bool) -> Node {
     let mnt = fx.root.join(name);
     fs::create_dir(&mnt).expect("mkdir");
     let dirs: Vec<String> = layers.iter().map(|l| l.display().to_string()).collect();
-    let opts = format!("lowerdir={},redirect_dir=follow", dirs.join(":"));
+    let extra = if userxattr {
+        "userxattr"
+    } else {
+        "redirect_dir=follow"
+    };
+    let opts = format!("lowerdir={},{extra}", dirs.join(":"));
     let m = Mount::overlay(&mnt, &opts, true);
     let node = snapshot(&mnt).expect("root");
     m.unmount();
@@ -2160,10 +2170,10 @@ fn kernel_view(fx: &Fixture, name: &str, layers: &[&Path]) -> Node {
 }
 
 /// A snapshot of the lowers through a read-only layerfs mount.
-fn layerfs_view(fx: &Fixture, name: &str) -> Result<Node, String> {
+fn layerfs_view(fx: &Fixture, name: &str, opts: &str) -> Result<Node, String> {
     let mnt = fx.root.join(name);
     fs::create_dir(&mnt).expect("mkdir");
-    let m = LayerfsMount::new(&fx.lowers, None, "", &mnt)?;
+    let m = LayerfsMount::new(&fx.lowers, None, opts, &mnt)?;
     let node = snapshot(&mnt).expect("root");
     m.unmount()?;
     Ok(node)
@@ -2181,6 +2191,8 @@ fn outcome(r: io::Result<()>) -> Outcome {
 struct Round {
     fx: Fixture,
     redirect: bool,
+    /// Both mounts with `userxattr` (private xattrs in `user.overlay.`).
+    userxattr: bool,
     /// The operations and their outcomes on the kernel.
     ops: Vec<(Op, Outcome)>,
     about: String,
@@ -2195,7 +2207,7 @@ fn random_round(seed: u64) -> Result<Round, String> {
     // as an earlier container's upper (redirects, opaque dirs and whiteouts
     // in a lower).
     let (mut l1, mut commit) = (Vec::new(), Vec::new());
-    let mut committer = None;
+    let (mut committer, mut userxattr) = (None, false);
     if rng.below(3) == 0 {
         let engine = rng.pick(&[Engine::Kernel, Engine::Layerfs]);
         committer = Some(engine);
@@ -2209,10 +2221,22 @@ fn random_round(seed: u64) -> Result<Round, String> {
         commit = fx.commit(next, false, engine)?;
     } else {
         l1 = rand_layer(&mut rng, 10, true);
+        // Sometimes rootless-style: user.overlay.* xattrs (the kernel
+        // refuses userxattr with redirect_dir=on, so no committed lower).
+        userxattr = rng.below(4) == 0;
+        for e in l1.iter_mut().filter(|_| userxattr) {
+            if let E::Opq(p) = *e {
+                *e = E::X(p, "user.overlay.opaque", b"y");
+            }
+        }
         build(&fx.lowers[0], &l1, false);
     }
-    let redirect = rng.below(3) != 0;
-    let m = fx.mount_rw(if redirect { "redirect_dir=on" } else { "" });
+    let redirect = !userxattr && rng.below(3) != 0;
+    let m = fx.mount_rw(match (redirect, userxattr) {
+        (true, _) => "redirect_dir=on",
+        (false, true) => "userxattr",
+        (false, false) => "",
+    });
     let mut ops = Vec::new();
     for _ in 0..30 {
         let op = rand_op(&mut rng, &fx.mnt);
@@ -2222,16 +2246,27 @@ fn random_round(seed: u64) -> Result<Round, String> {
     }
     m.unmount();
     let about = format!(
-        "seed {seed} (kernel redirect_dir={redirect})\nL1 {l1:?}\nL2 {l2:?}\n\
+        "seed {seed} (kernel redirect_dir={redirect}, userxattr={userxattr})\nL1 {l1:?}\nL2 {l2:?}\n\
          commit by {committer:?} {commit:?}\nops {:?}",
         ops.iter().map(|(op, _)| op).collect::<Vec<_>>()
     );
     Ok(Round {
         fx,
         redirect,
+        userxattr,
         ops,
         about,
     })
+}
+
+impl Round {
+    fn private(&self) -> Private {
+        if self.userxattr {
+            Private::USER
+        } else {
+            Private::TRUSTED
+        }
+    }
 }
 
 /// The kernel's upper: `diff` equals the naive comparison of the kernel's views.
@@ -2239,8 +2274,8 @@ fn check_kernel_round(r: &Round, old: &Node) -> Result<(), String> {
     let fx = &r.fx;
     let mut layers = vec![fx.upper.as_path()];
     layers.extend(fx.lowers.iter().map(PathBuf::as_path));
-    let want = naive_lines(&kernel_view(fx, "new", &layers), old);
-    let got = fx.diff(&fx.upper, Private::TRUSTED);
+    let want = naive_lines(&kernel_view(fx, "new", &layers, r.userxattr), old);
+    let got = fx.diff(&fx.upper, r.private());
     if got != want {
         return Err(format!(
             "kernel upper\n{}\ngot  {}\nwant {}",
@@ -2257,7 +2292,8 @@ fn check_kernel_round(r: &Round, old: &Node) -> Result<(), String> {
 /// read-only mount of the lowers), and the kernel's reading of that upper.
 fn check_layerfs_round(r: &Round, kernel_old: &Node) -> Result<(), String> {
     let fx = &r.fx;
-    let m = fx.mount_layerfs("")?;
+    let opts = if r.userxattr { "userxattr" } else { "" };
+    let m = fx.mount_layerfs(opts)?;
     let mut diverged = Vec::new();
     for (op, on_kernel) in &r.ops {
         let on_layerfs = outcome(apply(&fx.lfs_mnt, op));
@@ -2268,14 +2304,18 @@ fn check_layerfs_round(r: &Round, kernel_old: &Node) -> Result<(), String> {
         }
     }
     let live = snapshot(&fx.lfs_mnt).expect("root");
+    let on_live_mount = cli_diff(&[fx.lfs_mnt.as_os_str(), "-z".as_ref()])?;
     m.unmount()?;
-    let old = layerfs_view(fx, "lfs-old")?;
-    let got = fx.diff(&fx.lfs_upper, Private::TRUSTED);
+    let old = layerfs_view(fx, "lfs-old", opts)?;
+    let got = fx.diff(&fx.lfs_upper, r.private());
     let want = naive_lines(&live, &old);
     let mut layers = vec![fx.lfs_upper.as_path()];
     layers.extend(fx.lowers.iter().map(PathBuf::as_path));
-    let by_kernel = naive_lines(&kernel_view(fx, "lfs-new", &layers), kernel_old);
-    if got == want && got == by_kernel {
+    let by_kernel = naive_lines(
+        &kernel_view(fx, "lfs-new", &layers, r.userxattr),
+        kernel_old,
+    );
+    if got == want && got == by_kernel && got == on_live_mount {
         return Ok(());
     }
     // Outcomes differ legitimately where the kernel had redirect_dir=on.
@@ -2286,11 +2326,13 @@ fn check_layerfs_round(r: &Round, kernel_old: &Node) -> Result<(), String> {
     };
     Err(format!(
         "layerfs upper\n{}\nop outcomes differing from the kernel's: {diverged}\n\
-         got              {}\nwant (layerfs)   {}\nwant (kernel view of the layerfs upper) {}",
+         got              {}\nwant (layerfs)   {}\nwant (kernel view of the layerfs upper) {}\n\
+         `layerfs diff MOUNTPOINT` before the unmount: {}",
         r.about,
         show(&got),
         show(&want),
-        show(&by_kernel)
+        show(&by_kernel),
+        show(&on_live_mount)
     ))
 }
 
@@ -2313,11 +2355,8 @@ fn random_sequences_match_a_naive_docker_diff() {
     let mut on_layerfs = 0;
     for seed in first..first + rounds {
         let r = random_round(seed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        let old = kernel_view(
-            &r.fx,
-            "old",
-            &r.fx.lowers.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
-        );
+        let lowers: Vec<&Path> = r.fx.lowers.iter().map(PathBuf::as_path).collect();
+        let old = kernel_view(&r.fx, "old", &lowers, r.userxattr);
         if let Err(e) = check_kernel_round(&r, &old) {
             failures.push(e);
         }
@@ -2635,6 +2674,54 @@ fn cli_mountpoint_given_relative_with_slash_or_through_a_symlink() {
 }
 
 #[test]
+fn cli_mountpoint_of_mounts_made_with_relative_paths_with_dash_o_and_again_at_one_path() {
+    require_root();
+    let fx = Fixture::new(1);
+    build(&fx.lowers[0], &[E::F(b"f", b"f")], true);
+    for d in ["u2", "w2"] {
+        fs::create_dir(fx.root.join(d)).unwrap();
+    }
+    let mut sub = Command::new(bin());
+    sub.args([
+        "mount", "--lower", "l1", "--upper", "lu", "--work", "lw", "lm",
+    ]);
+    let mut dash_o = Command::new(bin());
+    dash_o.args(["-o", "lowerdir=l1,upperdir=u2,workdir=w2", "lm"]);
+    // The second mount is at the same path with another upper: `diff`
+    // must find the layers of the mount that is there now.
+    let forms: [(&str, Command, &[Op], &[u8]); 2] = [
+        (
+            "mount --lower",
+            sub,
+            &[Op::Rm(b"f"), Op::Write(b"g", b"g")],
+            b"D /f\nA /g\n",
+        ),
+        ("-o", dash_o, &[Op::Write(b"h", b"h")], b"A /h\n"),
+    ];
+    for (form, mut cmd, ops, want) in forms {
+        cmd.current_dir(&fx.root);
+        let m = LayerfsMount::run(cmd, &fx.lfs_mnt).unwrap();
+        apply_all(&fx.lfs_mnt, ops).unwrap();
+        // From another working directory than the mount's.
+        let out = run_timeout(
+            Command::new(bin())
+                .arg("diff")
+                .arg(&fx.lfs_mnt)
+                .current_dir("/"),
+            Duration::from_secs(30),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{form}: {err}");
+        assert_eq!(
+            out.stdout.escape_ascii().to_string(),
+            want.escape_ascii().to_string(),
+            "{form}: {err}"
+        );
+        m.unmount().unwrap();
+    }
+}
+
+#[test]
 fn cli_no_changes_is_exit_0_and_no_output() {
     require_root();
     let fx = Fixture::new(1);
@@ -2734,6 +2821,26 @@ fn cli_errors_exit_non_zero_with_a_message_naming_the_culprit() {
     assert!(out.status.success(), "{out:?}");
     lm.unmount().unwrap();
     assert_diff_fails(&[fx.lfs_mnt.as_os_str()], &["not a running layerfs mount"]);
+    // A mount whose daemon was killed (ENOTCONN): an error, not a hang.
+    let lm = fx.mount_layerfs("").unwrap();
+    assert!(
+        !lm.daemons.is_empty(),
+        "no daemon found for {}",
+        fx.lfs_mnt.display()
+    );
+    for &p in &lm.daemons {
+        // SAFETY: kill(2) of the daemon this test started.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    lm.wait_daemons().unwrap();
+    let out = layerfs_diff(&[fx.lfs_mnt.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(fx.lfs_mnt.to_str().unwrap()),
+        "`layerfs diff MOUNTPOINT` of a mount whose daemon was killed (the record \
+         of a dead daemon must be ignored): {out:?}"
+    );
+    drop(lm);
     // An upper that cannot be read as a layer (a malformed redirect).
     build(
         &fx.upper,
