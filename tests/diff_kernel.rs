@@ -2821,6 +2821,19 @@ fn cli_errors_exit_non_zero_with_a_message_naming_the_culprit() {
     assert!(out.status.success(), "{out:?}");
     lm.unmount().unwrap();
     assert_diff_fails(&[fx.lfs_mnt.as_os_str()], &["not a running layerfs mount"]);
+    // An upper that cannot be read as a layer (a malformed redirect).
+    build(
+        &fx.upper,
+        &[
+            E::D(b"a2"),
+            E::X(b"a2", "trusted.overlay.redirect", b"../../etc"),
+        ],
+        true,
+    );
+    assert_diff_fails(
+        &["--upper".as_ref(), u, "--lower".as_ref(), l],
+        &["redirect"],
+    );
     // A mount whose daemon was killed (ENOTCONN): an error, not a hang.
     let lm = fx.mount_layerfs("").unwrap();
     assert!(
@@ -2841,17 +2854,4 @@ fn cli_errors_exit_non_zero_with_a_message_naming_the_culprit() {
          of a dead daemon must be ignored): {out:?}"
     );
     drop(lm);
-    // An upper that cannot be read as a layer (a malformed redirect).
-    build(
-        &fx.upper,
-        &[
-            E::D(b"a2"),
-            E::X(b"a2", "trusted.overlay.redirect", b"../../etc"),
-        ],
-        true,
-    );
-    assert_diff_fails(
-        &["--upper".as_ref(), u, "--lower".as_ref(), l],
-        &["redirect"],
-    );
 }
