@@ -84,6 +84,36 @@ pub enum Command {
     Import(ImportArgs),
     /// Write an upper layer as an OCI layer tar, as docker commits one.
     Export(ExportArgs),
+    /// Check that the kernel's overlayfs can mount an upper/lowers set and
+    /// shows the intended view, without mounting it; --fix converts what
+    /// fuse-overlayfs and OCI tools leave in an upper into the kernel's
+    /// format.
+    ///
+    /// One line per finding: SEVERITY, LAYER:PATH, what is wrong, and the
+    /// fix ("--fix:" when --fix does it), separated by tabs; a summary goes
+    /// to stderr. Severities: error (the kernel refuses the set, or shows
+    /// something else than was meant), warning (the view may differ, or
+    /// only one of the kernel and layerfs reads it as meant), note
+    /// (harmless or redundant).
+    ///
+    /// Findings: OCI `.wh.NAME` and `.wh..wh..opq` files in the upper (the
+    /// kernel shows them as files) and in lowers (layerfs honours them, the
+    /// kernel does not); fuse-overlayfs leftovers (`.wh..wh..opq` beside or
+    /// instead of the opaque xattr, `user.fuseoverlayfs.opaque`, `.origin`,
+    /// `.override_stat`); private xattrs of the other namespace (trusted vs
+    /// user); `overlay.redirect` (followed) and its target; `overlay.metacopy`
+    /// (layerfs refuses it); whiteouts inside opaque directories; block
+    /// devices 0/0 and misplaced xattr whiteouts; leftovers in the work dir
+    /// (work/*, index/); non-directories where a directory is expected; a
+    /// work dir on another filesystem and nested or repeated layers.
+    ///
+    /// --fix changes only the upper, one entry at a time, each change
+    /// atomic (a new whiteout is built under a temporary name in its own
+    /// directory and renamed into place), then checks again. Do not fix a
+    /// set that is mounted.
+    ///
+    /// Exit status: 0 clean, 1 findings, 2 error.
+    Check(CheckArgs),
 }
 
 /// Output options shared by `diff` and `run`.
@@ -236,4 +266,34 @@ pub struct ExportArgs {
     /// The layers use user.overlay.* xattrs (rootless, `userxattr`).
     #[arg(long)]
     pub userxattr: bool,
+}
+
+/// `layerfs check`.
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The upper layer to check.
+    #[arg(long, value_name = "DIR", required_unless_present = "options")]
+    pub upper: Option<PathBuf>,
+    /// A lower layer; repeat for more, the first is topmost. A
+    /// `lowerdir=` list (`L1:L2`, with `\:` for a colon) works too.
+    #[arg(long = "lower", value_name = "DIR")]
+    pub lowers: Vec<PathBuf>,
+    /// The work dir, checked for leftovers and against the upper.
+    #[arg(long, value_name = "DIR")]
+    pub work: Option<PathBuf>,
+    /// The set as mount options: `lowerdir=L1:L2,upperdir=U,workdir=W`
+    /// (and `userxattr`); other options are ignored.
+    #[arg(short = 'o', value_name = "OPTS")]
+    pub options: Vec<OsString>,
+    /// The layers use user.overlay.* xattrs (rootless, `userxattr`).
+    #[arg(long)]
+    pub userxattr: bool,
+    /// Convert fuse-overlayfs and OCI leftovers in the upper into the
+    /// kernel's format, then check again. Lowers are never changed.
+    #[arg(long)]
+    pub fix: bool,
+    /// One JSON object per line: {"severity","kind","layer","path","what",
+    /// "fix","fixable"}; with --fix, one {"fixed",...} per repair first.
+    #[arg(long)]
+    pub json: bool,
 }

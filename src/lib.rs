@@ -25,6 +25,7 @@
 //! ```
 
 pub mod attrs;
+pub mod check;
 pub mod cli;
 pub mod commands;
 pub mod config;

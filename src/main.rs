@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Some(Command::Run(r)) => commands::run_cmd(r),
         Some(Command::Import(a)) => layerfs::oci::cmd::import_cmd(a).map(|()| 0),
         Some(Command::Export(a)) => layerfs::oci::cmd::export_cmd(a).map(|()| 0),
+        Some(Command::Check(a)) => layerfs::check::check_cmd(a),
         None => daemon::mount_from_compat(cli.compat).map(|()| 0),
     };
     match run {
