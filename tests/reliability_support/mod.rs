@@ -412,11 +412,54 @@ pub fn unmount_path(path: &Path) -> bool {
 // ---------------------------------------------------------------------------
 
 /// A running layerfs mount; unmounted on drop (daemon killed if it does not
-/// exit within 5 s of the unmount).
+/// exit within 5 s of the unmount). A watchdog kills the daemon of a mount
+/// that lives longer than `RELIABILITY_MOUNT_TIMEOUT` seconds (default 900),
+/// so a deadlocked daemon turns into failing syscalls, not a hung test.
 pub struct Layerfs {
     pub mnt: PathBuf,
     pub pid: i32,
     done: bool,
+    _watchdog: Watchdog,
+}
+
+/// Kills `pid` (and reports why) unless dropped within the time limit.
+pub struct Watchdog {
+    disarm: Option<std::sync::mpsc::Sender<()>>,
+    fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    pub fn new(pid: i32, limit: Duration, what: String) -> Watchdog {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let fired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f2 = fired.clone();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                f2.store(true, std::sync::atomic::Ordering::SeqCst);
+                eprintln!(
+                    "WATCHDOG: {what}: not done after {limit:?} (deadlock?); daemon {pid} threads:\n{}killing the daemon",
+                    describe_threads(pid)
+                );
+                if pid_alive(pid) {
+                    // SAFETY: kill(2) of a daemon a test started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        });
+        Watchdog {
+            disarm: Some(tx),
+            fired,
+        }
+    }
+    pub fn fired(&self) -> bool {
+        self.fired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.disarm.take());
+    }
 }
 
 impl Layerfs {
@@ -466,15 +509,22 @@ impl Layerfs {
                 mnt.display()
             ));
         }
+        let limit = Duration::from_secs(env_u64("RELIABILITY_MOUNT_TIMEOUT", 900));
         Ok(Layerfs {
             mnt: mnt.to_path_buf(),
             pid: pids[0],
             done: false,
+            _watchdog: Watchdog::new(pids[0], limit, format!("mount {}", mnt.display())),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.mnt
+    }
+
+    /// A watchdog for one phase of a test on this mount.
+    pub fn watchdog(&self, secs: u64, what: &str) -> Watchdog {
+        Watchdog::new(self.pid, Duration::from_secs(secs), what.to_string())
     }
 
     /// kill -9 the daemon and wait until it is gone. The mount stays (dead:
