@@ -10,8 +10,8 @@
 //!
 //! `--chroot` runs `/bin/busybox sh` inside a tiny root layer: busybox comes
 //! from the Debian package `busybox-static` (`apt-get download`, once, into
-//! the gitignored `.cache/run-cmd/` of the repository; one already in
-//! `.cache/debs/` is used as is).
+//! the gitignored `.cache/run-cmd/` of the repository, where it is also
+//! unpacked; a package file already in `.cache/debs/` is used as is).
 //!
 //! Needs root (FUSE mounts, chroot, mknod).
 
@@ -918,25 +918,36 @@ fn a_background_process_outliving_the_command_does_not_keep_the_mount() {
 // --chroot
 
 /// `/bin/busybox` from the Debian package `busybox-static`, extracted once
-/// per test process.
+/// into the cache (through a private dir, then renamed into place).
 fn busybox() -> &'static Path {
     static BUSYBOX: OnceLock<PathBuf> = OnceLock::new();
     BUSYBOX.get_or_init(|| {
         let deb = busybox_deb();
-        let dest = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("run-cmd-busybox-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dest);
-        let out = run_timeout(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dest));
+        let stem = deb.file_stem().and_then(OsStr::to_str).expect("deb name");
+        let cache = &Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/run-cmd");
+        fs::create_dir_all(cache).expect("mkdir cache");
+        let dest = cache.join(format!("root-{stem}"));
+        let find = |root: &Path| {
+            ["bin/busybox", "usr/bin/busybox"]
+                .iter()
+                .map(|p| root.join(p))
+                .find(|p| p.is_file())
+        };
+        if let Some(p) = find(&dest) {
+            return p;
+        }
+        let private = cache.join(format!("extract-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&private);
+        let out = run_timeout(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&private));
         assert!(
             out.status.success(),
             "dpkg-deb -x {deb:?}: {}",
             text(&out.stderr)
         );
-        ["bin/busybox", "usr/bin/busybox"]
-            .iter()
-            .map(|p| dest.join(p))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| panic!("no busybox in {deb:?}"))
+        if fs::rename(&private, &dest).is_err() {
+            let _ = fs::remove_dir_all(&private); // another process was first
+        }
+        find(&dest).unwrap_or_else(|| panic!("no busybox in {deb:?}"))
     })
 }
 
