@@ -1009,12 +1009,8 @@ fn clean_unmount_keeps_fsynced_data_in_upper() {
     // syncfs through the mount
     let dirf = fs::File::open(mnt.join("dir")).unwrap();
     // SAFETY: syncfs(2) on an open fd.
-    assert_eq!(
-        unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dirf)) },
-        0,
-        "syncfs: {}",
-        errno_name(errno())
-    );
+    let r = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dirf)) };
+    assert_eq!(r, 0, "syncfs: {}", errno_name(errno()));
     drop(dirf);
     let (st, out) = run_timeout(Command::new("umount").arg(&mnt), Duration::from_secs(20));
     assert!(st.is_some_and(|s| s.success()), "umount: {out}");

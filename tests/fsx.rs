@@ -497,7 +497,7 @@ impl Fsx {
             }
             Op::Fsync => {
                 let data = self.rng.chance(50);
-                self.note(format!("{}", if data { "fdatasync" } else { "fsync" }));
+                self.note((if data { "fdatasync" } else { "fsync" }).to_string());
                 // SAFETY: fsync(2)/fdatasync(2) on our fd.
                 let r = unsafe {
                     if data {
@@ -520,7 +520,7 @@ impl Fsx {
                 self.check_size("Reopen");
             }
         }
-        if self.opnum % FULL_CHECK_EVERY == 0 {
+        if self.opnum.is_multiple_of(FULL_CHECK_EVERY) {
             self.check_all("full check", self.fd);
         }
     }

@@ -159,7 +159,7 @@ impl Ctx {
 }
 
 fn writer(w: usize, ctx: Arc<Ctx>, st: Arc<Status>, seed: u64) -> Model {
-    let mut rng = Rng::new(seed ^ (w as u64 + 1) * 0x1234_5678);
+    let mut rng = Rng::new(seed ^ ((w as u64 + 1) * 0x1234_5678));
     // LOAD_LINKS=0: no hard links (to look past hard-link bugs).
     let links = env_u64("LOAD_LINKS", 1) != 0;
     let mut m = Model::default();
@@ -591,8 +591,8 @@ fn load_concurrent_writers_and_readers() {
     });
     let stats: Vec<Arc<Status>> = (0..nw + nr).map(|_| Arc::new(Status::new())).collect();
     let mut wh = Vec::new();
-    for w in 0..nw {
-        let (c, s) = (ctx.clone(), stats[w].clone());
+    for (w, st) in stats.iter().take(nw).enumerate() {
+        let (c, s) = (ctx.clone(), st.clone());
         wh.push(thread::spawn(move || writer(w, c, s, seed)));
     }
     let mut rh = Vec::new();
@@ -743,7 +743,7 @@ fn load_no_fd_leaks_in_loops() {
         fs::create_dir_all(lower.join(format!("dir/ld{k}"))).unwrap();
     }
     let (upper, work) = (d.dir("upper"), d.dir("work"));
-    let m = Layerfs::mount(&[lower.clone()], &upper, &work, &d.path("mnt"));
+    let m = Layerfs::mount(std::slice::from_ref(&lower), &upper, &work, &d.path("mnt"));
     let pid = m.pid;
     let root = m.path().to_path_buf();
     fs::write(root.join("dir/upperfile"), pattern(3, 70_000)).unwrap();
