@@ -136,14 +136,13 @@ impl Kind {
 /// upper's root, as in [`Finding::path`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Repair {
-    /// Remove a redundant whiteout, once `anchor` (the opaque directory
-    /// that makes it redundant) really is opaque.
-    RemoveWhiteout { anchor: Vec<u8> },
+    /// Remove a redundant whiteout, once the reason still holds.
+    RemoveWhiteout { because: Redundant },
     /// `.wh.NAME` → a 0/0 whiteout NAME with the marker's owner; if NAME
     /// exists beside it, a directory NAME is made opaque and the marker
-    /// removed. With `anchor` (its directory is opaque) the marker is only
-    /// removed.
-    OciWhiteout { anchor: Option<Vec<u8>> },
+    /// removed. With `nothing_below` (its directory hides no lower one)
+    /// the marker is only removed.
+    OciWhiteout { nothing_below: Option<Redundant> },
     /// `.wh..wh..opq` → the opaque xattr on its directory, marker removed.
     OciOpaque,
     /// `NAME=y` → the private opaque xattr, then `NAME` removed.
@@ -155,6 +154,18 @@ pub enum Repair {
     OverrideStat { xattr: Vec<u8> },
     /// Replace a block device 0/0 by a character device 0/0.
     CharWhiteout,
+}
+
+/// Why nothing lies below a directory of the upper, so that a whiteout in
+/// it hides nothing (and the kernel, which filters whiteouts only out of
+/// merged directories, lists it: `ls` shows a `c?????????` entry that
+/// cannot be looked up).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Redundant {
+    /// The directory at this path (it or an ancestor) is opaque.
+    Opaque(Vec<u8>),
+    /// No lower layer has a directory at this path (from the lowers' root).
+    NoLowerDir(Vec<u8>),
 }
 
 /// One line of the report.
@@ -422,7 +433,9 @@ mod tests {
         let mut f = finding(Severity::Error, Kind::OciWhiteout, b"/x/.wh.y\n");
         f.what = "w".into();
         f.how = "h".into();
-        f.repair = Some(Repair::OciWhiteout { anchor: None });
+        f.repair = Some(Repair::OciWhiteout {
+            nothing_below: None,
+        });
         let mut out = Vec::new();
         print_finding(&mut out, &f, false).unwrap();
         assert_eq!(out, b"error\tupper:/x/.wh.y\\n\tw\t--fix: h\n");

@@ -12,8 +12,9 @@
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use super::scan::lookup;
 use super::xattrs::parse_override_stat;
-use super::{CheckOptions, Finding, Kind, Layer, Repair};
+use super::{CheckOptions, Finding, Kind, Layer, Redundant, Repair};
 use crate::error::{Context, Error, Result, is_enoent};
 use crate::layer::cname;
 use crate::sys::{self, Stat, xattr};
@@ -30,18 +31,19 @@ pub struct Fixed {
 
 /// Applies every repair of `findings` (upper only), opaque markers first.
 pub fn repair(opts: &CheckOptions, findings: &[Finding]) -> Vec<Fixed> {
-    let root = match sys::open_path_dir(&opts.upper) {
-        Ok(fd) => fd,
+    let (root, lowers) = match open_layers(opts) {
+        Ok(fds) => fds,
         Err(e) => {
             return vec![Fixed {
                 kind: Kind::NotADirectory,
                 path: b"/".to_vec(),
-                result: Err(e).ctx(|| format!("open upper {}", opts.upper.display())),
+                result: Err(e),
             }];
         }
     };
     let ctx = Ctx {
         root: root.as_fd(),
+        lowers,
         private: &opts.private,
     };
     let first = |r: &Repair| matches!(r, Repair::OciOpaque | Repair::FuseOpaque { .. });
@@ -61,8 +63,20 @@ pub fn repair(opts: &CheckOptions, findings: &[Finding]) -> Vec<Fixed> {
         .collect()
 }
 
+/// The upper's root, and the lowers' (to look up only).
+fn open_layers(opts: &CheckOptions) -> Result<(OwnedFd, Vec<OwnedFd>)> {
+    let open = |what: &str, p: &std::path::Path| {
+        sys::open_path_dir(p).ctx(|| format!("open {what} {}", p.display()))
+    };
+    let root = open("upper", &opts.upper)?;
+    let lowers = opts.lowers.iter().map(|l| open("lower", l));
+    Ok((root, lowers.collect::<Result<_>>()?))
+}
+
 struct Ctx<'a> {
     root: BorrowedFd<'a>,
+    /// Opened only to look up (`O_RDONLY`), never written.
+    lowers: Vec<OwnedFd>,
     private: &'a Private,
 }
 
@@ -126,8 +140,10 @@ impl Ctx<'_> {
     fn apply(&self, path: &[u8], r: &Repair) -> Result<String> {
         let obj = self.obj(path)?;
         match r {
-            Repair::RemoveWhiteout { anchor } => self.remove_whiteout(&obj, anchor),
-            Repair::OciWhiteout { anchor } => self.oci_whiteout(&obj, anchor.as_deref()),
+            Repair::RemoveWhiteout { because } => self.remove_whiteout(&obj, because),
+            Repair::OciWhiteout { nothing_below } => {
+                self.oci_whiteout(&obj, nothing_below.as_ref())
+            }
             Repair::OciOpaque => self.oci_opaque(&obj),
             Repair::FuseOpaque { xattr } => self.fuse_opaque(&obj, xattr),
             Repair::RemoveXattr { xattr } => remove_xattr(&obj, xattr),
@@ -151,31 +167,38 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn anchor_opaque(&self, anchor: &[u8]) -> Result<bool> {
-        let a = self.obj(anchor)?;
-        self.is_opaque(a.target())
+    /// Does `why` still hold: is the directory opaque now, does no lower
+    /// have a directory at the path?
+    fn still_nothing_below(&self, why: &Redundant) -> Result<bool> {
+        match why {
+            Redundant::Opaque(dir) => self.is_opaque(self.obj(dir)?.target()),
+            Redundant::NoLowerDir(path) => {
+                let first = self.lowers.iter().find_map(|l| lookup(l.as_fd(), path));
+                Ok(first.is_none_or(|st| st.st_mode & libc::S_IFMT != libc::S_IFDIR))
+            }
+        }
     }
 
-    fn remove_whiteout(&self, obj: &Obj, anchor: &[u8]) -> Result<String> {
+    fn remove_whiteout(&self, obj: &Obj, why: &Redundant) -> Result<String> {
         if !crate::whiteout::is_whiteout_stat(&obj.stat()?) {
             return Err(fail("no longer a whiteout"));
         }
-        if !self.anchor_opaque(anchor)? {
-            return Err(fail("its directory is not opaque (yet): kept"));
+        if !self.still_nothing_below(why)? {
+            return Err(fail("its directory has something below (now): kept"));
         }
         sys::unlinkat(obj.dir(), &obj.name, false).ctx(|| "unlink".into())?;
         Ok("removed the redundant whiteout".into())
     }
 
-    fn oci_whiteout(&self, obj: &Obj, anchor: Option<&[u8]>) -> Result<String> {
+    fn oci_whiteout(&self, obj: &Obj, nothing_below: Option<&Redundant>) -> Result<String> {
         let st = obj.stat()?;
         let target = crate::whiteout::oci_whiteout_target(obj.name.to_bytes())
             .filter(|_| st.st_mode & libc::S_IFMT == libc::S_IFREG)
             .ok_or_else(|| fail("no longer an OCI whiteout file"))?;
         let t = cname(target)?;
         let shown = target.escape_ascii();
-        let done = if anchor.is_some_and(|a| self.anchor_opaque(a).unwrap_or(false)) {
-            "removed (its directory is opaque)".to_string()
+        let done = if nothing_below.is_some_and(|w| self.still_nothing_below(w).unwrap_or(false)) {
+            "removed (nothing below its directory)".to_string()
         } else {
             match sys::fstatat(obj.dir(), &t) {
                 Ok(s) if s.st_mode & libc::S_IFMT == libc::S_IFDIR => {

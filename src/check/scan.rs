@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::{CheckOptions, Finding, Kind, Layer, Repair, Severity};
+use super::{CheckOptions, Finding, Kind, Layer, Redundant, Repair, Severity};
 use crate::error::{Context, Result, is_enoent};
 use crate::layer::cname;
 use crate::sys::{self, Stat, xattr};
@@ -17,8 +17,8 @@ use crate::whiteout::{self, OCI_OPAQUE, Opaque, Private};
 enum Below {
     /// The layers below continue it at this path (`""` is the root).
     Merged(Vec<u8>),
-    /// Nothing: the directory at this path (it or an ancestor) is opaque.
-    Opaque(Vec<u8>),
+    /// Nothing, for this reason.
+    Nothing(Redundant),
 }
 
 /// A directory being walked.
@@ -241,21 +241,36 @@ impl Scan<'_> {
         opaque: Opaque,
     ) -> Result<Below> {
         if self.meant_opaque(attrs, fd, opaque)? {
-            return Ok(Below::Opaque(path.to_vec()));
+            return Ok(Below::Nothing(Redundant::Opaque(path.to_vec())));
         }
         let inherited = match &dir.below {
-            Below::Merged(p) => Below::Merged(join(p, name)),
-            Below::Opaque(a) => Below::Opaque(a.clone()),
+            Below::Merged(p) => Some(join(p, name)),
+            Below::Nothing(_) => None,
         };
-        let Some(v) = attrs.get(&self.opts.private.name("redirect"))? else {
-            return Ok(inherited);
+        let target = match attrs.get(&self.opts.private.name("redirect"))? {
+            Some(v) => self.redirect(li, dir, path, &v).or(inherited),
+            None => inherited,
         };
+        let Some(target) = target else {
+            return Ok(dir.below.clone());
+        };
+        Ok(match self.first_below(li, &target) {
+            Some((_, st)) if !is_dir(&st) => Below::Nothing(Redundant::NoLowerDir(target)),
+            None if li + 1 < self.layers.len() => Below::Nothing(Redundant::NoLowerDir(target)),
+            _ => Below::Merged(target),
+        })
+    }
+
+    /// Notes a redirect and returns where it leads (from the root), if it
+    /// can be followed.
+    fn redirect(&mut self, li: usize, dir: &Dir, path: &[u8], v: &[u8]) -> Option<Vec<u8>> {
         let layer = self.layers[li].0;
-        self.note_redirect(layer, path, &v);
+        self.note_redirect(layer, path, v);
         let target = match (&dir.below, v.first()) {
-            (_, Some(b'/')) => v.clone(),
-            (Below::Merged(p), Some(_)) if !v.contains(&b'/') => join(p, &v),
-            (Below::Opaque(_), Some(_)) if !v.contains(&b'/') => return Ok(inherited),
+            (_, Some(b'/')) => v.to_vec(),
+            (Below::Merged(p), Some(_)) if !v.contains(&b'/') => join(p, v),
+            // Relative to a parent with nothing below: leads nowhere.
+            (Below::Nothing(_), Some(_)) if !v.contains(&b'/') => return None,
             _ => {
                 let what = format!(
                     "malformed overlay.redirect \"{}\": layerfs refuses it",
@@ -263,16 +278,25 @@ impl Scan<'_> {
                 );
                 let how = "remove the xattr, or re-create the directory".into();
                 self.add(layer, path, (Severity::Error, Kind::BadRedirect, what, how));
-                return Ok(inherited);
+                return None;
             }
         };
-        let bad = target
+        if target
             .split(|&b| b == b'/')
-            .any(|c| c == b"." || c == b"..");
-        if !bad {
-            self.check_redirect_target(li, path, &v, &target);
+            .any(|c| c == b"." || c == b"..")
+        {
+            return None;
         }
-        Ok(Below::Merged(target))
+        self.check_redirect_target(li, path, v, &target);
+        Some(target)
+    }
+
+    /// The first layer below `li` with something at `path`, and its lstat.
+    fn first_below(&self, li: usize, path: &[u8]) -> Option<(Layer, Stat)> {
+        self.layers[li + 1..].iter().find_map(|(l, fd)| {
+            let fd = fd.as_ref()?;
+            lookup(fd.as_fd(), path).map(|st| (*l, st))
+        })
     }
 
     fn note_redirect(&mut self, layer: Layer, path: &[u8], v: &[u8]) {
@@ -304,17 +328,7 @@ impl Scan<'_> {
         if li + 1 >= self.layers.len() {
             return;
         }
-        let mut found = None;
-        for (below, fd) in &self.layers[li + 1..] {
-            let Some(fd) = fd else { continue };
-            match lookup(fd.as_fd(), target) {
-                Some(st) => {
-                    found = Some((*below, is_dir(&st)));
-                    break;
-                }
-                None => continue,
-            }
-        }
+        let found = self.first_below(li, target).map(|(l, st)| (l, is_dir(&st)));
         let layer = self.layers[li].0;
         let what = match found {
             Some((_, true)) => return,
@@ -346,23 +360,17 @@ impl Scan<'_> {
     ) -> Result<()> {
         let fmt = st.st_mode & libc::S_IFMT;
         if whiteout::is_whiteout_stat(st) {
-            if let Below::Opaque(anchor) = &dir.below {
+            if let Below::Nothing(why) = &dir.below {
                 let what = format!(
-                    "whiteout in an opaque directory ({}): nothing below to hide, harmless but redundant",
-                    shown(anchor).escape_ascii()
+                    "whiteout in a directory {}: it hides nothing, and the kernel lists it (ls: cannot access)",
+                    why_nothing(why)
                 );
-                let f = (Severity::Note, Kind::RedundantWhiteout, what);
+                let f = (Severity::Warning, Kind::RedundantWhiteout, what);
                 let repair = Repair::RemoveWhiteout {
-                    anchor: shown(anchor),
+                    because: why.clone(),
                 };
-                self.add_fixable(
-                    layer,
-                    path,
-                    f,
-                    "remove it".into(),
-                    "remove it".into(),
-                    repair,
-                );
+                let how = "remove it".to_string();
+                self.add_fixable(layer, path, f, how.clone(), how, repair);
             }
         } else if fmt == libc::S_IFBLK && st.st_rdev == 0 {
             let what = "block device 0/0: a whiteout is a character device 0/0, so the kernel shows a device and hides nothing".to_string();
@@ -444,10 +452,10 @@ impl Scan<'_> {
         let what = format!(
             "OCI whiteout file for {t} in the upper: the kernel and layerfs show it as a file and do not hide {t}"
         );
-        let (how, anchor) = match &dir.below {
-            Below::Opaque(a) => (
-                "remove it (its directory is opaque)".to_string(),
-                Some(shown(a)),
+        let (how, nothing_below) = match &dir.below {
+            Below::Nothing(why) => (
+                format!("remove it (its directory {})", why_nothing(why)),
+                Some(why.clone()),
             ),
             Below::Merged(_) if names.contains(target) => (
                 format!("remove it ({t} is in the upper; a directory {t} is made opaque)"),
@@ -465,14 +473,23 @@ impl Scan<'_> {
             f,
             how.clone(),
             how,
-            Repair::OciWhiteout { anchor },
+            Repair::OciWhiteout { nothing_below },
         );
+    }
+}
+
+/// Why a directory has nothing below, as words.
+fn why_nothing(why: &Redundant) -> String {
+    match why {
+        Redundant::Opaque(p) if p.is_empty() => "that is opaque".into(),
+        Redundant::Opaque(p) => format!("in the opaque {}", p.escape_ascii()),
+        Redundant::NoLowerDir(p) => format!("that no lower has ({})", shown(p).escape_ascii()),
     }
 }
 
 /// `lstat` of a path below a layer root, one component at a time and never
 /// through a symlink; `None` when it is not there.
-fn lookup(root: BorrowedFd<'_>, path: &[u8]) -> Option<Stat> {
+pub(super) fn lookup(root: BorrowedFd<'_>, path: &[u8]) -> Option<Stat> {
     let comps: Vec<&[u8]> = path
         .split(|&b| b == b'/')
         .filter(|c| !c.is_empty())

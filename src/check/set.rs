@@ -142,6 +142,13 @@ impl Scan<'_> {
         let mut entries = sys::read_dir(fd.as_fd()).ctx(|| "read work/".into())?;
         entries.sort();
         for (name, _, _) in entries {
+            // The kernel keeps one whiteout in work/ to hard-link new
+            // whiteouts to (the upper's whiteouts are links of it), and
+            // leaves it there at unmount: not a leftover.
+            let st = sys::fstatat(fd.as_fd(), &cname(&name)?).ctx(|| "stat in work/".into())?;
+            if name.starts_with(b"#") && crate::whiteout::is_whiteout_stat(&st) {
+                continue;
+            }
             let what = "left in work/ by an interrupted copy-up, whiteout or rename: the kernel and layerfs empty work/ at mount".into();
             let how = "nothing to do (or remove it while nothing is mounted)".into();
             self.add(
