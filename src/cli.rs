@@ -114,6 +114,9 @@ pub enum Command {
     ///
     /// Exit status: 0 clean, 1 findings, 2 error.
     Check(CheckArgs),
+    /// Write the man page or shell completions to stdout.
+    #[command(hide = true)]
+    Generate(GenerateArgs),
 }
 
 /// Output options shared by `diff` and `run`.
@@ -296,4 +299,22 @@ pub struct CheckArgs {
     /// "fix","fixable"}; with --fix, one {"fixed",...} per repair first.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `layerfs generate` (for packagers; hidden).
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(subcommand)]
+    pub what: Generate,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Generate {
+    /// The man page layerfs.1 (roff).
+    Man,
+    /// Completions for a shell (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }

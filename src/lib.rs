@@ -32,6 +32,7 @@ pub mod config;
 pub mod copy_up;
 pub mod daemon;
 pub mod diff;
+pub mod docs;
 pub mod error;
 pub mod fuse;
 pub mod handles;

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Some(Command::Import(a)) => layerfs::oci::cmd::import_cmd(a).map(|()| 0),
         Some(Command::Export(a)) => layerfs::oci::cmd::export_cmd(a).map(|()| 0),
         Some(Command::Check(a)) => layerfs::check::check_cmd(a),
+        Some(Command::Generate(g)) => layerfs::docs::generate_cmd(g).map(|()| 0),
         None => daemon::mount_from_compat(cli.compat).map(|()| 0),
     };
     match run {
