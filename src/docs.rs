@@ -2,7 +2,7 @@
 //! clap definitions in `cli.rs`, so that they list exactly the commands,
 //! flags and `-o` options that `--help` does. `man/layerfs.1` in the
 //! repository is this output, committed (`scripts/gen-docs.sh` rewrites
-//! it; a test fails when it is stale).
+//! it; a test fails when it lacks a command, flag or `-o` option).
 //!
 //! The page is one file: the mount forms and every `-o` option (parsed
 //! from the top-level help text, whose table is written as `  TERM  TEXT`
