@@ -259,6 +259,12 @@ fn run(a: CheckArgs) -> Result<i32, String> {
     let mut failed = false;
     let mut findings = scan(&opts).map_err(|e| e.to_string())?;
     if a.fix && findings.iter().any(|f| f.repair.is_some()) {
+        if let Some(m) = mounted_at(&opts.upper) {
+            return Err(format!(
+                "--fix: {} is the upper of the overlay mounted at {m}: unmount it first",
+                opts.upper.display()
+            ));
+        }
         for r in repair(&opts, &findings) {
             failed |= r.result.is_err();
             print_fixed(&mut out, &r, a.json).map_err(|e| e.to_string())?;
@@ -276,6 +282,23 @@ fn run(a: CheckArgs) -> Result<i32, String> {
         0
     } else {
         1
+    })
+}
+
+/// The mount point of a kernel overlay whose upperdir is `upper`, from
+/// `/proc/self/mountinfo` (`... MOUNTPOINT ... - overlay SOURCE OPTS`).
+/// layerfs mounts do not show their layers there; `--fix` under one of
+/// them is the user's to avoid.
+fn mounted_at(upper: &std::path::Path) -> Option<String> {
+    let upper = std::fs::canonicalize(upper).ok()?;
+    let want = format!("upperdir={}", upper.display());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (head, tail) = l.split_once(" - ")?;
+        let mut t = tail.split(' ');
+        let (fstype, _, opts) = (t.next()?, t.next()?, t.next()?);
+        let hit = fstype == "overlay" && opts.split(',').any(|o| o == want);
+        hit.then(|| head.split(' ').nth(4).unwrap_or("?").to_string())
     })
 }
 

@@ -492,6 +492,18 @@ fn redundant_whiteouts_are_listed_by_the_kernel_and_fixed() {
 }
 
 #[test]
+fn fix_refuses_an_upper_in_use_by_a_kernel_overlay() {
+    let set = Set::new(vec![lower()], Layer::new().oci_whiteout("a"));
+    let m = KernelMount::new(&set, "");
+    let out = set.check(&["--fix"]);
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("unmount it first"), "{}", out.stderr);
+    assert!(set.upper.join(".wh.a").exists());
+    drop(m);
+    assert_eq!(set.check(&["--fix"]).code, 0);
+}
+
+#[test]
 fn block_device_whiteout_is_fixed() {
     let upper = Layer::new().block_dev("a", 0, 0).owner(3, 4);
     let set = Set::new(vec![lower()], upper);
