@@ -2853,5 +2853,17 @@ fn cli_errors_exit_non_zero_with_a_message_naming_the_culprit() {
         "`layerfs diff MOUNTPOINT` of a mount whose daemon was killed (the record \
          of a dead daemon must be ignored): {out:?}"
     );
+    // The killed daemon could not remove its record: do it for it.
+    let suffixes: Vec<String> = lm.daemons.iter().map(|p| format!("-{p}")).collect();
     drop(lm);
+    for e in fs::read_dir("/run/layerfs").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = fs::read(e.path()).is_ok_and(|d| {
+            d.split(|&b| b == 0)
+                .any(|f| f == fx.lfs_mnt.as_os_str().as_bytes())
+        });
+        if ours && suffixes.iter().any(|s| name.ends_with(s)) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
