@@ -215,11 +215,11 @@ fn commands(cmd: &clap::Command) -> String {
 const EXTRA: &str = r#".SH FSTAB
 mount(8) mounts a filesystem of type \fBfuse.layerfs\fR through
 mount.fuse3(8), which runs \fBlayerfs\fR \fISOURCE\fR \fIMOUNTPOINT\fR
-\fB\-o\fR \fIOPTIONS\fR; layerfs must be on the PATH of mount (for
-example /usr/local/bin/layerfs: mount runs helpers with a PATH of its
-own). The layers are given in the options; SOURCE is not used (findmnt
-shows \fBlayerfs\fR), so any word will do; here it repeats the lower
-layers. mount.fuse3 adds \fBdev,suid\fR to the options (the kernel
+\fB\-o\fR \fIOPTIONS\fR through /bin/sh. mount(8) does not pass PATH on,
+so layerfs must be in a directory of the shell's default PATH, such as
+/usr/local/bin or /usr/bin. The layers are given in the options; SOURCE is not used (findmnt
+shows \fBlayerfs\fR), so any word will do but a layerfs command name
+(mount, run, ...); here it repeats the lower layers. mount.fuse3 adds \fBdev,suid\fR to the options (the kernel
 overlay's defaults as well). An /etc/fstab line:
 .PP
 .nf
