@@ -31,6 +31,17 @@ struct Dir {
     opaque: Opaque,
 }
 
+/// One entry of a directory being walked.
+struct Entry<'a> {
+    name: &'a [u8],
+    /// From the layer root.
+    path: &'a [u8],
+    st: &'a Stat,
+    attrs: &'a Attrs<'a>,
+    /// Its own `overlay.opaque`.
+    opaque: Opaque,
+}
+
 /// The xattrs of one object: names, values read on demand.
 pub(super) struct Attrs<'a> {
     target: xattr::Target<'a>,
@@ -193,11 +204,18 @@ impl Scan<'_> {
             let opaque =
                 Opaque::from_value(attrs.get(&self.opts.private.name("opaque"))?.as_deref());
             self.check_xattrs(layer, &path, &st, &attrs, opaque)?;
-            self.check_entry(layer, dir, name, &path, &st, &attrs, &names)?;
+            let e = Entry {
+                name,
+                path: &path,
+                st: &st,
+                attrs: &attrs,
+                opaque,
+            };
+            self.check_entry(layer, dir, &e, &names)?;
             if is_dir(&st) {
                 let fd =
                     sys::open_dir_at(dir.fd.as_fd(), &c).ctx(|| format!("open {}", at(&path)))?;
-                let below = self.child_below(li, dir, name, &path, &attrs, fd.as_fd(), opaque)?;
+                let below = self.child_below(li, dir, &e, fd.as_fd())?;
                 drop(attrs);
                 let sub = Dir {
                     fd,
@@ -229,18 +247,15 @@ impl Scan<'_> {
         Ok(sys::fstatat(fd, c".wh..wh..opq").is_ok_and(|st| !is_dir(&st)))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn child_below(
         &mut self,
         li: usize,
         dir: &Dir,
-        name: &[u8],
-        path: &[u8],
-        attrs: &Attrs,
+        e: &Entry,
         fd: BorrowedFd<'_>,
-        opaque: Opaque,
     ) -> Result<Below> {
-        if self.meant_opaque(attrs, fd, opaque)? {
+        let (name, path, attrs) = (e.name, e.path, e.attrs);
+        if self.meant_opaque(attrs, fd, e.opaque)? {
             return Ok(Below::Nothing(Redundant::Opaque(path.to_vec())));
         }
         let inherited = match &dir.below {
@@ -347,17 +362,14 @@ impl Scan<'_> {
         self.add(layer, path, (Severity::Error, Kind::BadRedirect, what, how));
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn check_entry(
         &mut self,
         layer: Layer,
         dir: &Dir,
-        name: &[u8],
-        path: &[u8],
-        st: &Stat,
-        attrs: &Attrs,
+        e: &Entry,
         names: &HashSet<&[u8]>,
     ) -> Result<()> {
+        let (name, path, st, attrs) = (e.name, e.path, e.st, e.attrs);
         let fmt = st.st_mode & libc::S_IFMT;
         if whiteout::is_whiteout_stat(st) {
             if let Below::Nothing(why) = &dir.below {
