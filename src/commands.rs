@@ -77,6 +77,10 @@ pub fn diff_cmd(a: DiffArgs) -> Result<(), String> {
 /// Runs the command in an ephemeral overlay and prints its changes; the
 /// returned code is the command's exit status.
 pub fn run_cmd(a: RunArgs) -> Result<i32, String> {
+    // Before any thread exists (the mount starts FUSE threads), so that no
+    // thread takes SIGINT/SIGTERM/SIGHUP by default and kills us: they are
+    // forwarded to the command instead.
+    crate::sys::process::block_term_signals();
     let scratch = tempfile::Builder::new()
         .prefix("layerfs-run.")
         .tempdir()
@@ -136,10 +140,19 @@ fn run_child(a: &RunArgs, mnt: &Path) -> Result<i32, String> {
         cmd.current_dir(mnt);
     }
     crate::sys::process::prepare_child(&mut cmd, a.chroot.then(|| mnt.to_path_buf()));
-    crate::sys::process::block_term_signals();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {:?}: {e}", a.command[0]))?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        // Like a shell: 127 for a command not found, 126 for one that
+        // cannot be executed; the (empty) diff is still printed.
+        Err(e) => {
+            eprintln!("layerfs: cannot run {:?}: {e}", a.command[0]);
+            return Ok(if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    };
     let pid = child.id();
     std::thread::spawn(move || {
         loop {

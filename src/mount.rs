@@ -83,6 +83,38 @@ impl MountGuard {
             None => Ok(()),
         }
     }
+
+    /// Unmounts, retrying while the mount is busy for up to `wait`; then
+    /// (as root) detaches it lazily: it leaves the namespace at once and is
+    /// freed when its last user lets go, without waiting for that.
+    pub fn unmount_or_detach(mut self, wait: std::time::Duration) -> std::io::Result<()> {
+        if !crate::config::is_root() {
+            return self.unmount();
+        }
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match crate::sys::umount(&self.mountpoint, false) {
+                Ok(()) => break,
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    crate::sys::umount(&self.mountpoint, true)?;
+                    // Users remain: the session ends when they do; not waited for.
+                    drop(self.session.take());
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match self.session.take() {
+            Some(s) => s.join(),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Drop for MountGuard {

@@ -111,7 +111,7 @@ fn parse(data: &[u8], canon: &Path) -> Option<Recorded> {
         return None;
     }
     let pid: u32 = std::str::from_utf8(f[1]).ok()?.parse().ok()?;
-    if !Path::new(&format!("/proc/{pid}")).exists() {
+    if !alive(pid) {
         return None;
     }
     let path = |b: &[u8]| PathBuf::from(OsString::from_vec(b.to_vec()));
@@ -121,4 +121,15 @@ fn parse(data: &[u8], canon: &Path) -> Option<Recorded> {
         upper: (!f[4].is_empty()).then(|| path(f[4])),
         lowers: f[5..].iter().map(|b| path(b)).collect(),
     })
+}
+
+/// Is `pid` a running (not zombie) process?
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state follows the last ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state != "Z" && state != "X")
 }

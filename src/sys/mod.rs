@@ -462,3 +462,11 @@ pub fn zeroed_stat() -> Stat {
     // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
     unsafe { std::mem::zeroed() }
 }
+
+/// `umount2`, lazily (`MNT_DETACH`) if asked.
+pub fn umount(path: &std::path::Path, detach: bool) -> io::Result<()> {
+    let c = cstr(path.as_os_str())?;
+    let flags = if detach { libc::MNT_DETACH } else { 0 };
+    // SAFETY: valid C string.
+    cvt(unsafe { libc::umount2(c.as_ptr(), flags) }).map(drop)
+}
