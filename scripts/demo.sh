@@ -179,10 +179,10 @@ free_port() {
 
 # stop_server PID: SIGTERM, wait up to 10 s, then SIGKILL.
 stop_server() {
-    local pid=$1 i
+    local pid=$1
     kill -0 "$pid" 2>/dev/null || return 0
     kill "$pid" 2>/dev/null || true
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
