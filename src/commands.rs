@@ -121,8 +121,10 @@ pub fn run_cmd(a: RunArgs) -> Result<i32, String> {
     }
     let guard = ov.upper(&upper, &work_path).mount(&mnt)?;
     let status = run_child(&a, &mnt);
+    // Something the command left running may still use the mount: it is
+    // then detached (gone from the namespace at once, freed when unused).
     guard
-        .unmount()
+        .unmount_or_detach(std::time::Duration::from_secs(1))
         .map_err(|e| format!("unmount of '{}': {e}", mnt.display()))?;
     let status = status?;
     let changes = diff::diff(&upper, &a.lowers, &options(&a.output))

@@ -103,8 +103,9 @@ impl MountGuard {
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     crate::sys::umount(&self.mountpoint, true)?;
-                    // Users remain: the session ends when they do; not waited for.
-                    drop(self.session.take());
+                    // Users remain: the session ends when they do; not waited
+                    // for, and not dropped (that would try to unmount again).
+                    std::mem::forget(self.session.take());
                     return Ok(());
                 }
                 Err(e) => return Err(e),
