@@ -194,8 +194,11 @@ impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // DONT_MASK: the umask is applied by layerfs, and not where the
         // parent has a default ACL (which replaces it, as on the kernel).
+        // No ATOMIC_O_TRUNC: with it the file is truncated inside OPEN,
+        // before the kernel's ETXTBSY check for a running executable; without
+        // it the kernel checks, then truncates with a SETATTR (which copies
+        // up no data for size 0).
         let mut wanted = InitFlags::FUSE_DONT_MASK
-            | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_EXPORT_SUPPORT
