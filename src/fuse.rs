@@ -404,14 +404,21 @@ impl Filesystem for LayerFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         debug!("open({ino}, {:#x})", flags.0);
+        // A read-only open has nothing to flush at close (no locks are kept
+        // by layerfs): spare the kernel that round trip.
+        let noflush = if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+            FopenFlags::FOPEN_NOFLUSH
+        } else {
+            FopenFlags::empty()
+        };
         match guard("open", || self.ov.open(ino.0, flags.0, self.passthrough)) {
             Ok((fh, OpenIo::Cached { keep_cache })) => {
-                reply.opened(FileHandle(fh), cache_flags(keep_cache))
+                reply.opened(FileHandle(fh), cache_flags(keep_cache) | noflush)
             }
             Ok((fh, OpenIo::Passthrough { fd, existing })) => {
                 match self.backing(fh, &fd, existing, |f| reply.open_backing(f)) {
-                    Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
-                    None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                    Some(id) => reply.opened_passthrough(FileHandle(fh), noflush, &id),
+                    None => reply.opened(FileHandle(fh), noflush),
                 }
             }
             Err(e) => reply.error(errno(&e)),
@@ -496,8 +503,12 @@ impl Filesystem for LayerFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         debug!("opendir({ino})");
+        // The kernel may keep listings in its cache: it drops them itself
+        // when the directory changes through this mount (its mtime or
+        // version moves), and nothing else may change the layers.
+        let cache = FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE;
         match guard("opendir", || self.ov.opendir(ino.0)) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), cache),
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -168,6 +168,7 @@ pub fn new_session(cfg: &MountConfig, mountpoint: &Path) -> Result<Session<Layer
     let session = Session::new(fs, mountpoint, &config)
         .map_err(|e| format!("cannot mount on '{}': {e}", mountpoint.display()))?;
     ov.set_invalidator(Box::new(Notify(session.notifier())));
+    raise_readahead(mountpoint);
     Ok(session)
 }
 
@@ -215,18 +216,28 @@ fn mount_options(cfg: &MountConfig) -> Vec<MountOption> {
 
 /// The filesystem type mounted exactly at `p`, if any (from mountinfo).
 fn mounted_at(p: &Path) -> Option<String> {
+    mount_field(p, usize::MAX)
+}
+
+/// Field `idx` of the newest mountinfo line for mount point `p` (fields
+/// numbered as in proc(5)), or with `usize::MAX` its filesystem type.
+fn mount_field(p: &Path, idx: usize) -> Option<String> {
     use std::os::unix::ffi::OsStrExt;
     let canon = std::fs::canonicalize(p).ok()?;
     let want = mountinfo_escape(canon.as_os_str().as_bytes());
     let info = std::fs::read("/proc/self/mountinfo").ok()?;
-    info.split(|&b| b == b'\n').find_map(|l| {
+    info.split(|&b| b == b'\n').rev().find_map(|l| {
         let f: Vec<&[u8]> = l.split(|&b| b == b' ').collect();
         if f.get(4) != Some(&want.as_slice()) {
             return None;
         }
-        let sep = f.iter().position(|x| *x == b"-")?;
-        f.get(sep + 1)
-            .map(|s| String::from_utf8_lossy(s).into_owned())
+        let field = if idx == usize::MAX {
+            let sep = f.iter().position(|x| *x == b"-")?;
+            f.get(sep + 1)?
+        } else {
+            f.get(idx)?
+        };
+        Some(String::from_utf8_lossy(field).into_owned())
     })
 }
 
@@ -240,4 +251,19 @@ fn mountinfo_escape(p: &[u8]) -> Vec<u8> {
         }
     }
     s
+}
+
+/// FUSE's default readahead (128 KiB) makes sequential reads of lower files
+/// (which go through layerfs) cost a round trip per 128 KiB; 1 MiB requests
+/// need a larger window. Best effort, root only (sysfs). The device number
+/// comes from mountinfo: a `stat` of the mount point would wait for this
+/// very daemon, which does not serve yet.
+fn raise_readahead(mountpoint: &Path) {
+    let Some(dev) = mount_field(mountpoint, 2) else {
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, "1024") {
+        log::debug!("readahead not raised ({path}): {e}");
+    }
 }

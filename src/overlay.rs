@@ -72,6 +72,7 @@ pub struct OverlayFs {
     tmp_counter: std::sync::atomic::AtomicU64,
     /// This process's umask (0 in the daemon; a library user's may not be).
     pub(crate) proc_umask: u32,
+    forgets: std::sync::atomic::AtomicU64,
 }
 
 /// `O_ACCMODE` and flags that make an open modify the file.
@@ -114,6 +115,7 @@ impl OverlayFs {
             invalidator: OnceLock::new(),
             tmp_counter: std::sync::atomic::AtomicU64::new(0),
             proc_umask: process_umask(),
+            forgets: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -270,6 +272,11 @@ impl OverlayFs {
 
     pub fn forget(&self, ino: u64, n: u64) {
         self.nodes.forget(ino, n);
+        // When the kernel drops inodes in bulk (memory pressure,
+        // drop_caches), give the freed node memory back to the system.
+        if self.forgets.fetch_add(1, Ordering::Relaxed) % 65536 == 65535 {
+            sys::trim_heap();
+        }
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {

@@ -470,3 +470,9 @@ pub fn umount(path: &std::path::Path, detach: bool) -> io::Result<()> {
     // SAFETY: valid C string.
     cvt(unsafe { libc::umount2(c.as_ptr(), flags) }).map(drop)
 }
+
+/// Returns free heap memory to the system (glibc `malloc_trim`).
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only releases unused heap pages.
+    unsafe { libc::malloc_trim(0) };
+}
