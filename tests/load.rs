@@ -1029,3 +1029,140 @@ fn load_open_racing_rename_unlink_gives_only_enoent() {
     m.unmount().expect("clean unmount");
     assert!(errors.is_empty(), "errors other than ENOENT: {errors:?}");
 }
+
+// ---------------------------------------------------------------------------
+// Hard links while the kernel forgets inodes: no deadlock
+// ---------------------------------------------------------------------------
+
+/// Three threads link, rename over, read, list and unlink hard-linked files
+/// while a fourth drops the dentry/inode caches every 10 ms (so the kernel
+/// sends FORGETs concurrently with LOOKUPs of linked names). Every thread
+/// must keep making progress: no operation may block for
+/// `LINK_STALL_SECS` (default 20; the run lasts `LINK_SECS`, default 15); on a stall the daemon's threads are
+/// printed and the daemon killed.
+#[test]
+fn load_hard_links_with_forgets_no_deadlock() {
+    let secs = env_u64("LINK_SECS", 15);
+    let stall = Duration::from_secs(env_u64("LINK_STALL_SECS", 20));
+    let d = Dirs::new("linkforget");
+    let lower = d.dir("lower");
+    let m = Layerfs::mount(&[lower], &d.dir("upper"), &d.dir("work"), &d.path("mnt"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress: Arc<Vec<AtomicU64>> = Arc::new((0..4).map(|_| AtomicU64::new(0)).collect());
+    let errors: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut hs = Vec::new();
+    for t in 0..3 {
+        let (root, stop, progress, errors) = (
+            m.path().to_path_buf(),
+            stop.clone(),
+            progress.clone(),
+            errors.clone(),
+        );
+        hs.push(thread::spawn(move || {
+            let dir = root.join(format!("t{t}"));
+            if let Err(e) = fs::create_dir(&dir) {
+                errors.lock().unwrap().push(format!("mkdir: {e}"));
+                return;
+            }
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let (a, b, c) = (
+                    dir.join(format!("x{i}")),
+                    dir.join(format!("y{i}")),
+                    dir.join(format!("z{i}")),
+                );
+                let r = (|| -> std::io::Result<()> {
+                    fs::write(&a, b"A")?;
+                    fs::write(&c, b"C")?;
+                    fs::hard_link(&a, &b)?;
+                    fs::rename(&b, &c)?;
+                    if fs::read(&c)? != b"A" || fs::read(&a)? != b"A" {
+                        return Err(std::io::Error::other(
+                            "wrong content after link + rename over",
+                        ));
+                    }
+                    let _ = fs::read_dir(&dir)?.count();
+                    // Lookups of another thread's (linked) names.
+                    let other = root.join(format!("t{}", (t + 1) % 3));
+                    for n in dir_names(&other) {
+                        let _ = fs::symlink_metadata(other.join(n));
+                    }
+                    fs::remove_file(&a)?;
+                    fs::remove_file(&c)?;
+                    Ok(())
+                })();
+                if let Err(e) = r {
+                    errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("thread {t} iteration {i}: {e}"));
+                    if errno_of(&e) == libc::ENOTCONN || errno_of(&e) == libc::ECONNABORTED {
+                        return;
+                    }
+                }
+                progress[t].fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    {
+        let (stop, progress) = (stop.clone(), progress.clone());
+        hs.push(thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                drop_caches_now();
+                progress[3].fetch_add(1, Ordering::SeqCst);
+                thread::sleep(Duration::from_millis(10));
+            }
+        }));
+    }
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut last: Vec<u64> = vec![0; 4];
+    let mut last_change = Instant::now();
+    let mut stalled = None;
+    while Instant::now() < end {
+        thread::sleep(Duration::from_millis(200));
+        let now: Vec<u64> = progress.iter().map(|p| p.load(Ordering::SeqCst)).collect();
+        if now[..3] != last[..3] {
+            last_change = Instant::now();
+            last = now;
+        } else if last_change.elapsed() > stall {
+            stalled = Some(format!(
+                "DEADLOCK: no link/rename/lookup progress for {stall:?} (iterations per thread {last:?}); daemon {} threads:\n{}",
+                m.pid,
+                describe_threads(m.pid)
+            ));
+            break;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    // The threads must also finish: a deadlock in the last seconds blocks
+    // them in a syscall.
+    let deadline = Instant::now() + stall;
+    while stalled.is_none() && !hs.iter().all(|h| h.is_finished()) {
+        if Instant::now() > deadline {
+            let now: Vec<u64> = progress.iter().map(|p| p.load(Ordering::SeqCst)).collect();
+            stalled = Some(format!(
+                "DEADLOCK: threads still blocked {stall:?} after the end of the run (iterations per thread {now:?}); daemon {} threads:\n{}",
+                m.pid,
+                describe_threads(m.pid)
+            ));
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    if stalled.is_some() {
+        m.kill9();
+    }
+    for h in hs {
+        let _ = h.join();
+    }
+    let counts: Vec<u64> = progress.iter().map(|p| p.load(Ordering::SeqCst)).collect();
+    eprintln!("link/forget: {secs} s, iterations per thread {counts:?}");
+    if let Some(s) = stalled {
+        m.lazy_unmount();
+        panic!("{s}");
+    }
+    m.unmount().expect("clean unmount");
+    let errors = errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "errors: {errors:?}");
+}

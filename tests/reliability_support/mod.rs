@@ -794,5 +794,9 @@ pub fn pattern(tag: u64, len: usize) -> Vec<u8> {
 
 /// Drop the dentry and inode caches (so the kernel sends FUSE FORGETs).
 pub fn drop_caches() {
+    drop_caches_now();
+}
+
+pub fn drop_caches_now() {
     let _ = fs::write("/proc/sys/vm/drop_caches", "2");
 }
