@@ -411,16 +411,20 @@ impl Filesystem for LayerFs {
         } else {
             FopenFlags::empty()
         };
-        match guard("open", || self.ov.open(ino.0, flags.0, self.passthrough)) {
+        let register =
+            |fd: std::os::fd::BorrowedFd<'_>| register_backing(fd, |f| reply.open_backing(f));
+        let r = guard("open", || {
+            self.ov
+                .open(ino.0, flags.0, self.passthrough.then_some(&register))
+        });
+        match r {
             Ok((fh, OpenIo::Cached { keep_cache })) => {
                 reply.opened(FileHandle(fh), cache_flags(keep_cache) | noflush)
             }
-            Ok((fh, OpenIo::Passthrough { fd, existing })) => {
-                match self.backing(fh, &fd, existing, |f| reply.open_backing(f)) {
-                    Some(id) => reply.opened_passthrough(FileHandle(fh), noflush, &id),
-                    None => reply.opened(FileHandle(fh), noflush),
-                }
-            }
+            Ok((fh, OpenIo::Passthrough(b))) => match b.downcast::<BackingId>() {
+                Ok(id) => reply.opened_passthrough(FileHandle(fh), noflush, &id),
+                Err(_) => reply.error(Errno::EIO),
+            },
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -706,6 +710,8 @@ impl Filesystem for LayerFs {
         reply: ReplyCreate,
     ) {
         debug!("create({parent}, {name:?}, {mode:o}, {flags:#x})");
+        let register =
+            |fd: std::os::fd::BorrowedFd<'_>| register_backing(fd, |f| reply.open_backing(f));
         let r = guard("create", || {
             self.ov.create(
                 self.caller(req, umask),
@@ -713,7 +719,7 @@ impl Filesystem for LayerFs {
                 &cname(name)?,
                 mode,
                 flags,
-                self.passthrough,
+                self.passthrough.then_some(&register),
             )
         });
         self.created(reply, r)
@@ -729,16 +735,35 @@ impl Filesystem for LayerFs {
         reply: ReplyCreate,
     ) {
         debug!("tmpfile({parent}, {mode:o}, {flags:#x})");
+        let register =
+            |fd: std::os::fd::BorrowedFd<'_>| register_backing(fd, |f| reply.open_backing(f));
         let r = guard("tmpfile", || {
             self.ov.tmpfile(
                 self.caller(req, umask),
                 parent.0,
                 mode,
                 flags,
-                self.passthrough,
+                self.passthrough.then_some(&register),
             )
         });
         self.created(reply, r)
+    }
+
+    /// No ioctl is passed through (as for most FUSE filesystems): answered
+    /// `ENOTTY` quietly (a shell asks TCGETS of every file it opens).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        debug!("ioctl({ino}, {cmd:#x}): ENOTTY");
+        reply.error(Errno::from_i32(libc::ENOTTY))
     }
 
     fn fallocate(
@@ -808,9 +833,10 @@ impl LayerFs {
         };
         let backing = match io {
             OpenIo::Cached { .. } => None,
-            OpenIo::Passthrough { fd, existing } => {
-                self.backing(fh, &fd, existing, |f| reply.open_backing(f))
-            }
+            OpenIo::Passthrough(b) => match b.downcast::<BackingId>() {
+                Ok(id) => Some(id),
+                Err(_) => return reply.error(Errno::EIO),
+            },
         };
         reply.created_node(
             INodeNo(a.ino),
@@ -832,32 +858,19 @@ fn cache_flags(keep_cache: bool) -> FopenFlags {
     }
 }
 
-impl LayerFs {
-    /// The kernel registration of a passthrough open's backing file: the
-    /// node's existing one, or a new one. `None` (the open then continues
-    /// cached) when the kernel refuses, e.g. for a backing file on a stacked
-    /// filesystem.
-    fn backing(
-        &self,
-        fh: u64,
-        fd: &Arc<std::os::fd::OwnedFd>,
-        existing: Option<Arc<dyn std::any::Any + Send + Sync>>,
-        open: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>,
-    ) -> Option<Arc<BackingId>> {
-        use std::os::fd::AsFd;
-        let id = match existing.map(|e| e.downcast::<BackingId>()) {
-            Some(Ok(id)) => id,
-            _ => match open(fd.as_fd()) {
-                Ok(id) => Arc::new(id),
-                Err(e) => {
-                    debug!("passthrough refused for fh {fh}: {e}");
-                    self.ov.demote_to_cached(fh);
-                    return None;
-                }
-            },
-        };
-        self.ov.set_backing(fh, id.clone());
-        Some(id)
+/// Registers `fd` as a passthrough backing file with the kernel; `None`
+/// (the open then continues cached) when the kernel refuses, e.g. for a
+/// backing file on a stacked filesystem or without CAP_SYS_ADMIN.
+fn register_backing(
+    fd: std::os::fd::BorrowedFd<'_>,
+    open: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>,
+) -> Option<crate::overlay::Backing> {
+    match open(fd) {
+        Ok(id) => Some(Arc::new(id)),
+        Err(e) => {
+            debug!("passthrough refused: {e}");
+            None
+        }
     }
 }
 

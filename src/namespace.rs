@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::error::{Context, Error, Result};
 use crate::inode::{DirLayer, Node};
 use crate::layer;
-use crate::overlay::{Attr, Caller, OpenIo, OverlayFs};
+use crate::overlay::{Attr, Caller, OpenIo, OverlayFs, Register};
 use crate::readdir;
 use crate::resolve::{self, Resolved};
 use crate::sys::{self, xattr};
@@ -663,7 +663,7 @@ impl OverlayFs {
         parent: u64,
         mode: u32,
         flags: i32,
-        passthrough: bool,
+        register: Option<Register<'_>>,
     ) -> Result<(Attr, u64, OpenIo)> {
         let p = self.prepare_parent(parent)?;
         let pst = sys::fstat(p.upper.fd.as_fd()).ctx(|| "stat parent".into())?;
@@ -698,7 +698,7 @@ impl OverlayFs {
             .nodes
             .lookup(ino, libc::S_IFREG, state, |l| self.stack.is_upper(l));
         let attr = self.getattr(ino, None)?;
-        let (fh, io) = self.insert_file(node, fd, 0, flags & !libc::O_TMPFILE, passthrough);
+        let (fh, io) = self.insert_file(node, fd, 0, flags & !libc::O_TMPFILE, register);
         Ok((attr, fh, io))
     }
 
@@ -710,7 +710,7 @@ impl OverlayFs {
         name: &CStr,
         mode: u32,
         flags: i32,
-        passthrough: bool,
+        register: Option<Register<'_>>,
     ) -> Result<(Attr, u64, OpenIo)> {
         let mode = (mode & 0o7777) | libc::S_IFREG;
         let (attr, fd) =
@@ -718,7 +718,7 @@ impl OverlayFs {
         let node = self.node(attr.ino)?;
         let fd = fd.ok_or_else(|| Error::new(libc::EIO, "create returned no fd"))?;
         let generation = node.generation.load(std::sync::atomic::Ordering::Acquire);
-        let (fh, io) = self.insert_file(node, fd, generation, flags, passthrough);
+        let (fh, io) = self.insert_file(node, fd, generation, flags, register);
         Ok((attr, fh, io))
     }
 }

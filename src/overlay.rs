@@ -33,17 +33,21 @@ pub struct Attr {
     pub cache: bool,
 }
 
+/// The kernel's registration of a passthrough backing file: an opaque
+/// token owned by the FUSE adapter (dropping the last one unregisters).
+pub type Backing = Arc<dyn std::any::Any + Send + Sync>;
+
+/// Registers a file with the kernel for passthrough (the FUSE adapter's
+/// job); `None` when the kernel refuses.
+pub type Register<'a> = &'a dyn Fn(std::os::fd::BorrowedFd<'_>) -> Option<Backing>;
+
 /// How the kernel should do the I/O of a new open file.
 pub enum OpenIo {
     /// Through layerfs; `keep_cache`: the page cache stays valid across
     /// opens (lower files never change).
     Cached { keep_cache: bool },
-    /// Directly on `fd`, registered with the kernel unless a registration
-    /// for this node exists already (`existing`).
-    Passthrough {
-        fd: Arc<OwnedFd>,
-        existing: Option<Arc<dyn std::any::Any + Send + Sync>>,
-    },
+    /// Directly on the registered backing file.
+    Passthrough(Backing),
 }
 
 /// Who asks: the calling process's credentials.
@@ -315,7 +319,12 @@ impl OverlayFs {
 
     /// Opens a file; `passthrough` says whether the kernel may do its I/O
     /// directly on the backing file.
-    pub fn open(&self, ino: u64, flags: i32, passthrough: bool) -> Result<(u64, OpenIo)> {
+    pub fn open(
+        &self,
+        ino: u64,
+        flags: i32,
+        register: Option<Register<'_>>,
+    ) -> Result<(u64, OpenIo)> {
         let node = self.node(ino)?;
         let generation = node.generation.load(Ordering::Acquire);
         let fd = if opens_for_write(flags) {
@@ -327,7 +336,7 @@ impl OverlayFs {
             self.open_loc(&node.snapshot(), flags & !libc::O_APPEND)?
         };
         let generation = generation.max(node.generation.load(Ordering::Acquire));
-        Ok(self.insert_file(node, fd, generation, flags, passthrough))
+        Ok(self.insert_file(node, fd, generation, flags, register))
     }
 
     /// Registers an open file and chooses its I/O mode: passthrough for a
@@ -341,66 +350,50 @@ impl OverlayFs {
         fd: OwnedFd,
         generation: u64,
         flags: i32,
-        passthrough: bool,
+        register: Option<Register<'_>>,
     ) -> (u64, OpenIo) {
         let upper = node
             .snapshot()
             .top_layer()
             .is_some_and(|l| self.stack.is_upper(l));
         let fd = Arc::new(fd);
+        // Decided and registered under the node's lock: two opens racing
+        // must never hand the kernel two backing files, or a cached open
+        // while passthrough ones are open (the kernel fails those with EIO).
         let mut io = node.io.lock().unwrap_or_else(|e| e.into_inner());
         let existing = io.backing.as_ref().and_then(std::sync::Weak::upgrade);
-        let mode = if io.passthrough > 0 && existing.is_some() {
-            OpenIo::Passthrough {
-                fd: fd.clone(),
-                existing,
+        let mode = match (existing, register) {
+            (Some(b), _) if io.passthrough > 0 => OpenIo::Passthrough(b),
+            (_, Some(register)) if upper && io.cached == 0 && io.passthrough == 0 => {
+                match register(fd.as_fd()) {
+                    Some(b) => {
+                        io.backing = Some(Arc::downgrade(&b));
+                        OpenIo::Passthrough(b)
+                    }
+                    None => OpenIo::Cached { keep_cache: false },
+                }
             }
-        } else if passthrough && upper && io.cached == 0 && io.passthrough == 0 {
-            OpenIo::Passthrough {
-                fd: fd.clone(),
-                existing: None,
-            }
-        } else {
-            OpenIo::Cached { keep_cache: !upper }
+            _ => OpenIo::Cached { keep_cache: !upper },
         };
-        let pt = matches!(mode, OpenIo::Passthrough { .. });
-        if pt {
-            io.passthrough += 1;
-        } else {
-            io.cached += 1;
-        }
+        let backing = match &mode {
+            OpenIo::Passthrough(b) => {
+                io.passthrough += 1;
+                Some(b.clone())
+            }
+            OpenIo::Cached { .. } => {
+                io.cached += 1;
+                None
+            }
+        };
         drop(io);
         let fh = self.handles.insert(Handle::File(FileHandle {
             node,
             fd: std::sync::RwLock::new((fd, generation)),
             flags,
-            passthrough: std::sync::atomic::AtomicBool::new(pt),
-            backing: std::sync::Mutex::new(None),
+            passthrough: std::sync::atomic::AtomicBool::new(backing.is_some()),
+            backing: std::sync::Mutex::new(backing),
         }));
         (fh, mode)
-    }
-
-    /// Records the kernel's backing registration of a passthrough open.
-    pub fn set_backing(&self, fh: u64, token: Arc<dyn std::any::Any + Send + Sync>) {
-        if let Some(h) = self.handles.get(fh)
-            && let Handle::File(f) = &*h
-        {
-            let mut io = f.node.io.lock().unwrap_or_else(|e| e.into_inner());
-            io.backing = Some(Arc::downgrade(&token));
-            *f.backing.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
-        }
-    }
-
-    /// A passthrough open the kernel could not set up continues cached.
-    pub fn demote_to_cached(&self, fh: u64) {
-        if let Some(h) = self.handles.get(fh)
-            && let Handle::File(f) = &*h
-            && f.passthrough.swap(false, Ordering::AcqRel)
-        {
-            let mut io = f.node.io.lock().unwrap_or_else(|e| e.into_inner());
-            io.passthrough = io.passthrough.saturating_sub(1);
-            io.cached += 1;
-        }
     }
 
     /// The fd of an open file, reopened on the upper copy if the object was
