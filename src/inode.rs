@@ -239,16 +239,19 @@ impl NodeTable {
         state: NodeState,
     ) -> Arc<Node> {
         let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&id) = paths.get(&key)
-            && let Some(n) = self.get(id)
-        {
-            n.set_state(|s| {
-                if s.top_layer() == state.top_layer() {
-                    *s = state;
-                }
-            });
-            n.lookups.fetch_add(1, Ordering::Relaxed);
-            return n;
+        if let Some(&id) = paths.get(&key) {
+            // Counted under the shard lock, so a concurrent `forget` cannot
+            // drop the node between finding and counting it.
+            let shard = self.shard(id).write().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = shard.get(&id) {
+                n.set_state(|s| {
+                    if s.top_layer() == state.top_layer() {
+                        *s = state;
+                    }
+                });
+                n.lookups.fetch_add(1, Ordering::Relaxed);
+                return n.clone();
+            }
         }
         let id = self.next_path_id.fetch_add(1, Ordering::Relaxed);
         let mut node = Node::new(id, fmt, state);
@@ -292,24 +295,29 @@ impl NodeTable {
         if ino == ROOT_INO {
             return;
         }
-        let mut shard = self.shard(ino).write().unwrap_or_else(|e| e.into_inner());
-        if let Some(node) = shard.get(&ino) {
-            let prev = node.lookups.fetch_sub(
-                n.min(node.lookups.load(Ordering::Relaxed)),
-                Ordering::Relaxed,
-            );
-            if prev <= n
-                && let Some(node) = shard.remove(&ino)
-                && let Some(key) = node
-                    .path_key
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_ref()
-            {
-                let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-                if paths.get(key) == Some(&ino) {
-                    paths.remove(key);
+        // The shard lock is released before the paths lock is taken:
+        // `lookup_path` takes them in the other order.
+        let removed = {
+            let mut shard = self.shard(ino).write().unwrap_or_else(|e| e.into_inner());
+            match shard.get(&ino) {
+                Some(node) => {
+                    let had = node.lookups.load(Ordering::Relaxed);
+                    let prev = node.lookups.fetch_sub(n.min(had), Ordering::Relaxed);
+                    if prev <= n { shard.remove(&ino) } else { None }
                 }
+                None => None,
+            }
+        };
+        if let Some(node) = removed
+            && let Some(key) = node
+                .path_key
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+        {
+            let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+            if paths.get(key) == Some(&ino) {
+                paths.remove(key);
             }
         }
     }
