@@ -152,7 +152,11 @@ impl LayerFs {
     /// nodes (hard links), whose attributes may change through another.
     fn attr_ttl(&self, a: &Attr) -> Duration {
         let multi_linked = a.st.st_mode & libc::S_IFMT != libc::S_IFDIR && a.st.st_nlink > 1;
-        if a.cache && !multi_linked { self.ttl } else { Duration::ZERO }
+        if a.cache && !multi_linked {
+            self.ttl
+        } else {
+            Duration::ZERO
+        }
     }
 
     fn entry(&self, reply: ReplyEntry, r: Result<Attr>) {

@@ -791,7 +791,11 @@ fn o_trunc_of_running_executable_keeps_data() {
         // the VFS's ETXTBSY check, so it fails the open yet leaves the copy
         // empty. layerfs answers the same ETXTBSY and loses nothing, which is
         // accepted as the better outcome; any other difference is not.
-        let better = k.starts_with("ETXTBSY") && l == &k.replace(&k[k.find("file ").unwrap_or(0)..k.find("; program").unwrap_or(0)], "file kept its data");
+        let better = k.starts_with("ETXTBSY")
+            && l == &k.replace(
+                &k[k.find("file ").unwrap_or(0)..k.find("; program").unwrap_or(0)],
+                "file kept its data",
+            );
         if k != l && !better {
             problems.push(format!("{what}: kernel overlay: {k}; layerfs: {l}"));
         }
