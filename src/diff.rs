@@ -428,7 +428,11 @@ impl Stack {
     fn probe_absent(&self, layer: usize, dir: &Rc<OwnedFd>, name: &[u8]) -> Result<Found> {
         if self.layers[layer].oci {
             let marker = [whiteout::OCI_WH_PREFIX, name].concat();
-            if whiteout::oci_whiteout_target(&marker).is_some() && exists(dir, &marker)? {
+            // A name too long to have a marker has none.
+            if marker.len() <= 255
+                && whiteout::oci_whiteout_target(&marker).is_some()
+                && exists(dir, &marker)?
+            {
                 return Ok(Found::Whiteout);
             }
         }
@@ -485,8 +489,12 @@ impl Stack {
 
     /// The `security.capability` docker compares; empty counts as absent.
     fn capability(&self, obj: &Obj) -> Result<Option<Vec<u8>>> {
-        let v = get_xattr(xattr::Target::At(obj.parent.as_fd(), &obj.name), CAPABILITY)
-            .ctx(|| format!("diff: read {CAPABILITY:?} of {:?}", obj.name))?;
+        let v = match get_xattr(xattr::Target::At(obj.parent.as_fd(), &obj.name), CAPABILITY) {
+            // An empty capability xattr can be stored but not read back
+            // (EINVAL): it counts as absent, as an empty one does.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
+            r => r.ctx(|| format!("diff: read {CAPABILITY:?} of {:?}", obj.name))?,
+        };
         Ok(v.filter(|v| !v.is_empty()))
     }
 

@@ -26,9 +26,17 @@ impl IdMap {
                 "invalid id mapping '{s}': expected triples ID:MAPPED-ID:LEN"
             ));
         }
-        Ok(IdMap {
-            ranges: nums.chunks(3).map(|c| (c[0], c[1], c[2])).collect(),
-        })
+        let ranges: Vec<(u32, u32, u32)> = nums.chunks(3).map(|c| (c[0], c[1], c[2])).collect();
+        // Every id of a range must exist on both sides: no wrap-around.
+        if ranges
+            .iter()
+            .any(|&(d, v, n)| d.checked_add(n).is_none() || v.checked_add(n).is_none())
+        {
+            return Err(format!(
+                "invalid id mapping '{s}': a range goes past the largest id"
+            ));
+        }
+        Ok(IdMap { ranges })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -103,6 +111,8 @@ mod tests {
         assert_eq!(m.to_view(70000), 70000);
         assert!(IdMap::parse("0:1").is_err());
         assert!(IdMap::parse("a:b:c").is_err());
+        assert!(IdMap::parse("0:4294967295:2").is_err());
+        assert!(IdMap::parse("4294967295:0:2").is_err());
     }
 
     #[test]
