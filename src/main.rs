@@ -9,7 +9,13 @@ use layerfs::{commands, daemon};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let debug = cli.compat.debug;
-    let default_level = if debug { "debug" } else { "warn" };
+    // A reply to a request the kernel already dropped (its caller was
+    // interrupted) fails with ENOENT: normal, not worth an error line.
+    let default_level = if debug {
+        "debug"
+    } else {
+        "warn,fuser::reply=off"
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .format_timestamp_millis()
         .init();
