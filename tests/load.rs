@@ -307,7 +307,16 @@ fn writer(w: usize, ctx: Arc<Ctx>, st: Arc<Status>, seed: u64) -> Model {
                     let set: BTreeSet<String> = mine.iter().map(|s| s.to_string()).collect();
                     let want = m.in_dir(&dir);
                     if set.len() != mine.len() {
-                        Err(format!("{desc}: a name listed twice"))
+                        let mut seen = BTreeSet::new();
+                        let twice: Vec<&String> = mine
+                            .iter()
+                            .filter(|n| !seen.insert(n.as_str()))
+                            .copied()
+                            .collect();
+                        Err(format!(
+                            "{desc}: names listed twice: {twice:?} ({} entries in the listing)",
+                            list.len()
+                        ))
                     } else if set != want {
                         let missing: Vec<_> = want.difference(&set).collect();
                         let extra: Vec<_> = set.difference(&want).collect();
@@ -1168,4 +1177,95 @@ fn load_hard_links_with_forgets_no_deadlock() {
     m.unmount().expect("clean unmount");
     let errors = errors.lock().unwrap().clone();
     assert!(errors.is_empty(), "errors: {errors:?}");
+}
+
+// ---------------------------------------------------------------------------
+// readdir while other threads list the same directory
+// ---------------------------------------------------------------------------
+
+/// One thread creates, renames and unlinks files in a directory and lists
+/// it after every change: the listing must be exactly its names, each once.
+/// Two other threads only list the directory and stat its entries at the
+/// same time (a shared, kernel-cached listing must not leak between them).
+#[test]
+fn load_readdir_while_others_list_is_exact() {
+    let secs = env_u64("READDIR_SECS", 8);
+    let d = Dirs::new("readdir");
+    let lower = d.dir("lower");
+    fs::create_dir_all(lower.join("s")).unwrap();
+    for i in 0..20 {
+        fs::write(lower.join(format!("s/lower{i}")), b"l").unwrap();
+    }
+    let m = Layerfs::mount(&[lower], &d.dir("upper"), &d.dir("work"), &d.path("mnt"));
+    let _wd = m.watchdog(secs + 60, "readdir race");
+    let dir = m.path().join("s");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let (dir, stop) = (dir.clone(), stop.clone());
+        readers.push(thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for name in dir_names(&dir) {
+                    let _ = fs::symlink_metadata(dir.join(name));
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut names: BTreeSet<String> = (0..20).map(|i| format!("lower{i}")).collect();
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut problem = None;
+    let mut i = 0u64;
+    while Instant::now() < end && problem.is_none() {
+        i += 1;
+        let n = format!("f{i}");
+        let r = fs::write(dir.join(&n), b"x").and_then(|_| {
+            names.insert(n.clone());
+            if i.is_multiple_of(3) {
+                let old = names.iter().next().unwrap().clone();
+                let new = format!("r{i}");
+                fs::rename(dir.join(&old), dir.join(&new))?;
+                names.remove(&old);
+                names.insert(new);
+            }
+            if i.is_multiple_of(5) {
+                let old = names.iter().next_back().unwrap().clone();
+                fs::remove_file(dir.join(&old))?;
+                names.remove(&old);
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            problem = Some(format!("iteration {i}: {e}"));
+            break;
+        }
+        let list: Vec<String> = match fs::read_dir(&dir).and_then(|rd| {
+            rd.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<Result<Vec<String>, _>>()
+        }) {
+            Ok(l) => l,
+            Err(e) => {
+                problem = Some(format!("iteration {i}: readdir: {e}"));
+                break;
+            }
+        };
+        let set: BTreeSet<String> = list.iter().cloned().collect();
+        if set.len() != list.len() || set != names {
+            let mut seen = BTreeSet::new();
+            let twice: Vec<&String> = list.iter().filter(|n| !seen.insert(n.as_str())).collect();
+            problem = Some(format!(
+                "iteration {i}: listing of {} entries: listed twice {twice:?}, missing {:?}, unexpected {:?}",
+                list.len(),
+                names.difference(&set).collect::<Vec<_>>(),
+                set.difference(&names).collect::<Vec<_>>()
+            ));
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let scans: Vec<u64> = readers.into_iter().map(|h| h.join().unwrap()).collect();
+    eprintln!("readdir race: {i} changes+listings, reader scans {scans:?}");
+    m.unmount().expect("clean unmount");
+    assert!(problem.is_none(), "{}", problem.unwrap());
 }
