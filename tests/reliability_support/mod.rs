@@ -151,23 +151,46 @@ pub fn cpath(p: &Path) -> CString {
 // Binary under test
 // ---------------------------------------------------------------------------
 
-static BIN: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
+static BIN: OnceLock<PathBuf> = OnceLock::new();
 
-/// The layerfs binary, copied to a private temp dir once per process.
+const BIN_PREFIX: &str = "lfs-rel-bin-";
+
+fn bin_dir(pid: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("{BIN_PREFIX}{pid}"))
+}
+
+extern "C" fn remove_bin_copy() {
+    let _ = fs::remove_dir_all(bin_dir(std::process::id()));
+}
+
+/// The layerfs binary, copied once per process to `$TMPDIR/lfs-rel-bin-PID`
+/// (removed at exit; copies of dead processes are removed here).
 pub fn layerfs_bin() -> &'static Path {
-    &BIN.get_or_init(|| {
+    BIN.get_or_init(|| {
+        if let Ok(rd) = fs::read_dir(std::env::temp_dir()) {
+            for d in rd.flatten() {
+                let name = d.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name
+                    .strip_prefix(BIN_PREFIX)
+                    .and_then(|p| p.parse::<i32>().ok())
+                    && !pid_alive(pid)
+                {
+                    let _ = fs::remove_dir_all(d.path());
+                }
+            }
+        }
         let src = std::env::var_os("LAYERFS_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_layerfs")));
-        let dir = tempfile::Builder::new()
-            .prefix("lfs-rel-bin-")
-            .tempdir()
-            .expect("tempdir for binary");
-        let dst = dir.path().join("layerfs");
+        let dir = bin_dir(std::process::id());
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("dir for the binary copy");
+        let dst = dir.join("layerfs");
         fs::copy(&src, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
-        (dir, dst)
+        // SAFETY: registers a plain extern "C" function without arguments.
+        unsafe { libc::atexit(remove_bin_copy) };
+        dst
     })
-    .1
 }
 
 // ---------------------------------------------------------------------------
