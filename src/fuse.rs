@@ -512,10 +512,10 @@ impl Filesystem for LayerFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         debug!("opendir({ino})");
-        // The kernel may keep listings in its cache: it drops them itself
-        // when the directory changes through this mount (its mtime or
-        // version moves), and nothing else may change the layers.
-        let cache = FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE;
+        // No FOPEN_CACHE_DIR: each open directory has its own listing
+        // snapshot (offsets index into it), and a kernel cache filled from
+        // several of them while the directory changes showed names twice.
+        let cache = FopenFlags::empty();
         match guard("opendir", || self.ov.opendir(ino.0)) {
             Ok(fh) => reply.opened(FileHandle(fh), cache),
             Err(e) => reply.error(errno(&e)),
