@@ -586,7 +586,7 @@ impl Filesystem for LayerFs {
                             INodeNo(a.ino),
                             (i + 1) as u64,
                             name,
-                            &self.ttl,
+                            &self.attr_ttl(&a),
                             &self.to_fuse(&a),
                             Generation(0),
                         );
