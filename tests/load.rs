@@ -557,9 +557,6 @@ fn fd_diff(before: &BTreeMap<String, usize>, after: &BTreeMap<String, usize>) ->
 }
 
 #[test]
-#[ignore = "known layerfs bug, open: under 4 concurrent writers mixing hard links, renames and \
-            writes, a stat now and then returns a stale size or nlink (e.g. after `link a b`, \
-            `stat b` shows a's size before its last write); run with --ignored"]
 fn load_concurrent_writers_and_readers() {
     let secs = env_u64("LOAD_SECS", 10);
     let (nw, nr) = (writers(), readers());
