@@ -162,7 +162,17 @@ impl OverlayFs {
         }
         match &s.loc {
             Some(loc) => {
-                sys::fstatat(loc.dir.as_fd(), &loc.name).ctx(|| format!("stat {:?}", loc.name))
+                let st = sys::fstatat(loc.dir.as_fd(), &loc.name)
+                    .ctx(|| format!("stat {:?}", loc.name))?;
+                // A location overtaken by a concurrent delete or rename now
+                // holds a whiteout: the object is gone from here.
+                if crate::whiteout::is_whiteout_stat(&st) {
+                    return Err(Error::new(
+                        libc::ENOENT,
+                        format!("{:?} was removed", loc.name),
+                    ));
+                }
+                Ok(st)
             }
             None => Err(Error::new(libc::ENOENT, "deleted object")),
         }
@@ -314,7 +324,14 @@ impl OverlayFs {
             .loc
             .as_ref()
             .ok_or_else(|| Error::new(libc::ENOENT, "deleted"))?;
-        sys::openat(loc.dir.as_fd(), &loc.name, flags, 0).ctx(|| format!("open {:?}", loc.name))
+        match sys::openat(loc.dir.as_fd(), &loc.name, flags, 0) {
+            // A whiteout took the name meanwhile (concurrent delete/rename).
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Err(Error::new(
+                libc::ENOENT,
+                format!("{:?} was removed", loc.name),
+            )),
+            r => r.ctx(|| format!("open {:?}", loc.name)),
+        }
     }
 
     /// Opens a file; `passthrough` says whether the kernel may do its I/O
