@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::whiteout::Opaque;
@@ -154,8 +154,94 @@ impl Node {
     }
 }
 
+/// Change counters of directory entries. A lookup resolves a name on disk
+/// and then records the result in a node; a rename or unlink in the same
+/// directory that runs in between would otherwise be undone by that record
+/// (the node pointed back at the old name, which may by then hold a
+/// whiteout or another file). Namespace changes hold an `EntryChange` on
+/// their parent directories from before they touch the disk until their
+/// nodes are updated; a lookup records its result only if no change of its
+/// directory began or was running meanwhile, and resolves again otherwise.
+/// The counters are shared by directories whose ids hash alike: a collision
+/// costs a retry, never a wrong answer.
+pub struct EntryVersions {
+    slots: Box<[EntrySlot]>,
+}
+
+#[derive(Default)]
+struct EntrySlot {
+    busy: AtomicU32,
+    generation: AtomicU64,
+}
+
+const ENTRY_SLOTS: usize = 4096;
+
+impl Default for EntryVersions {
+    fn default() -> EntryVersions {
+        EntryVersions {
+            slots: (0..ENTRY_SLOTS).map(|_| EntrySlot::default()).collect(),
+        }
+    }
+}
+
+impl EntryVersions {
+    fn slot(&self, dir: u64) -> &EntrySlot {
+        let h = dir.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 52;
+        &self.slots[h as usize % ENTRY_SLOTS]
+    }
+
+    /// Marks a change of entries in `dirs` as running until the guard drops.
+    pub fn change(&self, dirs: &[u64]) -> EntryChange<'_> {
+        let slots: Vec<&EntrySlot> = dirs.iter().map(|&d| self.slot(d)).collect();
+        for s in &slots {
+            s.busy.fetch_add(1, Ordering::SeqCst);
+        }
+        EntryChange { slots }
+    }
+
+    /// The version of `dir`'s entries, or None while a change is running.
+    pub fn begin(&self, dir: u64) -> Option<u64> {
+        let s = self.slot(dir);
+        let generation = s.generation.load(Ordering::SeqCst);
+        (s.busy.load(Ordering::SeqCst) == 0).then_some(generation)
+    }
+
+    /// No change of `dir`'s entries began since `begin` returned `seen`.
+    pub fn unchanged(&self, dir: u64, seen: u64) -> bool {
+        let s = self.slot(dir);
+        s.busy.load(Ordering::SeqCst) == 0 && s.generation.load(Ordering::SeqCst) == seen
+    }
+}
+
+/// A running change of directory entries (see `EntryVersions`).
+pub struct EntryChange<'a> {
+    slots: Vec<&'a EntrySlot>,
+}
+
+impl Drop for EntryChange<'_> {
+    fn drop(&mut self) {
+        for s in &self.slots {
+            s.generation.fetch_add(1, Ordering::SeqCst);
+            s.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// How a lookup's result may be recorded in an existing node.
+#[derive(Clone, Copy)]
+pub enum Fresh {
+    /// Made by a namespace change holding its directory: always current.
+    Current,
+    /// Resolved by a lookup of directory `.0` at entry version `.1`:
+    /// recorded only if that version still holds.
+    Seen(u64, u64),
+    /// Of unknown age: a new node gets it, an existing node keeps its own.
+    Unknown,
+}
+
 /// The table, sharded to keep lock contention low under many threads.
 pub struct NodeTable {
+    pub versions: EntryVersions,
     shards: Vec<RwLock<HashMap<u64, Arc<Node>>>>,
     /// Per-name nodes of hard-linked lower files: (parent, name) → node id.
     paths: Mutex<HashMap<(u64, Vec<u8>), u64>>,
@@ -171,6 +257,7 @@ impl NodeTable {
     pub fn new(root: Node) -> NodeTable {
         let shards: Vec<_> = (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect();
         let t = NodeTable {
+            versions: EntryVersions::default(),
             shards,
             paths: Mutex::new(HashMap::new()),
             next_path_id: AtomicU64::new(PATH_ID_BASE),
@@ -196,62 +283,103 @@ impl NodeTable {
             .cloned()
     }
 
+    fn fresh(&self, fresh: Fresh) -> bool {
+        match fresh {
+            Fresh::Current => true,
+            Fresh::Seen(dir, seen) => self.versions.unchanged(dir, seen),
+            Fresh::Unknown => false,
+        }
+    }
+
     /// Records one kernel lookup of an object: inserts a new node, or
     /// refreshes an existing one with `state` (unless that would move it from
     /// the upper layer back to a lower one, which only a stale lookup racing
-    /// a copy-up could ask for).
+    /// a copy-up could ask for). None when `fresh` says the result is stale
+    /// (the caller resolves again).
     pub fn lookup(
         &self,
         ino: u64,
         fmt: u32,
         state: NodeState,
+        fresh: Fresh,
         is_upper: impl Fn(usize) -> bool,
-    ) -> Arc<Node> {
+    ) -> Option<Arc<Node>> {
         let mut shard = self.shard(ino).write().unwrap_or_else(|e| e.into_inner());
         let node = match shard.get(&ino) {
             Some(n) if n.fmt == fmt => {
+                let mut stale = false;
+                // Checked under the state lock: a change that updates this
+                // node after the check waits for this update, and wins.
                 n.set_state(|s| {
+                    if matches!(fresh, Fresh::Unknown) {
+                        return;
+                    }
+                    if !self.fresh(fresh) {
+                        stale = true;
+                        return;
+                    }
                     let was_upper = s.top_layer().is_some_and(&is_upper);
                     let now_upper = state.top_layer().is_some_and(&is_upper);
                     if !was_upper || now_upper {
                         *s = state;
                     }
                 });
+                if stale {
+                    return None;
+                }
                 n.clone()
             }
             _ => {
+                if matches!(fresh, Fresh::Seen(..)) && !self.fresh(fresh) {
+                    return None;
+                }
                 let n = Arc::new(Node::new(ino, fmt, state));
                 shard.insert(ino, n.clone());
                 n
             }
         };
         node.lookups.fetch_add(1, Ordering::Relaxed);
-        node
+        Some(node)
     }
 
     /// Records a lookup of a hard-linked lower file's name: its own node,
-    /// reporting `st_ino`.
+    /// reporting `st_ino`. None when `fresh` says the result is stale.
     pub fn lookup_path(
         &self,
         key: (u64, Vec<u8>),
         st_ino: u64,
         fmt: u32,
         state: NodeState,
-    ) -> Arc<Node> {
+        fresh: Fresh,
+    ) -> Option<Arc<Node>> {
         let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(&id) = paths.get(&key) {
             // Counted under the shard lock, so a concurrent `forget` cannot
             // drop the node between finding and counting it.
             let shard = self.shard(id).write().unwrap_or_else(|e| e.into_inner());
             if let Some(n) = shard.get(&id) {
+                let mut stale = false;
                 n.set_state(|s| {
+                    if matches!(fresh, Fresh::Unknown) {
+                        return;
+                    }
+                    if !self.fresh(fresh) {
+                        stale = true;
+                        return;
+                    }
                     if s.top_layer() == state.top_layer() {
                         *s = state;
                     }
                 });
+                if stale {
+                    return None;
+                }
                 n.lookups.fetch_add(1, Ordering::Relaxed);
-                return n.clone();
+                return Some(n.clone());
             }
+        }
+        if matches!(fresh, Fresh::Seen(..)) && !self.fresh(fresh) {
+            return None;
         }
         let id = self.next_path_id.fetch_add(1, Ordering::Relaxed);
         let mut node = Node::new(id, fmt, state);
@@ -265,7 +393,7 @@ impl NodeTable {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, node.clone());
-        node
+        Some(node)
     }
 
     /// Moves a per-name node to its new (parent, name) after a rename.

@@ -101,6 +101,7 @@ impl OverlayFs {
         }
         let p = self.prepare_parent(parent)?;
         let _g = p.node.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _v = self.nodes.versions.change(&[parent]);
         let pdirs = p.node.snapshot().dirs;
         if resolve::lookup(&self.stack, &pdirs, name)?.exists() {
             return Err(Error::new(libc::EEXIST, format!("{name:?} exists")));
@@ -262,6 +263,7 @@ impl OverlayFs {
         let ino = resolve::ino_of(&self.stack, &r)?;
         let p = self.prepare_parent(parent)?;
         let _g = p.node.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _v = self.nodes.versions.change(&[parent]);
         let upper_kind = match sys::fstatat(p.upper.fd.as_fd(), name) {
             Ok(st) => Some(st.st_mode & libc::S_IFMT),
             Err(e) if crate::error::is_enoent(&e) => None,
@@ -403,6 +405,9 @@ impl OverlayFs {
     ) -> Result<()> {
         let old_node = &old_nodes[0];
         self.movable(old_node)?;
+        // From here until the nodes are updated, lookups in both parents
+        // resolve again (see `EntryVersions`).
+        let _v = self.nodes.versions.change(&[oldp, newp]);
         let exchanged = new_nodes.first().filter(|_| exchange);
         if let Some(n) = exchanged {
             self.movable(n)?;
@@ -622,6 +627,7 @@ impl OverlayFs {
         };
         let p = self.prepare_parent(newp)?;
         let _g = p.node.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _v = self.nodes.versions.change(&[newp]);
         if resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?.exists() {
             return Err(Error::new(libc::EEXIST, format!("{newname:?} exists")));
         }
@@ -696,7 +702,14 @@ impl OverlayFs {
         };
         let node = self
             .nodes
-            .lookup(ino, libc::S_IFREG, state, |l| self.stack.is_upper(l));
+            .lookup(
+                ino,
+                libc::S_IFREG,
+                state,
+                crate::inode::Fresh::Current,
+                |l| self.stack.is_upper(l),
+            )
+            .ok_or_else(|| Error::new(libc::EIO, "tmpfile not recorded"))?;
         let attr = self.getattr(ino, None)?;
         let (fh, io) = self.insert_file(node, fd, 0, flags & !libc::O_TMPFILE, register);
         Ok((attr, fh, io))

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use crate::config::Options;
 use crate::error::{Context, Error, Result};
 use crate::handles::{DirHandle, FileHandle, Handle, Handles};
-use crate::inode::{Node, NodeState, NodeTable, ROOT_INO};
+use crate::inode::{Fresh, Node, NodeState, NodeTable, ROOT_INO};
 use crate::layer::{self, Stack};
 use crate::readdir::{self, DirEntry};
 use crate::resolve::{self, Resolved};
@@ -78,6 +78,10 @@ pub struct OverlayFs {
     pub(crate) proc_umask: u32,
     forgets: std::sync::atomic::AtomicU64,
 }
+
+/// How often a lookup resolves again when namespace changes of its
+/// directory keep racing it.
+const LOOKUP_TRIES: u32 = 64;
 
 /// `O_ACCMODE` and flags that make an open modify the file.
 fn opens_for_write(flags: i32) -> bool {
@@ -218,19 +222,61 @@ impl OverlayFs {
             return Err(Error::new(libc::ENOENT, format!("invalid name {name:?}")));
         }
         let pnode = self.node(parent)?;
-        let ps = pnode.snapshot();
-        if ps.dirs.is_empty() {
-            return Err(Error::new(libc::ENOTDIR, "lookup in a non-directory"));
+        // A change of the directory's entries racing this lookup makes its
+        // result stale: resolve again (see `EntryVersions`). Changes are
+        // short; after many retries the result is recorded without
+        // overriding what an existing node knows.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let seen = self.nodes.versions.begin(parent);
+            let ps = pnode.snapshot();
+            if ps.dirs.is_empty() {
+                return Err(Error::new(libc::ENOTDIR, "lookup in a non-directory"));
+            }
+            if ps.unlinked {
+                return Err(Error::new(libc::ENOENT, "lookup in a deleted directory"));
+            }
+            let r = resolve::lookup(&self.stack, &ps.dirs, name)?;
+            #[cfg(test)]
+            tests::after_resolve(name);
+            let fresh = match seen {
+                Some(v) => Fresh::Seen(parent, v),
+                None if tries < LOOKUP_TRIES => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                None => Fresh::Unknown,
+            };
+            match self.record_as(&pnode, r, fresh)? {
+                Some((_, a)) => return Ok(a),
+                None if tries < LOOKUP_TRIES => std::thread::yield_now(),
+                None => {
+                    let r = resolve::lookup(&self.stack, &pnode.snapshot().dirs, name)?;
+                    let (_, a) = self
+                        .record_as(&pnode, r, Fresh::Unknown)?
+                        .ok_or_else(|| Error::new(libc::EIO, "lookup not recorded"))?;
+                    return Ok(a);
+                }
+            }
         }
-        if ps.unlinked {
-            return Err(Error::new(libc::ENOENT, "lookup in a deleted directory"));
-        }
-        let r = resolve::lookup(&self.stack, &ps.dirs, name)?;
-        self.record(&pnode, r).map(|(_, a)| a)
     }
 
-    /// Enters a resolved object in the node table (one kernel lookup).
+    /// Enters an object resolved by a namespace change (which holds its
+    /// directory) in the node table (one kernel lookup).
     pub(crate) fn record(&self, parent: &Arc<Node>, r: Resolved) -> Result<(Arc<Node>, Attr)> {
+        self.record_as(parent, r, Fresh::Current)?
+            .ok_or_else(|| Error::new(libc::EIO, "lookup not recorded"))
+    }
+
+    /// Enters a resolved object in the node table (one kernel lookup);
+    /// None when `fresh` shows the result went stale.
+    fn record_as(
+        &self,
+        parent: &Arc<Node>,
+        r: Resolved,
+        fresh: Fresh,
+    ) -> Result<Option<(Arc<Node>, Attr)>> {
         let ino = resolve::ino_of(&self.stack, &r)?;
         let (st, state) = match r {
             Resolved::Absent => return Err(Error::new(libc::ENOENT, "no such entry")),
@@ -263,25 +309,27 @@ impl OverlayFs {
                 .as_ref()
                 .map(|l| l.name.to_bytes().to_vec())
                 .unwrap_or_default();
-            self.nodes.lookup_path((parent.ino, name), ino, fmt, state)
+            self.nodes
+                .lookup_path((parent.ino, name), ino, fmt, state, fresh)
         } else {
             self.nodes
-                .lookup(ino, fmt, state, |l| self.stack.is_upper(l))
+                .lookup(ino, fmt, state, fresh, |l| self.stack.is_upper(l))
         };
+        let Some(node) = node else { return Ok(None) };
         let mut st = st;
         if merged {
             st.st_nlink = 1;
         }
         st.st_ino = node.st_ino.load(Ordering::Relaxed);
         let cache = !node.uncached.load(Ordering::Relaxed);
-        Ok((
+        Ok(Some((
             node.clone(),
             Attr {
                 ino: node.ino,
                 st,
                 cache,
             },
-        ))
+        )))
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -615,4 +663,130 @@ fn process_umask() -> u32 {
                 .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
         })
         .unwrap_or(0o022)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Races between a lookup and a namespace change, made deterministic:
+    //! the lookup is held between resolving the name and recording the
+    //! result while the change runs.
+    use super::*;
+    use crate::config::MountConfig;
+    use std::sync::mpsc;
+    use std::sync::{Mutex, MutexGuard};
+
+    type Pause = (CString, mpsc::Sender<()>, mpsc::Receiver<()>);
+
+    /// At most one armed pause: the name whose lookup stops, a channel to
+    /// say it stopped and one to let it go on.
+    static PAUSE: Mutex<Option<Pause>> = Mutex::new(None);
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    pub(super) fn after_resolve(name: &CStr) {
+        let armed = {
+            let mut g = PAUSE.lock().unwrap();
+            match g.as_ref() {
+                Some((n, _, _)) if n.as_c_str() == name => g.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, stopped, go)) = armed {
+            stopped.send(()).unwrap();
+            go.recv().unwrap();
+        }
+    }
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        ov: Arc<OverlayFs>,
+        _serial: MutexGuard<'static, ()>,
+    }
+
+    fn fixture() -> Fixture {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let tmp = tempfile::tempdir().unwrap();
+        let (lower, upper, work) = (
+            tmp.path().join("lower"),
+            tmp.path().join("upper"),
+            tmp.path().join("work"),
+        );
+        for d in [&lower, &upper, &work] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(upper.join("a"), b"upper file a").unwrap();
+        std::fs::write(lower.join("c"), b"lower file c").unwrap();
+        let mut cfg = MountConfig::new(vec![lower]);
+        cfg.upper = Some(upper);
+        cfg.work = Some(work);
+        let cfg = cfg.validate().unwrap();
+        let ov = OverlayFs::new(Stack::open(&cfg).unwrap(), cfg.options.clone()).unwrap();
+        Fixture {
+            _tmp: tmp,
+            ov: Arc::new(ov),
+            _serial: serial,
+        }
+    }
+
+    /// Looks `name` up in the root on another thread, stops it after the
+    /// name is resolved, runs `change`, and returns the lookup's result.
+    fn lookup_racing(ov: &Arc<OverlayFs>, name: &CStr, change: impl FnOnce()) -> Result<Attr> {
+        let (stopped_tx, stopped_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel();
+        *PAUSE.lock().unwrap() = Some((name.to_owned(), stopped_tx, go_rx));
+        let t = {
+            let ov = ov.clone();
+            let name = name.to_owned();
+            std::thread::spawn(move || ov.lookup(ROOT_INO, &name))
+        };
+        stopped_rx.recv().unwrap();
+        change();
+        go_tx.send(()).unwrap();
+        t.join().unwrap()
+    }
+
+    fn loc_name(ov: &OverlayFs, ino: u64) -> Option<CString> {
+        ov.node(ino).unwrap().snapshot().loc.map(|l| l.name)
+    }
+
+    #[test]
+    fn lookup_racing_rename_does_not_point_the_node_back() {
+        let f = fixture();
+        let a = f.ov.lookup(ROOT_INO, c"a").unwrap();
+        let r = lookup_racing(&f.ov, c"a", || {
+            f.ov.rename(ROOT_INO, c"a", ROOT_INO, c"b", 0).unwrap();
+            // Another process makes a new "a" at once.
+            std::fs::write(f._tmp.path().join("upper/a"), b"x").unwrap();
+        })
+        .unwrap();
+        assert_ne!(r.ino, a.ino, "the new a is another object");
+        assert_eq!(r.st.st_size, 1);
+        assert_eq!(loc_name(&f.ov, a.ino).as_deref(), Some(c"b"));
+        assert_eq!(f.ov.getattr(a.ino, None).unwrap().st.st_size, 12);
+    }
+
+    #[test]
+    fn lookup_racing_unlink_does_not_revive_a_whited_out_file() {
+        let f = fixture();
+        let c = f.ov.lookup(ROOT_INO, c"c").unwrap();
+        let r = lookup_racing(&f.ov, c"c", || {
+            f.ov.remove(ROOT_INO, c"c", false).unwrap();
+        });
+        assert_eq!(r.err().map(|e| e.errno()), Some(libc::ENOENT));
+        let s = f.ov.node(c.ino).unwrap().snapshot();
+        assert!(s.unlinked && s.loc.is_none(), "the node must stay deleted");
+    }
+
+    #[test]
+    fn lookup_that_resolved_before_a_rename_into_its_name_sees_the_new_object() {
+        let f = fixture();
+        let a = f.ov.lookup(ROOT_INO, c"a").unwrap();
+        let c = f.ov.lookup(ROOT_INO, c"c").unwrap();
+        let r = lookup_racing(&f.ov, c"c", || {
+            f.ov.rename(ROOT_INO, c"a", ROOT_INO, c"c", 0).unwrap();
+        })
+        .unwrap();
+        assert_eq!(r.ino, a.ino, "c is now the object that was a");
+        assert_eq!(loc_name(&f.ov, a.ino).as_deref(), Some(c"c"));
+        assert!(f.ov.node(c.ino).unwrap().snapshot().unlinked);
+    }
 }
