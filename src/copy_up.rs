@@ -105,10 +105,6 @@ impl OverlayFs {
                 st.loc = Some(loc.clone());
                 st.dirs = dirs;
             });
-            // A merged directory reports st_nlink 1: the cached value is stale.
-            if let Some(inv) = self.invalidator.get() {
-                inv.inval_attr(node.ino);
-            }
         } else {
             node.set_state(|st| st.loc = Some(loc.clone()));
             if st.st_nlink > 1 {
@@ -117,10 +113,13 @@ impl OverlayFs {
                 let up = sys::fstatat(dest.fd.as_fd(), &src.name).ctx(|| "stat copy".into())?;
                 node.st_ino
                     .store(self.stack.map_ino(dest.layer, up.st_ino), Ordering::Relaxed);
-                if let Some(inv) = self.invalidator.get() {
-                    inv.inval_attr(node.ino);
-                }
             }
+        }
+        // The kernel's cached attributes describe the lower object: the copy
+        // has its own st_blocks (the origin xattr may take a block), a merged
+        // directory reports st_nlink 1, a broken hard link a new st_ino.
+        if let Some(inv) = self.invalidator.get() {
+            inv.inval_attr(node.ino);
         }
         node.generation.fetch_add(1, Ordering::Release);
         Ok(loc)

@@ -138,6 +138,18 @@ impl LayerFs {
         fuse_attr(&a)
     }
 
+    /// A readdirplus entry that carries a name, inode number and type only.
+    fn name_only(&self, e: &crate::readdir::DirEntry) -> FileAttr {
+        let mut st = crate::sys::zeroed_stat();
+        st.st_ino = e.ino;
+        st.st_mode = e.fmt;
+        fuse_attr(&Attr {
+            ino: e.ino,
+            st,
+            cache: false,
+        })
+    }
+
     /// The caller's credentials as stored on disk (through the id mappings).
     fn caller(&self, req: &Request, umask: u32) -> Caller {
         let c = caller(req, umask);
@@ -512,10 +524,11 @@ impl Filesystem for LayerFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         debug!("opendir({ino})");
-        // No FOPEN_CACHE_DIR: each open directory has its own listing
-        // snapshot (offsets index into it), and a kernel cache filled from
-        // several of them while the directory changes showed names twice.
-        let cache = FopenFlags::empty();
+        // The kernel caches listings (dropped when the directory changes
+        // through the mount); entry offsets are the same in every handle's
+        // listing (`readdir::cookie`), so a cache filled through several
+        // handles while the directory changes still holds each name once.
+        let cache = FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE;
         match guard("opendir", || self.ov.opendir(ino.0)) {
             Ok(fh) => reply.opened(FileHandle(fh), cache),
             Err(e) => reply.error(errno(&e)),
@@ -532,11 +545,11 @@ impl Filesystem for LayerFs {
     ) {
         debug!("readdir({ino}, {fh}, {offset})");
         match guard("readdir", || self.ov.readdir(fh.0, offset)) {
-            Ok((list, off)) => {
-                for (i, e) in list.iter().enumerate().skip(off as usize) {
+            Ok((list, start)) => {
+                for e in &list[start..] {
                     if reply.add(
                         INodeNo(e.ino),
-                        (i + 1) as u64,
+                        e.off,
                         file_type(e.fmt),
                         OsStr::from_bytes(&e.name),
                     ) {
@@ -558,18 +571,18 @@ impl Filesystem for LayerFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         debug!("readdirplus({ino}, {fh}, {offset})");
-        let list = match guard("readdirplus", || self.ov.readdir(fh.0, offset)) {
-            Ok((list, _)) => list,
+        let (list, start) = match guard("readdirplus", || self.ov.readdir(fh.0, offset)) {
+            Ok(r) => r,
             Err(e) => return reply.error(errno(&e)),
         };
-        for (i, e) in list.iter().enumerate().skip(offset as usize) {
+        for e in &list[start..] {
             let name = OsStr::from_bytes(&e.name);
             let full = if e.name == b"." || e.name == b".." {
                 let a = self.ov.getattr(e.ino, None).ok();
                 match a {
                     Some(a) => reply.add(
                         INodeNo(e.ino),
-                        (i + 1) as u64,
+                        e.off,
                         name,
                         &self.ttl,
                         &self.to_fuse(&a),
@@ -577,6 +590,16 @@ impl Filesystem for LayerFs {
                     ),
                     None => continue,
                 }
+            } else if self.ov.holds_entry(ino.0, &e.name, e.ino) {
+                // Name only (node id 0): the kernel keeps its node as is.
+                reply.add(
+                    INodeNo(0),
+                    e.off,
+                    name,
+                    &Duration::ZERO,
+                    &self.name_only(e),
+                    Generation(0),
+                )
             } else {
                 match guard("readdirplus lookup", || {
                     self.ov.lookup_entry(ino.0, &e.name)
@@ -584,7 +607,7 @@ impl Filesystem for LayerFs {
                     Ok(a) => {
                         let full = reply.add(
                             INodeNo(a.ino),
-                            (i + 1) as u64,
+                            e.off,
                             name,
                             &self.attr_ttl(&a),
                             &self.to_fuse(&a),
@@ -897,6 +920,14 @@ impl crate::overlay::Invalidator for Notify {
     /// Synchronous: attribute invalidation takes no inode lock in the kernel.
     fn inval_attr(&self, ino: u64) {
         if let Err(e) = self.0.inval_inode(INodeNo(ino), -1, 0) {
+            debug!("inval_inode: {e}");
+        }
+    }
+
+    /// Synchronous too: a directory's cached listing lives in its page
+    /// cache, whose pages no request holds locked while it waits for us.
+    fn inval_listing(&self, ino: u64) {
+        if let Err(e) = self.0.inval_inode(INodeNo(ino), 0, 0) {
             debug!("inval_inode: {e}");
         }
     }

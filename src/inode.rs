@@ -450,3 +450,17 @@ impl NodeTable {
         }
     }
 }
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        eprintln!(
+            "Node {} NodeState {} Loc {} DirLayer {} NodeIo {}",
+            std::mem::size_of::<super::Node>(),
+            std::mem::size_of::<super::NodeState>(),
+            std::mem::size_of::<super::Loc>(),
+            std::mem::size_of::<super::DirLayer>(),
+            std::mem::size_of::<super::NodeIo>()
+        );
+    }
+}

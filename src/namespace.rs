@@ -37,6 +37,18 @@ struct Parent {
 }
 
 impl OverlayFs {
+    /// After a change of the entries of `dirs`: the kernel's cached
+    /// listings of them are dropped before the change is answered (the
+    /// kernel drops them itself only when a listing starts, which misses a
+    /// cache being filled meanwhile by a listing that began earlier).
+    fn listings_changed(&self, dirs: &[u64]) {
+        if let Some(inv) = self.invalidator.get() {
+            for &d in dirs {
+                inv.inval_listing(d);
+            }
+        }
+    }
+
     fn prepare_parent(&self, ino: u64) -> Result<Parent> {
         self.writable()?;
         let node = self.node(ino)?;
@@ -120,6 +132,7 @@ impl OverlayFs {
             let _ = sys::unlinkat(dir, &target, matches!(obj, NewObject::Dir));
             return Err(e);
         }
+        self.listings_changed(&[parent]);
         let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, name)?;
         let (_, attr) = self.record(&p.node, r)?;
         Ok((attr, fd))
@@ -270,8 +283,16 @@ impl OverlayFs {
             Err(e) => return Err(e).ctx(|| format!("stat {name:?}")),
         };
         self.detach(parent, name, ino, &r);
-        if self.lower_has(&p, name)? {
-            return self.whiteout_at(&p, name, upper_kind);
+        let res = self.remove_entry(&p, name, upper_kind);
+        self.listings_changed(&[parent]);
+        res
+    }
+
+    /// Removes `name` from the merged view of a locked parent: a whiteout
+    /// where a lower layer has it, else the upper entry goes.
+    fn remove_entry(&self, p: &Parent, name: &CStr, upper_kind: Option<u32>) -> Result<()> {
+        if self.lower_has(p, name)? {
+            return self.whiteout_at(p, name, upper_kind);
         }
         match upper_kind {
             Some(libc::S_IFDIR) => {
@@ -431,7 +452,9 @@ impl OverlayFs {
         let _g1 = first.lock.lock().unwrap_or_else(|e| e.into_inner());
         let _g2 = (!Arc::ptr_eq(first, second))
             .then(|| second.lock.lock().unwrap_or_else(|e| e.into_inner()));
-        self.do_rename(&po, oldname, &pn, newname, exchanged, old_node)?;
+        let res = self.do_rename(&po, oldname, &pn, newname, exchanged, old_node);
+        self.listings_changed(&[oldp, newp]);
+        res?;
         if exchanged.is_some() {
             for n in new_nodes {
                 self.after_move(&po, oldname, n)?;
@@ -655,6 +678,7 @@ impl OverlayFs {
                 inv.inval_attr(n.ino);
             }
         }
+        self.listings_changed(&[newp]);
         let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?;
         Ok(self.record(&p.node, r)?.1)
     }

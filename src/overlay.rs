@@ -65,6 +65,8 @@ pub struct Caller {
 pub trait Invalidator: Send + Sync {
     /// Drops the kernel's cached attributes of an inode.
     fn inval_attr(&self, ino: u64);
+    /// Drops the kernel's cached listing (and attributes) of a directory.
+    fn inval_listing(&self, ino: u64);
 }
 
 pub struct OverlayFs {
@@ -529,10 +531,10 @@ impl OverlayFs {
         })))
     }
 
-    /// The listing of an open directory from `offset` on. Offsets: 1 is
-    /// `.`, 2 is `..`, 3.. the merged entries; each entry's offset is the
-    /// one after it.
-    pub fn readdir(&self, fh: u64, offset: u64) -> Result<(Arc<Vec<DirEntry>>, u64)> {
+    /// The listing of an open directory and the index of the first entry
+    /// after `offset`. Offsets: 1 is `.`, 2 is `..`, then the merged entries
+    /// in `readdir::cookie` order, each entry's offset being its cookie.
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<(Arc<Vec<DirEntry>>, usize)> {
         let h = self
             .handles
             .get(fh)
@@ -541,28 +543,57 @@ impl OverlayFs {
             return Err(Error::new(libc::ENOTDIR, "readdir on a file handle"));
         };
         let mut g = d.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if offset == 0 || g.is_none() {
-            let s = d.node.snapshot();
-            let mut list = vec![
-                DirEntry {
-                    name: b".".to_vec(),
-                    ino: d.node.ino,
-                    fmt: libc::S_IFDIR,
-                },
-                DirEntry {
-                    name: b"..".to_vec(),
-                    ino: s.parent.as_ref().map_or(ROOT_INO, |p| p.ino),
-                    fmt: libc::S_IFDIR,
-                },
-            ];
-            list.extend(readdir::list(&self.stack, &s.dirs)?);
-            *g = Some(Arc::new(list));
-        }
-        Ok((g.clone().unwrap_or_default(), offset))
+        let list = match g.as_ref() {
+            Some(list) if offset != 0 => list.clone(),
+            _ => {
+                let s = d.node.snapshot();
+                let mut list = vec![
+                    DirEntry {
+                        name: b".".to_vec(),
+                        ino: d.node.ino,
+                        fmt: libc::S_IFDIR,
+                        off: 1,
+                    },
+                    DirEntry {
+                        name: b"..".to_vec(),
+                        ino: s.parent.as_ref().map_or(ROOT_INO, |p| p.ino),
+                        fmt: libc::S_IFDIR,
+                        off: 2,
+                    },
+                ];
+                let mut named = readdir::list(&self.stack, &s.dirs)?;
+                readdir::sort(&mut named);
+                list.extend(named);
+                let list = Arc::new(list);
+                *g = Some(list.clone());
+                list
+            }
+        };
+        let start = match offset {
+            0..=2 => offset as usize,
+            _ => 2 + list[2..].partition_point(|e| e.off <= offset),
+        };
+        Ok((list, start))
     }
 
     pub fn releasedir(&self, fh: u64) {
         self.handles.remove(fh);
+    }
+
+    /// Whether the kernel already holds the listed entry `name` (with
+    /// inode number `st_ino`) of directory `parent` as a node: readdirplus
+    /// then sends the name alone. Looking it up again would cost a
+    /// resolution and make the kernel drop the inode's cached ACLs.
+    pub fn holds_entry(&self, parent: u64, name: &[u8], st_ino: u64) -> bool {
+        if let Some(n) = self.nodes.get(st_ino)
+            && !n.uncached.load(Ordering::Relaxed)
+        {
+            let s = n.state.read().unwrap_or_else(|e| e.into_inner());
+            return !s.unlinked
+                && s.parent.as_ref().is_some_and(|p| p.ino == parent)
+                && s.loc.as_ref().is_some_and(|l| l.name.to_bytes() == name);
+        }
+        false
     }
 
     /// Looks up one listed entry for readdirplus (a counted lookup).

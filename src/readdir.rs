@@ -1,8 +1,8 @@
 //! Merged directory listings (SPEC §3).
 //!
 //! A listing is computed once per `opendir` (and again on a rewind to offset
-//! 0) and kept in the handle, so offsets stay valid while the directory is
-//! modified — `rm -rf` while iterating works. Each name appears once, with
+//! 0) and kept in the handle, so `rm -rf` while iterating works; offsets are
+//! hashes of the names (`cookie`), valid in any listing of the directory. Each name appears once, with
 //! the type of its topmost entry; whiteouts, OCI markers in lowers and names
 //! they hide are left out; `d_ino` equals the `st_ino` a lookup reports.
 
@@ -23,6 +23,31 @@ pub struct DirEntry {
     pub ino: u64,
     /// `S_IFMT` bits of the topmost entry.
     pub fmt: u32,
+    /// The entry's directory offset (`d_off`: where the listing resumes
+    /// after it), see `cookie`.
+    pub off: u64,
+}
+
+/// The first offset of named entries: 1 and 2 are `.` and `..`.
+pub const FIRST_COOKIE: u64 = 3;
+
+/// A name's directory offset: a hash of the name, so that an entry has the
+/// same offset in every listing of its directory (as on ext4), whatever
+/// else was added or removed. Listings are sorted by it. The kernel's
+/// cache of a directory stream (FOPEN_CACHE_DIR) may be filled from several
+/// open handles, each with its own listing; with offsets that name entries
+/// rather than count them, the pieces always fit together. Offsets stay
+/// below 2^62 (positive for `telldir` everywhere).
+pub fn cookie(name: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    name.hash(&mut h);
+    FIRST_COOKIE + h.finish() % ((1 << 62) - FIRST_COOKIE)
+}
+
+/// Sorts a listing into offset order.
+pub fn sort(list: &mut [DirEntry]) {
+    list.sort_unstable_by(|a, b| a.off.cmp(&b.off).then_with(|| a.name.cmp(&b.name)));
 }
 
 fn fmt_of_dtype(d: u8) -> Option<u32> {
@@ -107,7 +132,12 @@ fn entry(
             resolve::Resolved::NonDir { st, .. } => st.st_mode & libc::S_IFMT,
             resolve::Resolved::Absent => return Ok(None),
         };
-        return Ok(Some(DirEntry { name, ino, fmt }));
+        return Ok(Some(DirEntry {
+            off: cookie(&name),
+            name,
+            ino,
+            fmt,
+        }));
     }
     let mut fmt = fmt_of_dtype(dtype);
     if needs_stat {
@@ -135,6 +165,7 @@ fn entry(
         fmt = Some(st.st_mode & libc::S_IFMT);
     }
     Ok(Some(DirEntry {
+        off: cookie(&name),
         name,
         ino: stack.map_ino(dl.layer, d_ino),
         fmt: fmt.unwrap_or(libc::S_IFREG),

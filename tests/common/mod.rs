@@ -2509,6 +2509,16 @@ impl Stack {
     /// Snapshots of the raw layer directories (for "nothing was modified").
     /// Labelled `"{tag} lower {i}"`.
     pub fn lower_snapshots(&self, tag: &str) -> Vec<Snapshot> {
+        // Freshly written files' st_blocks settle at writeback (ext4 drops
+        // delayed-allocation reservations): flush first, so "before" and
+        // "after" compare settled values.
+        for l in &self.lowers {
+            if let Ok(f) = fs::File::open(l) {
+                use std::os::fd::AsRawFd;
+                // SAFETY: syncfs on an fd we own and keep open for the call.
+                unsafe { libc::syncfs(f.as_raw_fd()) };
+            }
+        }
         self.lowers
             .iter()
             .enumerate()
