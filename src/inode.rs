@@ -16,7 +16,7 @@
 //! ever moves from a lower layer to the upper, never back (except when the
 //! object is deleted).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -105,10 +105,9 @@ pub struct Node {
     pub ino: u64,
     /// The `st_ino` reported; differs from `ino` only for per-name nodes.
     pub st_ino: AtomicU64,
-    /// For per-name nodes: the (parent, name) key they are found by.
-    pub path_key: Mutex<Option<(u64, Vec<u8>)>>,
-    /// How the kernel does I/O on this node's open files (see `NodeIo`).
-    pub io: Mutex<NodeIo>,
+    /// How the kernel does I/O on this node's open files (see `NodeIo`);
+    /// boxed, as most nodes are never open.
+    pub io: Mutex<Option<Box<NodeIo>>>,
     /// The kernel must not cache this node's attributes: its object is
     /// also reachable through other nodes (hard links), which may change it.
     pub uncached: std::sync::atomic::AtomicBool,
@@ -128,14 +127,13 @@ impl Node {
         Node {
             ino,
             st_ino: AtomicU64::new(ino),
-            path_key: Mutex::new(None),
             uncached: std::sync::atomic::AtomicBool::new(false),
             fmt,
             lookups: AtomicU64::new(0),
             state: RwLock::new(state),
             lock: Mutex::new(()),
             generation: AtomicU64::new(0),
-            io: Mutex::new(NodeIo::default()),
+            io: Mutex::new(None),
         }
     }
 
@@ -242,10 +240,62 @@ pub enum Fresh {
 /// The table, sharded to keep lock contention low under many threads.
 pub struct NodeTable {
     pub versions: EntryVersions,
-    shards: Vec<RwLock<HashMap<u64, Arc<Node>>>>,
-    /// Per-name nodes of hard-linked lower files: (parent, name) → node id.
-    paths: Mutex<HashMap<(u64, Vec<u8>), u64>>,
+    shards: Vec<RwLock<HashSet<Entry>>>,
+    /// Per-name nodes of hard-linked lower files, both ways.
+    paths: Mutex<PathIndex>,
     next_path_id: AtomicU64,
+}
+
+/// A table entry: a node, found by its id (8 bytes per entry rather than a
+/// map's 16: the table holds every inode the kernel knows).
+struct Entry(Arc<Node>);
+
+impl std::borrow::Borrow<u64> for Entry {
+    fn borrow(&self) -> &u64 {
+        &self.0.ino
+    }
+}
+
+impl std::hash::Hash for Entry {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.ino.hash(h)
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Entry) -> bool {
+        self.0.ino == other.0.ino
+    }
+}
+
+impl Eq for Entry {}
+
+/// (parent, name) ↔ node id of the per-name nodes.
+#[derive(Default)]
+struct PathIndex {
+    ids: HashMap<(u64, Vec<u8>), u64>,
+    keys: HashMap<u64, (u64, Vec<u8>)>,
+}
+
+impl PathIndex {
+    /// Points `key` at node `id` (and `id` at `key`), dropping the old key.
+    fn set(&mut self, id: u64, key: (u64, Vec<u8>)) {
+        if let Some(old) = self.keys.remove(&id)
+            && self.ids.get(&old) == Some(&id)
+        {
+            self.ids.remove(&old);
+        }
+        self.ids.insert(key.clone(), id);
+        self.keys.insert(id, key);
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(key) = self.keys.remove(&id)
+            && self.ids.get(&key) == Some(&id)
+        {
+            self.ids.remove(&key);
+        }
+    }
 }
 
 /// Node ids of per-name nodes: a range no real inode number reaches.
@@ -255,11 +305,11 @@ const SHARDS: usize = 64;
 
 impl NodeTable {
     pub fn new(root: Node) -> NodeTable {
-        let shards: Vec<_> = (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect();
+        let shards: Vec<_> = (0..SHARDS).map(|_| RwLock::new(HashSet::new())).collect();
         let t = NodeTable {
             versions: EntryVersions::default(),
             shards,
-            paths: Mutex::new(HashMap::new()),
+            paths: Mutex::new(PathIndex::default()),
             next_path_id: AtomicU64::new(PATH_ID_BASE),
         };
         let root = Arc::new(root);
@@ -267,11 +317,11 @@ impl NodeTable {
         t.shard(ROOT_INO)
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(ROOT_INO, root);
+            .insert(Entry(root));
         t
     }
 
-    fn shard(&self, ino: u64) -> &RwLock<HashMap<u64, Arc<Node>>> {
+    fn shard(&self, ino: u64) -> &RwLock<HashSet<Entry>> {
         &self.shards[(ino as usize ^ (ino >> 32) as usize) % SHARDS]
     }
 
@@ -280,7 +330,7 @@ impl NodeTable {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&ino)
-            .cloned()
+            .map(|e| e.0.clone())
     }
 
     fn fresh(&self, fresh: Fresh) -> bool {
@@ -305,7 +355,7 @@ impl NodeTable {
         is_upper: impl Fn(usize) -> bool,
     ) -> Option<Arc<Node>> {
         let mut shard = self.shard(ino).write().unwrap_or_else(|e| e.into_inner());
-        let node = match shard.get(&ino) {
+        let node = match shard.get(&ino).map(|e| &e.0) {
             Some(n) if n.fmt == fmt => {
                 let mut stale = false;
                 // Checked under the state lock: a change that updates this
@@ -334,7 +384,7 @@ impl NodeTable {
                     return None;
                 }
                 let n = Arc::new(Node::new(ino, fmt, state));
-                shard.insert(ino, n.clone());
+                shard.replace(Entry(n.clone()));
                 n
             }
         };
@@ -353,11 +403,11 @@ impl NodeTable {
         fresh: Fresh,
     ) -> Option<Arc<Node>> {
         let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&id) = paths.get(&key) {
+        if let Some(&id) = paths.ids.get(&key) {
             // Counted under the shard lock, so a concurrent `forget` cannot
             // drop the node between finding and counting it.
             let shard = self.shard(id).write().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = shard.get(&id) {
+            if let Some(Entry(n)) = shard.get(&id) {
                 let mut stale = false;
                 n.set_state(|s| {
                     if matches!(fresh, Fresh::Unknown) {
@@ -384,28 +434,23 @@ impl NodeTable {
         let id = self.next_path_id.fetch_add(1, Ordering::Relaxed);
         let mut node = Node::new(id, fmt, state);
         node.st_ino = AtomicU64::new(st_ino);
-        node.path_key = Mutex::new(Some(key.clone()));
         node.uncached = std::sync::atomic::AtomicBool::new(true);
         let node = Arc::new(node);
         node.lookups.store(1, Ordering::Relaxed);
-        paths.insert(key, id);
+        paths.set(id, key);
         self.shard(id)
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, node.clone());
+            .insert(Entry(node.clone()));
         Some(node)
     }
 
     /// Moves a per-name node to its new (parent, name) after a rename.
     pub fn rekey(&self, node: &Node, key: (u64, Vec<u8>)) {
-        let mut pk = node.path_key.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(old) = pk.as_ref() else { return };
         let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-        if paths.get(old) == Some(&node.ino) {
-            paths.remove(old);
+        if paths.keys.contains_key(&node.ino) {
+            paths.set(node.ino, key);
         }
-        paths.insert(key.clone(), node.ino);
-        *pk = Some(key);
     }
 
     /// The per-name node at (parent, name), if the kernel holds one.
@@ -414,6 +459,7 @@ impl NodeTable {
             .paths
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .ids
             .get(key)?;
         self.get(id)
     }
@@ -428,39 +474,19 @@ impl NodeTable {
         let removed = {
             let mut shard = self.shard(ino).write().unwrap_or_else(|e| e.into_inner());
             match shard.get(&ino) {
-                Some(node) => {
+                Some(Entry(node)) => {
                     let had = node.lookups.load(Ordering::Relaxed);
                     let prev = node.lookups.fetch_sub(n.min(had), Ordering::Relaxed);
-                    if prev <= n { shard.remove(&ino) } else { None }
+                    prev <= n && shard.remove(&ino)
                 }
-                None => None,
+                None => false,
             }
         };
-        if let Some(node) = removed
-            && let Some(key) = node
-                .path_key
+        if removed && ino >= PATH_ID_BASE {
+            self.paths
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-        {
-            let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-            if paths.get(key) == Some(&ino) {
-                paths.remove(key);
-            }
+                .remove(ino);
         }
-    }
-}
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        eprintln!(
-            "Node {} NodeState {} Loc {} DirLayer {} NodeIo {}",
-            std::mem::size_of::<super::Node>(),
-            std::mem::size_of::<super::NodeState>(),
-            std::mem::size_of::<super::Loc>(),
-            std::mem::size_of::<super::DirLayer>(),
-            std::mem::size_of::<super::NodeIo>()
-        );
     }
 }

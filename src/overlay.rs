@@ -427,7 +427,8 @@ impl OverlayFs {
         // Decided and registered under the node's lock: two opens racing
         // must never hand the kernel two backing files, or a cached open
         // while passthrough ones are open (the kernel fails those with EIO).
-        let mut io = node.io.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = node.io.lock().unwrap_or_else(|e| e.into_inner());
+        let io = guard.get_or_insert_with(Box::default);
         let existing = io.backing.as_ref().and_then(std::sync::Weak::upgrade);
         let mode = match (existing, register) {
             (Some(b), _) if io.passthrough > 0 => OpenIo::Passthrough(b),
@@ -452,7 +453,7 @@ impl OverlayFs {
                 None
             }
         };
-        drop(io);
+        drop(guard);
         let fh = self.handles.insert(Handle::File(FileHandle {
             node,
             fd: std::sync::RwLock::new((fd, generation)),
@@ -506,14 +507,19 @@ impl OverlayFs {
         if let Some(h) = self.handles.remove(fh)
             && let Handle::File(f) = &*h
         {
-            let mut io = f.node.io.lock().unwrap_or_else(|e| e.into_inner());
-            if f.passthrough.load(Ordering::Acquire) {
-                io.passthrough = io.passthrough.saturating_sub(1);
-                if io.passthrough == 0 {
-                    io.backing = None;
+            let mut guard = f.node.io.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(io) = guard.as_mut() {
+                if f.passthrough.load(Ordering::Acquire) {
+                    io.passthrough = io.passthrough.saturating_sub(1);
+                    if io.passthrough == 0 {
+                        io.backing = None;
+                    }
+                } else {
+                    io.cached = io.cached.saturating_sub(1);
                 }
-            } else {
-                io.cached = io.cached.saturating_sub(1);
+                if io.passthrough == 0 && io.cached == 0 {
+                    *guard = None;
+                }
             }
         }
     }
