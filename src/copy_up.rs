@@ -103,7 +103,7 @@ impl OverlayFs {
             dirs.extend(s.dirs.iter().cloned());
             node.set_state(|st| {
                 st.loc = Some(loc.clone());
-                st.dirs = dirs;
+                st.dirs = dirs.into();
             });
         } else {
             node.set_state(|st| st.loc = Some(loc.clone()));
@@ -111,8 +111,8 @@ impl OverlayFs {
                 // A lower hard link (a per-name node): the copy is a new file
                 // with its own inode number, as with the kernel's index=off.
                 let up = sys::fstatat(dest.fd.as_fd(), &src.name).ctx(|| "stat copy".into())?;
-                node.st_ino
-                    .store(self.stack.map_ino(dest.layer, up.st_ino), Ordering::Relaxed);
+                self.nodes
+                    .set_st_ino(node, self.stack.map_ino(dest.layer, up.st_ino));
             }
         }
         // The kernel's cached attributes describe the lower object: the copy
@@ -133,7 +133,7 @@ impl OverlayFs {
                 Some(Loc {
                     layer: d.layer,
                     dir: d.fd.clone(),
-                    name: c".".to_owned(),
+                    name: c".".into(),
                 })
             }
             (None, Some(loc)) if self.stack.is_upper(loc.layer) => Some(loc.clone()),

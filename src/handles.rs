@@ -16,7 +16,7 @@ use crate::readdir::DirEntry;
 pub struct FileHandle {
     pub node: Arc<Node>,
     /// The open fd and the node's copy-up generation when it was opened.
-    pub fd: RwLock<(Arc<OwnedFd>, u64)>,
+    pub fd: RwLock<(Arc<OwnedFd>, u32)>,
     pub flags: i32,
     /// Passthrough (the kernel reads and writes the backing file itself)
     /// or cached (through layerfs).

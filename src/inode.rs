@@ -17,7 +17,7 @@
 //! object is deleted).
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -51,13 +51,72 @@ impl DirLayer {
     }
 }
 
+/// A file name in a layer directory: inline when short (most are, and
+/// every node the kernel knows holds one), else on the heap.
+#[derive(Clone)]
+pub struct Name(NameRepr);
+
+/// Inline: the name, a NUL and zero padding (names up to 22 bytes).
+#[derive(Clone)]
+enum NameRepr {
+    Inline([u8; 23]),
+    Heap(Box<CStr>),
+}
+
+impl Name {
+    pub fn as_c_str(&self) -> &CStr {
+        match &self.0 {
+            NameRepr::Inline(b) => CStr::from_bytes_until_nul(b).unwrap_or_default(),
+            NameRepr::Heap(c) => c,
+        }
+    }
+}
+
+impl Default for Name {
+    fn default() -> Name {
+        Name(NameRepr::Inline([0; 23]))
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = CStr;
+    fn deref(&self) -> &CStr {
+        self.as_c_str()
+    }
+}
+
+impl From<&CStr> for Name {
+    fn from(c: &CStr) -> Name {
+        let b = c.to_bytes();
+        if b.len() < 23 {
+            let mut buf = [0u8; 23];
+            buf[..b.len()].copy_from_slice(b);
+            Name(NameRepr::Inline(buf))
+        } else {
+            Name(NameRepr::Heap(c.into()))
+        }
+    }
+}
+
+impl From<CString> for Name {
+    fn from(c: CString) -> Name {
+        Name::from(c.as_c_str())
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_c_str().fmt(f)
+    }
+}
+
 /// Where an object's topmost entry lives: a name in a layer directory.
 #[derive(Clone)]
 pub struct Loc {
     pub layer: usize,
     /// The containing directory, in that layer.
     pub dir: Arc<OwnedFd>,
-    pub name: CString,
+    pub name: Name,
 }
 
 /// Open files of a node by I/O mode. The kernel refuses to mix modes on
@@ -73,6 +132,36 @@ pub struct NodeIo {
     pub backing: Option<std::sync::Weak<dyn std::any::Any + Send + Sync>>,
 }
 
+/// The `NodeIo` of every node with open files, by node id (kept apart from
+/// the nodes: most are never open).
+pub struct IoTable {
+    shards: Box<[Mutex<HashMap<u64, NodeIo>>]>,
+}
+
+impl Default for IoTable {
+    fn default() -> IoTable {
+        IoTable {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+impl IoTable {
+    /// Runs `f` on node `ino`'s entry (created empty when missing) under its
+    /// shard's lock; the entry goes once no file is open.
+    pub fn with<T>(&self, ino: u64, f: impl FnOnce(&mut NodeIo) -> T) -> T {
+        let mut shard = self.shards[(ino as usize ^ (ino >> 32) as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let io = shard.entry(ino).or_default();
+        let r = f(io);
+        if io.cached == 0 && io.passthrough == 0 {
+            shard.remove(&ino);
+        }
+        r
+    }
+}
+
 /// The mutable part of a node.
 #[derive(Clone)]
 pub struct NodeState {
@@ -81,7 +170,7 @@ pub struct NodeState {
     /// Topmost entry; None for the root and for deleted objects.
     pub loc: Option<Loc>,
     /// For directories: the contributing layer directories, top to bottom.
-    pub dirs: Vec<DirLayer>,
+    pub dirs: Box<[DirLayer]>,
     /// An `O_PATH` fd kept when the object's last known name went away
     /// (unlinked while open, or a hard link's other name).
     pub detached: Option<Arc<OwnedFd>>,
@@ -103,11 +192,6 @@ impl NodeState {
 pub struct Node {
     /// The FUSE node id.
     pub ino: u64,
-    /// The `st_ino` reported; differs from `ino` only for per-name nodes.
-    pub st_ino: AtomicU64,
-    /// How the kernel does I/O on this node's open files (see `NodeIo`);
-    /// boxed, as most nodes are never open.
-    pub io: Mutex<Option<Box<NodeIo>>>,
     /// The kernel must not cache this node's attributes: its object is
     /// also reachable through other nodes (hard links), which may change it.
     pub uncached: std::sync::atomic::AtomicBool,
@@ -119,21 +203,19 @@ pub struct Node {
     pub lock: Mutex<()>,
     /// Bumped each time the object moves to a new underlying file (copy-up),
     /// so open handles know to reopen.
-    pub generation: AtomicU64,
+    pub generation: AtomicU32,
 }
 
 impl Node {
     pub fn new(ino: u64, fmt: u32, state: NodeState) -> Node {
         Node {
             ino,
-            st_ino: AtomicU64::new(ino),
             uncached: std::sync::atomic::AtomicBool::new(false),
             fmt,
             lookups: AtomicU64::new(0),
             state: RwLock::new(state),
             lock: Mutex::new(()),
-            generation: AtomicU64::new(0),
-            io: Mutex::new(None),
+            generation: AtomicU32::new(0),
         }
     }
 
@@ -240,6 +322,8 @@ pub enum Fresh {
 /// The table, sharded to keep lock contention low under many threads.
 pub struct NodeTable {
     pub versions: EntryVersions,
+    /// The root's `st_ino` (its node id is always 1).
+    root_st_ino: AtomicU64,
     shards: Vec<RwLock<HashSet<Entry>>>,
     /// Per-name nodes of hard-linked lower files, both ways.
     paths: Mutex<PathIndex>,
@@ -275,6 +359,8 @@ impl Eq for Entry {}
 struct PathIndex {
     ids: HashMap<(u64, Vec<u8>), u64>,
     keys: HashMap<u64, (u64, Vec<u8>)>,
+    /// The `st_ino` each reports.
+    st_inos: HashMap<u64, u64>,
 }
 
 impl PathIndex {
@@ -290,6 +376,7 @@ impl PathIndex {
     }
 
     fn remove(&mut self, id: u64) {
+        self.st_inos.remove(&id);
         if let Some(key) = self.keys.remove(&id)
             && self.ids.get(&key) == Some(&id)
         {
@@ -308,6 +395,7 @@ impl NodeTable {
         let shards: Vec<_> = (0..SHARDS).map(|_| RwLock::new(HashSet::new())).collect();
         let t = NodeTable {
             versions: EntryVersions::default(),
+            root_st_ino: AtomicU64::new(ROOT_INO),
             shards,
             paths: Mutex::new(PathIndex::default()),
             next_path_id: AtomicU64::new(PATH_ID_BASE),
@@ -323,6 +411,34 @@ impl NodeTable {
 
     fn shard(&self, ino: u64) -> &RwLock<HashSet<Entry>> {
         &self.shards[(ino as usize ^ (ino >> 32) as usize) % SHARDS]
+    }
+
+    /// The `st_ino` a node reports: its id, except for the root and the
+    /// per-name nodes.
+    pub fn st_ino(&self, node: &Node) -> u64 {
+        match node.ino {
+            ROOT_INO => self.root_st_ino.load(Ordering::Relaxed),
+            id if id >= PATH_ID_BASE => {
+                let paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+                paths.st_inos.get(&id).copied().unwrap_or(id)
+            }
+            id => id,
+        }
+    }
+
+    /// Sets the `st_ino` of the root or of a per-name node (ignored for
+    /// others, which report their id).
+    pub fn set_st_ino(&self, node: &Node, st_ino: u64) {
+        match node.ino {
+            ROOT_INO => self.root_st_ino.store(st_ino, Ordering::Relaxed),
+            id if id >= PATH_ID_BASE => {
+                let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+                if paths.keys.contains_key(&id) {
+                    paths.st_inos.insert(id, st_ino);
+                }
+            }
+            _ => {}
+        }
     }
 
     pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
@@ -433,11 +549,11 @@ impl NodeTable {
         }
         let id = self.next_path_id.fetch_add(1, Ordering::Relaxed);
         let mut node = Node::new(id, fmt, state);
-        node.st_ino = AtomicU64::new(st_ino);
         node.uncached = std::sync::atomic::AtomicBool::new(true);
         let node = Arc::new(node);
         node.lookups.store(1, Ordering::Relaxed);
         paths.set(id, key);
+        paths.st_inos.insert(id, st_ino);
         self.shard(id)
             .write()
             .unwrap_or_else(|e| e.into_inner())

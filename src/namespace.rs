@@ -623,7 +623,7 @@ impl OverlayFs {
             s.parent = Some(pn.node.clone());
             s.loc = Some(loc);
             if !dirs.is_empty() {
-                s.dirs = dirs;
+                s.dirs = dirs.into();
             }
         });
         Ok(())
@@ -644,7 +644,7 @@ impl OverlayFs {
             (None, Some(fd)) => crate::inode::Loc {
                 layer: 0,
                 dir: fd.clone(),
-                name: CString::default(),
+                name: Default::default(),
             },
             _ => self.copy_up(&node, false)?,
         };
@@ -668,7 +668,7 @@ impl OverlayFs {
         }
         // The object now has several names, served by several nodes: none
         // of them may have its attributes cached any more.
-        let st_ino = node.st_ino.load(std::sync::atomic::Ordering::Relaxed);
+        let st_ino = self.nodes.st_ino(&node);
         for n in [Some(node.clone()), self.nodes.get(st_ino)]
             .into_iter()
             .flatten()
@@ -720,7 +720,7 @@ impl OverlayFs {
         let state = crate::inode::NodeState {
             parent: Some(p.node.clone()),
             loc: None,
-            dirs: Vec::new(),
+            dirs: Box::default(),
             detached: Some(Arc::new(path)),
             unlinked: true,
         };

@@ -72,6 +72,8 @@ pub trait Invalidator: Send + Sync {
 pub struct OverlayFs {
     pub(crate) stack: Stack,
     pub(crate) nodes: NodeTable,
+    /// I/O modes of the nodes with open files.
+    pub(crate) io: crate::inode::IoTable,
     pub(crate) handles: Handles,
     pub(crate) opts: Options,
     pub(crate) invalidator: OnceLock<Box<dyn Invalidator>>,
@@ -111,15 +113,21 @@ impl OverlayFs {
             NodeState {
                 parent: None,
                 loc: None,
-                dirs,
+                dirs: dirs.into(),
                 detached: None,
                 unlinked: false,
             },
         );
-        root.st_ino.store(root_ino, Ordering::Relaxed);
         Ok(OverlayFs {
             stack,
-            nodes: NodeTable::new(root),
+            nodes: {
+                let t = NodeTable::new(root);
+                if let Some(r) = t.get(ROOT_INO) {
+                    t.set_st_ino(&r, root_ino);
+                }
+                t
+            },
+            io: Default::default(),
             handles: Handles::default(),
             opts,
             invalidator: OnceLock::new(),
@@ -189,7 +197,7 @@ impl OverlayFs {
         if s.dirs.len() > 1 {
             st.st_nlink = 1;
         }
-        st.st_ino = node.st_ino.load(Ordering::Relaxed);
+        st.st_ino = self.nodes.st_ino(node);
         Ok(Attr {
             ino: node.ino,
             st,
@@ -202,7 +210,7 @@ impl OverlayFs {
         if let Some(Handle::File(h)) = fh.and_then(|fh| self.handles.get(fh)).as_deref() {
             let fd = h.fd.read().unwrap_or_else(|e| e.into_inner()).0.clone();
             if let Ok(mut st) = sys::fstat(fd.as_fd()) {
-                st.st_ino = node.st_ino.load(Ordering::Relaxed);
+                st.st_ino = self.nodes.st_ino(&node);
                 if node.is_dir() && node.snapshot().dirs.len() > 1 {
                     st.st_nlink = 1;
                 }
@@ -287,7 +295,7 @@ impl OverlayFs {
                 NodeState {
                     parent: Some(parent.clone()),
                     loc: Some(loc),
-                    dirs,
+                    dirs: dirs.into(),
                     detached: None,
                     unlinked: false,
                 },
@@ -297,7 +305,7 @@ impl OverlayFs {
                 NodeState {
                     parent: Some(parent.clone()),
                     loc: Some(loc),
-                    dirs: Vec::new(),
+                    dirs: Box::default(),
                     detached: None,
                     unlinked: false,
                 },
@@ -322,7 +330,7 @@ impl OverlayFs {
         if merged {
             st.st_nlink = 1;
         }
-        st.st_ino = node.st_ino.load(Ordering::Relaxed);
+        st.st_ino = self.nodes.st_ino(&node);
         let cache = !node.uncached.load(Ordering::Relaxed);
         Ok(Some((
             node.clone(),
@@ -415,7 +423,7 @@ impl OverlayFs {
         &self,
         node: Arc<Node>,
         fd: OwnedFd,
-        generation: u64,
+        generation: u32,
         flags: i32,
         register: Option<Register<'_>>,
     ) -> (u64, OpenIo) {
@@ -427,33 +435,31 @@ impl OverlayFs {
         // Decided and registered under the node's lock: two opens racing
         // must never hand the kernel two backing files, or a cached open
         // while passthrough ones are open (the kernel fails those with EIO).
-        let mut guard = node.io.lock().unwrap_or_else(|e| e.into_inner());
-        let io = guard.get_or_insert_with(Box::default);
-        let existing = io.backing.as_ref().and_then(std::sync::Weak::upgrade);
-        let mode = match (existing, register) {
-            (Some(b), _) if io.passthrough > 0 => OpenIo::Passthrough(b),
-            (_, Some(register)) if upper && io.cached == 0 && io.passthrough == 0 => {
-                match register(fd.as_fd()) {
-                    Some(b) => {
-                        io.backing = Some(Arc::downgrade(&b));
-                        OpenIo::Passthrough(b)
+        let mode = self.io.with(node.ino, |io| {
+            let existing = io.backing.as_ref().and_then(std::sync::Weak::upgrade);
+            let mode = match (existing, register) {
+                (Some(b), _) if io.passthrough > 0 => OpenIo::Passthrough(b),
+                (_, Some(register)) if upper && io.cached == 0 && io.passthrough == 0 => {
+                    match register(fd.as_fd()) {
+                        Some(b) => {
+                            io.backing = Some(Arc::downgrade(&b));
+                            OpenIo::Passthrough(b)
+                        }
+                        None => OpenIo::Cached { keep_cache: false },
                     }
-                    None => OpenIo::Cached { keep_cache: false },
                 }
+                _ => OpenIo::Cached { keep_cache: !upper },
+            };
+            match &mode {
+                OpenIo::Passthrough(_) => io.passthrough += 1,
+                OpenIo::Cached { .. } => io.cached += 1,
             }
-            _ => OpenIo::Cached { keep_cache: !upper },
-        };
+            mode
+        });
         let backing = match &mode {
-            OpenIo::Passthrough(b) => {
-                io.passthrough += 1;
-                Some(b.clone())
-            }
-            OpenIo::Cached { .. } => {
-                io.cached += 1;
-                None
-            }
+            OpenIo::Passthrough(b) => Some(b.clone()),
+            OpenIo::Cached { .. } => None,
         };
-        drop(guard);
         let fh = self.handles.insert(Handle::File(FileHandle {
             node,
             fd: std::sync::RwLock::new((fd, generation)),
@@ -507,8 +513,7 @@ impl OverlayFs {
         if let Some(h) = self.handles.remove(fh)
             && let Handle::File(f) = &*h
         {
-            let mut guard = f.node.io.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(io) = guard.as_mut() {
+            self.io.with(f.node.ino, |io| {
                 if f.passthrough.load(Ordering::Acquire) {
                     io.passthrough = io.passthrough.saturating_sub(1);
                     if io.passthrough == 0 {
@@ -517,10 +522,7 @@ impl OverlayFs {
                 } else {
                     io.cached = io.cached.saturating_sub(1);
                 }
-                if io.passthrough == 0 && io.cached == 0 {
-                    *guard = None;
-                }
-            }
+            });
         }
     }
 
@@ -782,7 +784,11 @@ mod tests {
     }
 
     fn loc_name(ov: &OverlayFs, ino: u64) -> Option<CString> {
-        ov.node(ino).unwrap().snapshot().loc.map(|l| l.name)
+        ov.node(ino)
+            .unwrap()
+            .snapshot()
+            .loc
+            .map(|l| l.name.as_c_str().to_owned())
     }
 
     #[test]

@@ -203,7 +203,7 @@ pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Re
                 let loc = Loc {
                     layer: dl.layer,
                     dir: dl.fd.clone(),
-                    name: cur,
+                    name: cur.into(),
                 };
                 return Ok(Resolved::NonDir { loc, st });
             }
@@ -216,7 +216,7 @@ pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Re
                 Loc {
                     layer: dl.layer,
                     dir: dl.fd.clone(),
-                    name: cur.clone(),
+                    name: cur.as_c_str().into(),
                 },
                 st,
             ));
