@@ -138,18 +138,6 @@ impl LayerFs {
         fuse_attr(&a)
     }
 
-    /// A readdirplus entry that carries a name, inode number and type only.
-    fn name_only(&self, e: &crate::readdir::DirEntry) -> FileAttr {
-        let mut st = crate::sys::zeroed_stat();
-        st.st_ino = e.ino;
-        st.st_mode = e.fmt;
-        fuse_attr(&Attr {
-            ino: e.ino,
-            st,
-            cache: false,
-        })
-    }
-
     /// The caller's credentials as stored on disk (through the id mappings).
     fn caller(&self, req: &Request, umask: u32) -> Caller {
         let c = caller(req, umask);
@@ -243,7 +231,20 @@ impl Filesystem for LayerFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         debug!("lookup({parent}, {name:?})");
         let r = guard("lookup", || self.ov.lookup(parent.0, &cname(name)?));
-        self.entry(reply, r)
+        match r {
+            // A negative entry the kernel may cache (node id 0 with a
+            // timeout), as it caches negative dentries over the kernel's
+            // overlay: names only appear through this mount, and the kernel
+            // replaces the entry when one does.
+            Err(e) if e.is(libc::ENOENT) => reply.entry_node(
+                INodeNo(0),
+                &Duration::ZERO,
+                &self.ttl,
+                &bare_attr(0, libc::S_IFREG),
+                Generation(0),
+            ),
+            r => self.entry(reply, r),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -421,8 +422,9 @@ impl Filesystem for LayerFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         debug!("open({ino}, {:#x})", flags.0);
-        // A read-only open has nothing to flush at close (no locks are kept
-        // by layerfs): spare the kernel that round trip.
+        // Nothing to flush at close (no locks or data are kept by layerfs)
+        // for a read-only open, or a passthrough one (its data never passes
+        // the kernel's cache of this inode): spare the kernel that round trip.
         let noflush = if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
             FopenFlags::FOPEN_NOFLUSH
         } else {
@@ -439,7 +441,7 @@ impl Filesystem for LayerFs {
                 reply.opened(FileHandle(fh), cache_flags(keep_cache) | noflush)
             }
             Ok((fh, OpenIo::Passthrough(b))) => match b.downcast::<BackingId>() {
-                Ok(id) => reply.opened_passthrough(FileHandle(fh), noflush, &id),
+                Ok(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id),
                 Err(_) => reply.error(Errno::EIO),
             },
             Err(e) => reply.error(errno(&e)),
@@ -597,7 +599,7 @@ impl Filesystem for LayerFs {
                     e.off,
                     name,
                     &Duration::ZERO,
-                    &self.name_only(e),
+                    &bare_attr(e.ino, e.fmt),
                     Generation(0),
                 )
             } else {
@@ -872,10 +874,27 @@ impl LayerFs {
             &self.to_fuse(&a),
             Generation(0),
             FileHandle(fh),
-            FopenFlags::empty(),
+            match backing {
+                Some(_) => FopenFlags::FOPEN_NOFLUSH,
+                None => FopenFlags::empty(),
+            },
             backing.as_deref(),
         );
     }
+}
+
+/// Attributes that carry an inode number and type only, for replies whose
+/// attributes the kernel ignores (node id 0: a readdirplus entry given by
+/// name, a negative lookup).
+fn bare_attr(ino: u64, fmt: u32) -> FileAttr {
+    let mut st = crate::sys::zeroed_stat();
+    st.st_ino = ino;
+    st.st_mode = fmt;
+    fuse_attr(&Attr {
+        ino,
+        st,
+        cache: false,
+    })
 }
 
 fn cache_flags(keep_cache: bool) -> FopenFlags {

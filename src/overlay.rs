@@ -258,6 +258,15 @@ impl OverlayFs {
                 }
                 None => Fresh::Unknown,
             };
+            // An absence is cached by the kernel (a negative entry): only
+            // one that no change of the directory raced.
+            if !r.exists()
+                && tries < LOOKUP_TRIES
+                && !matches!(fresh, Fresh::Seen(d, v) if self.nodes.versions.unchanged(d, v))
+            {
+                std::thread::yield_now();
+                continue;
+            }
             match self.record_as(&pnode, r, fresh)? {
                 Some((_, a)) => return Ok(a),
                 None if tries < LOOKUP_TRIES => std::thread::yield_now(),
