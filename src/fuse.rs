@@ -208,7 +208,8 @@ impl Filesystem for LayerFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_EXPORT_SUPPORT
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO;
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
         if self.acl {
             // The kernel then caches ACLs per inode instead of asking for
             // system.posix_acl_access on every `ls -l`.
@@ -526,15 +527,12 @@ impl Filesystem for LayerFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         debug!("opendir({ino})");
-        // The kernel caches listings (dropped when the directory changes
-        // through the mount); entry offsets are the same in every handle's
-        // listing (`readdir::cookie`), so a cache filled through several
-        // handles while the directory changes still holds each name once.
-        let cache = FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE;
-        match guard("opendir", || self.ov.opendir(ino.0)) {
-            Ok(fh) => reply.opened(FileHandle(fh), cache),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // ENOSYS: the kernel then stops sending opendir and releasedir
+        // (two round trips per listing) and caches listings itself
+        // (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE, its default without
+        // opendir), asking by inode for what it lacks; layerfs drops those
+        // caches when a directory's entries change (`listings_changed`).
+        reply.error(Errno::ENOSYS)
     }
 
     fn readdir(
@@ -546,9 +544,9 @@ impl Filesystem for LayerFs {
         mut reply: ReplyDirectory,
     ) {
         debug!("readdir({ino}, {fh}, {offset})");
-        match guard("readdir", || self.ov.readdir(fh.0, offset)) {
-            Ok((list, start)) => {
-                for e in &list[start..] {
+        match guard("readdir", || self.ov.readdir(ino.0, offset)) {
+            Ok(listing) => {
+                for e in listing.entries() {
                     if reply.add(
                         INodeNo(e.ino),
                         e.off,
@@ -573,27 +571,16 @@ impl Filesystem for LayerFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         debug!("readdirplus({ino}, {fh}, {offset})");
-        let (list, start) = match guard("readdirplus", || self.ov.readdir(fh.0, offset)) {
-            Ok(r) => r,
+        let listing = match guard("readdirplus", || self.ov.readdir(ino.0, offset)) {
+            Ok(l) => l,
             Err(e) => return reply.error(errno(&e)),
         };
-        for e in &list[start..] {
+        for e in listing.entries() {
             let name = OsStr::from_bytes(&e.name);
-            let full = if e.name == b"." || e.name == b".." {
-                let a = self.ov.getattr(e.ino, None).ok();
-                match a {
-                    Some(a) => reply.add(
-                        INodeNo(e.ino),
-                        e.off,
-                        name,
-                        &self.ttl,
-                        &self.to_fuse(&a),
-                        Generation(0),
-                    ),
-                    None => continue,
-                }
-            } else if self.ov.holds_entry(ino.0, &e.name, e.ino) {
-                // Name only (node id 0): the kernel keeps its node as is.
+            let dots = e.name == b"." || e.name == b"..";
+            let full = if dots || self.ov.holds_entry(ino.0, &e.name, e.ino) {
+                // Name only (node id 0): the kernel skips `.` and `..` and
+                // keeps the nodes it holds as they are.
                 reply.add(
                     INodeNo(0),
                     e.off,
@@ -628,19 +615,6 @@ impl Filesystem for LayerFs {
                 break;
             }
         }
-        reply.ok()
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        debug!("releasedir({ino}, {fh})");
-        self.ov.releasedir(fh.0);
         reply.ok()
     }
 

@@ -1,4 +1,5 @@
-//! Open files and directories, by FUSE file handle.
+//! Open files, by FUSE file handle. (Directories have none: the kernel
+//! lists them by inode, see `OverlayFs::readdir`.)
 //!
 //! A file handle keeps the fd it was opened with and the copy-up generation
 //! of its node at that time: a handle opened on a lower file before the
@@ -11,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::inode::Node;
-use crate::readdir::DirEntry;
 
 pub struct FileHandle {
     pub node: Arc<Node>,
@@ -25,16 +25,7 @@ pub struct FileHandle {
     pub backing: Mutex<Option<Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
-pub struct DirHandle {
-    pub node: Arc<Node>,
-    /// The listing snapshot; refreshed when the caller rewinds to offset 0.
-    pub entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
-}
-
-pub enum Handle {
-    File(FileHandle),
-    Dir(DirHandle),
-}
+pub type Handle = FileHandle;
 
 const SHARDS: usize = 32;
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::config::Options;
 use crate::error::{Context, Error, Result};
-use crate::handles::{DirHandle, FileHandle, Handle, Handles};
+use crate::handles::{FileHandle, Handle, Handles};
 use crate::inode::{Fresh, Node, NodeState, NodeTable, ROOT_INO};
 use crate::layer::{self, Stack};
 use crate::readdir::{self, DirEntry};
@@ -74,6 +74,8 @@ pub struct OverlayFs {
     pub(crate) nodes: NodeTable,
     /// I/O modes of the nodes with open files.
     pub(crate) io: crate::inode::IoTable,
+    /// Recent listings: (directory, entry version, sorted entries).
+    listings: std::sync::Mutex<std::collections::VecDeque<RecentListing>>,
     pub(crate) handles: Handles,
     pub(crate) opts: Options,
     pub(crate) invalidator: OnceLock<Box<dyn Invalidator>>,
@@ -81,6 +83,27 @@ pub struct OverlayFs {
     /// This process's umask (0 in the daemon; a library user's may not be).
     pub(crate) proc_umask: u32,
     forgets: std::sync::atomic::AtomicU64,
+}
+
+/// How many directory listings are kept for the requests that continue
+/// them.
+const RECENT_LISTINGS: usize = 32;
+
+/// A computed listing: (directory, its entry version, sorted entries).
+type RecentListing = (u64, u64, Arc<Vec<DirEntry>>);
+
+/// A directory listing from some offset on (see `OverlayFs::readdir`).
+pub struct Listing {
+    dots: [DirEntry; 2],
+    named: Arc<Vec<DirEntry>>,
+    /// Index of the first entry to give, counting `.` and `..`.
+    start: usize,
+}
+
+impl Listing {
+    pub fn entries(&self) -> impl Iterator<Item = &DirEntry> {
+        self.dots.iter().chain(self.named.iter()).skip(self.start)
+    }
 }
 
 /// How often a lookup resolves again when namespace changes of its
@@ -128,6 +151,7 @@ impl OverlayFs {
                 t
             },
             io: Default::default(),
+            listings: Default::default(),
             handles: Handles::default(),
             opts,
             invalidator: OnceLock::new(),
@@ -207,7 +231,7 @@ impl OverlayFs {
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let node = self.node(ino)?;
-        if let Some(Handle::File(h)) = fh.and_then(|fh| self.handles.get(fh)).as_deref() {
+        if let Some(h) = fh.and_then(|fh| self.handles.get(fh)).as_deref() {
             let fd = h.fd.read().unwrap_or_else(|e| e.into_inner()).0.clone();
             if let Ok(mut st) = sys::fstat(fd.as_fd()) {
                 st.st_ino = self.nodes.st_ino(&node);
@@ -469,13 +493,13 @@ impl OverlayFs {
             OpenIo::Passthrough(b) => Some(b.clone()),
             OpenIo::Cached { .. } => None,
         };
-        let fh = self.handles.insert(Handle::File(FileHandle {
+        let fh = self.handles.insert(FileHandle {
             node,
             fd: std::sync::RwLock::new((fd, generation)),
             flags,
             passthrough: std::sync::atomic::AtomicBool::new(backing.is_some()),
             backing: std::sync::Mutex::new(backing),
-        }));
+        });
         (fh, mode)
     }
 
@@ -486,9 +510,7 @@ impl OverlayFs {
             .handles
             .get(fh)
             .ok_or_else(|| Error::new(libc::EBADF, format!("unknown file handle {fh}")))?;
-        let Handle::File(f) = &*h else {
-            return Err(Error::new(libc::EISDIR, "file op on a directory handle"));
-        };
+        let f = &*h;
         let generation = f.node.generation.load(Ordering::Acquire);
         let (fd, g) = f.fd.read().unwrap_or_else(|e| e.into_inner()).clone();
         if g == generation {
@@ -519,9 +541,7 @@ impl OverlayFs {
     }
 
     pub fn release(&self, fh: u64) {
-        if let Some(h) = self.handles.remove(fh)
-            && let Handle::File(f) = &*h
-        {
+        if let Some(f) = self.handles.remove(fh) {
             self.io.with(f.node.ino, |io| {
                 if f.passthrough.load(Ordering::Acquire) {
                     io.passthrough = io.passthrough.saturating_sub(1);
@@ -537,64 +557,79 @@ impl OverlayFs {
 
     // ---- directories ------------------------------------------------------
 
-    pub fn opendir(&self, ino: u64) -> Result<u64> {
+    /// The listing of directory `ino` and the index of its first entry
+    /// after `offset` (1 is `.`, 2 is `..`, then the merged entries in
+    /// `readdir::cookie` order, each entry's offset being its cookie).
+    /// Directories have no handles: the kernel caches their listings itself
+    /// (the default when it has no `opendir`), and asks by inode for the
+    /// parts it lacks. A listing stays valid until an entry of the directory
+    /// changes (`EntryVersions`), so one read in many requests is computed
+    /// once; offsets that name entries keep a listing read while the
+    /// directory changes exact (`rm -rf` of a large directory).
+    pub fn readdir(&self, ino: u64, offset: u64) -> Result<Listing> {
         let node = self.node(ino)?;
         if !node.is_dir() {
-            return Err(Error::new(libc::ENOTDIR, "opendir of a non-directory"));
+            return Err(Error::new(libc::ENOTDIR, "readdir of a non-directory"));
         }
-        Ok(self.handles.insert(Handle::Dir(DirHandle {
-            node,
-            entries: std::sync::Mutex::new(None),
-        })))
-    }
-
-    /// The listing of an open directory and the index of the first entry
-    /// after `offset`. Offsets: 1 is `.`, 2 is `..`, then the merged entries
-    /// in `readdir::cookie` order, each entry's offset being its cookie.
-    pub fn readdir(&self, fh: u64, offset: u64) -> Result<(Arc<Vec<DirEntry>>, usize)> {
-        let h = self
-            .handles
-            .get(fh)
-            .ok_or_else(|| Error::new(libc::EBADF, "unknown dir handle"))?;
-        let Handle::Dir(d) = &*h else {
-            return Err(Error::new(libc::ENOTDIR, "readdir on a file handle"));
-        };
-        let mut g = d.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let list = match g.as_ref() {
-            Some(list) if offset != 0 => list.clone(),
-            _ => {
-                let s = d.node.snapshot();
-                let mut list = vec![
-                    DirEntry {
-                        name: b".".to_vec(),
-                        ino: d.node.ino,
-                        fmt: libc::S_IFDIR,
-                        off: 1,
-                    },
-                    DirEntry {
-                        name: b"..".to_vec(),
-                        ino: s.parent.as_ref().map_or(ROOT_INO, |p| p.ino),
-                        fmt: libc::S_IFDIR,
-                        off: 2,
-                    },
-                ];
-                let mut named = readdir::list(&self.stack, &s.dirs)?;
-                readdir::sort(&mut named);
-                list.extend(named);
-                let list = Arc::new(list);
-                *g = Some(list.clone());
-                list
-            }
+        let s = node.snapshot();
+        let dots = [
+            DirEntry {
+                name: b".".to_vec(),
+                ino: self.nodes.st_ino(&node),
+                fmt: libc::S_IFDIR,
+                off: 1,
+            },
+            DirEntry {
+                name: b"..".to_vec(),
+                ino: s
+                    .parent
+                    .as_ref()
+                    .map_or(self.nodes.st_ino(&node), |p| self.nodes.st_ino(p)),
+                fmt: libc::S_IFDIR,
+                off: 2,
+            },
+        ];
+        let named = if s.unlinked {
+            Arc::default()
+        } else {
+            self.named_entries(ino, &s.dirs)?
         };
         let start = match offset {
             0..=2 => offset as usize,
-            _ => 2 + list[2..].partition_point(|e| e.off <= offset),
+            _ => 2 + named.partition_point(|e| e.off <= offset),
         };
-        Ok((list, start))
+        Ok(Listing { dots, named, start })
     }
 
-    pub fn releasedir(&self, fh: u64) {
-        self.handles.remove(fh);
+    /// The merged entries of a directory, sorted: a recent listing when no
+    /// entry changed since, else a new one.
+    fn named_entries(
+        &self,
+        ino: u64,
+        dirs: &[crate::inode::DirLayer],
+    ) -> Result<Arc<Vec<DirEntry>>> {
+        let version = self.nodes.versions.begin(ino);
+        let mut recent = self.listings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = version
+            && let Some(l) = recent.iter().find(|l| l.0 == ino && l.1 == v)
+        {
+            return Ok(l.2.clone());
+        }
+        drop(recent);
+        let mut named = readdir::list(&self.stack, dirs)?;
+        readdir::sort(&mut named);
+        let named = Arc::new(named);
+        if let Some(v) = version
+            && self.nodes.versions.unchanged(ino, v)
+        {
+            recent = self.listings.lock().unwrap_or_else(|e| e.into_inner());
+            recent.retain(|l| l.0 != ino);
+            if recent.len() >= RECENT_LISTINGS {
+                recent.pop_front();
+            }
+            recent.push_back((ino, v, named.clone()));
+        }
+        Ok(named)
     }
 
     /// Whether the kernel already holds the listed entry `name` (with

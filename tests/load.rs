@@ -1266,3 +1266,120 @@ fn load_readdir_while_others_list_is_exact() {
     m.unmount().expect("clean unmount");
     assert!(problem.is_none(), "{}", problem.unwrap());
 }
+
+/// A directory stream read with libc (`readdir`, `telldir`, `seekdir`).
+struct DirStream(*mut libc::DIR);
+
+impl DirStream {
+    fn open(p: &Path) -> DirStream {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; the result is checked.
+        let d = unsafe { libc::opendir(c.as_ptr()) };
+        assert!(!d.is_null(), "opendir {}", p.display());
+        DirStream(d)
+    }
+
+    /// The next name other than `.` and `..`.
+    fn next(&mut self) -> Option<String> {
+        loop {
+            // SAFETY: an open stream; the entry is read before the next call.
+            let e = unsafe { libc::readdir(self.0) };
+            if e.is_null() {
+                return None;
+            }
+            // SAFETY: d_name is NUL-terminated.
+            let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+            let name = name.to_string_lossy().into_owned();
+            if name != "." && name != ".." {
+                return Some(name);
+            }
+        }
+    }
+
+    fn tell(&self) -> libc::c_long {
+        // SAFETY: an open stream.
+        unsafe { libc::telldir(self.0) }
+    }
+
+    fn seek(&self, pos: libc::c_long) {
+        // SAFETY: an open stream and a position telldir gave.
+        unsafe { libc::seekdir(self.0, pos) }
+    }
+}
+
+impl Drop for DirStream {
+    fn drop(&mut self) {
+        // SAFETY: opened by opendir, closed once.
+        unsafe { libc::closedir(self.0) };
+    }
+}
+
+/// A listing read while names are removed stays exact: a position from
+/// `telldir` still resumes after the same name, and a stream read in
+/// batches whose names are unlinked in between (what `rm -rf` does) gives
+/// every name once and leaves the directory empty. Half of the names are in
+/// the lower layer (whiteouts on removal), half in the upper.
+#[test]
+fn listing_while_unlinking_and_seeking_is_exact() {
+    let d = Dirs::new("listing");
+    let lower = d.dir("lower");
+    fs::create_dir_all(lower.join("big")).unwrap();
+    let n = 1500;
+    for i in 0..n {
+        fs::write(lower.join(format!("big/l{i:04}")), b"l").unwrap();
+    }
+    let m = Layerfs::mount(&[lower], &d.dir("upper"), &d.dir("work"), &d.path("mnt"));
+    let _wd = m.watchdog(120, "listing while unlinking");
+    let dir = m.path().join("big");
+    for i in 0..n {
+        fs::write(dir.join(format!("u{i:04}")), b"u").unwrap();
+    }
+
+    // telldir/seekdir across removals.
+    let mut s = DirStream::open(&dir);
+    let mut names = Vec::new();
+    let mut after = Vec::new();
+    for _ in 0..100 {
+        names.push(s.next().expect("100 names"));
+        after.push(s.tell());
+    }
+    for name in &names[50..60] {
+        fs::remove_file(dir.join(name)).unwrap();
+    }
+    s.seek(after[45]);
+    let resumed: Vec<String> = (0..10).map(|_| s.next().expect("a name")).collect();
+    let mut want: Vec<String> = names[46..50].to_vec();
+    want.extend_from_slice(&names[60..66]);
+    assert_eq!(
+        resumed, want,
+        "seekdir after removals must resume after the same name"
+    );
+    drop(s);
+
+    // rm -rf style: batches read, then unlinked, from one stream.
+    let mut left: BTreeSet<String> = dir_names(&dir).into_iter().collect();
+    assert_eq!(left.len(), 2 * n - 10);
+    let mut s = DirStream::open(&dir);
+    let mut seen = BTreeSet::new();
+    loop {
+        let batch: Vec<String> = (0..200).map_while(|_| s.next()).collect();
+        if batch.is_empty() {
+            break;
+        }
+        for name in batch {
+            assert!(seen.insert(name.clone()), "{name} listed twice");
+            assert!(left.remove(&name), "{name} listed but not present");
+            fs::remove_file(dir.join(&name)).unwrap();
+        }
+    }
+    drop(s);
+    assert!(
+        left.is_empty(),
+        "never listed: {:?}",
+        left.iter().take(10).collect::<Vec<_>>()
+    );
+    assert_eq!(dir_names(&dir), Vec::<String>::new());
+    fs::remove_dir(&dir).unwrap();
+    assert!(!dir.exists());
+    m.unmount().expect("clean unmount");
+}
