@@ -80,6 +80,14 @@ impl OverlayFs {
             .clone();
         let st = sys::fstatat(src.dir.as_fd(), &src.name)
             .ctx(|| format!("copy-up stat {:?}", src.name))?;
+        if st.st_mode & libc::S_IFMT != node.fmt {
+            // The layer was changed under the mount (e.g. a directory
+            // swapped for a symlink): copy nothing from the new object.
+            return Err(Error::new(
+                libc::ESTALE,
+                format!("{:?} changed type in its layer", src.name),
+            ));
+        }
         let ctx = CopyUp {
             src_dir: src.dir.as_fd(),
             name: &src.name,
