@@ -917,6 +917,14 @@ impl crate::overlay::Invalidator for Notify {
         }
     }
 
+    /// Synchronous: called only while no READ of the inode can be pending
+    /// (its single open, before the open is answered).
+    fn store(&self, ino: u64, data: &[u8]) {
+        if let Err(e) = self.0.store(INodeNo(ino), 0, data) {
+            debug!("notify store: {e}");
+        }
+    }
+
     /// Synchronous too: a directory's cached listing lives in its page
     /// cache, whose pages no request holds locked while it waits for us.
     fn inval_listing(&self, ino: u64) {

@@ -195,6 +195,8 @@ pub struct Node {
     /// The kernel must not cache this node's attributes: its object is
     /// also reachable through other nodes (hard links), which may change it.
     pub uncached: std::sync::atomic::AtomicBool,
+    /// The kernel was given this lower file's content (`OverlayFs::prefill`).
+    pub prefilled: std::sync::atomic::AtomicBool,
     /// `S_IFMT` bits; an object never changes type.
     pub fmt: u32,
     lookups: AtomicU64,
@@ -211,6 +213,7 @@ impl Node {
         Node {
             ino,
             uncached: std::sync::atomic::AtomicBool::new(false),
+            prefilled: std::sync::atomic::AtomicBool::new(false),
             fmt,
             lookups: AtomicU64::new(0),
             state: RwLock::new(state),
