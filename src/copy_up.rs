@@ -98,6 +98,9 @@ impl OverlayFs {
             skip_data,
         };
         debug!("copy-up {:?} (ino {})", src.name, node.ino);
+        // A lower hard link's copy gets an inode number of its own: the
+        // parent's listing (its d_ino) changes with it.
+        let _v = (st.st_nlink > 1 && !node.is_dir()).then(|| self.changing(&[parent.ino]));
         self.build_and_link(&ctx)?;
         let loc = Loc {
             layer: dest.layer,

@@ -237,13 +237,14 @@ impl Filesystem for LayerFs {
             // timeout), as it caches negative dentries over the kernel's
             // overlay: names only appear through this mount, and the kernel
             // replaces the entry when one does.
-            Err(e) if e.is(libc::ENOENT) => reply.entry_node(
-                INodeNo(0),
-                &Duration::ZERO,
-                &self.ttl,
-                &bare_attr(0, libc::S_IFREG),
-                Generation(0),
-            ),
+            Err(e) if e.is(libc::ENOENT) && e.context() != crate::overlay::RACED_ABSENCE => reply
+                .entry_node(
+                    INodeNo(0),
+                    &Duration::ZERO,
+                    &self.ttl,
+                    &bare_attr(0, libc::S_IFREG),
+                    Generation(0),
+                ),
             r => self.entry(reply, r),
         }
     }
@@ -546,7 +547,12 @@ impl Filesystem for LayerFs {
         debug!("readdir({ino}, {fh}, {offset})");
         match guard("readdir", || self.ov.readdir(ino.0, offset)) {
             Ok(listing) => {
-                for e in listing.entries() {
+                let mut it = listing.entries().peekable();
+                let mut sent = 0;
+                while let Some(e) = it.next() {
+                    if sent > 0 && !run_fits(e, &it, 24, reply.remaining()) {
+                        break;
+                    }
                     if reply.add(
                         INodeNo(e.ino),
                         e.off,
@@ -555,6 +561,7 @@ impl Filesystem for LayerFs {
                     ) {
                         break;
                     }
+                    sent += 1;
                 }
                 reply.ok()
             }
@@ -575,45 +582,54 @@ impl Filesystem for LayerFs {
             Ok(l) => l,
             Err(e) => return reply.error(errno(&e)),
         };
-        for e in listing.entries() {
+        let mut it = listing.entries().peekable();
+        let mut sent = 0;
+        while let Some(e) = it.next() {
+            if sent > 0 && !run_fits(e, &it, 152, reply.remaining()) {
+                break;
+            }
             let name = OsStr::from_bytes(&e.name);
             let dots = e.name == b"." || e.name == b"..";
-            let full = if dots || self.ov.holds_entry(ino.0, &e.name, e.ino) {
+            let looked_up = match dots || self.ov.holds_entry(ino.0, &e.name, e.ino) {
+                true => None,
+                // A name that cannot be looked up now is still listed (the
+                // kernel may cache this listing): by name alone.
+                false => guard("readdirplus lookup", || {
+                    self.ov.lookup_entry(ino.0, &e.name)
+                })
+                .ok(),
+            };
+            let full = match looked_up {
+                Some(a) => {
+                    let full = reply.add(
+                        INodeNo(a.ino),
+                        e.off,
+                        name,
+                        &self.attr_ttl(&a),
+                        &self.to_fuse(&a),
+                        Generation(0),
+                    );
+                    if full {
+                        // Not sent: give the lookup back.
+                        self.ov.forget(a.ino, 1);
+                    }
+                    full
+                }
                 // Name only (node id 0): the kernel skips `.` and `..` and
                 // keeps the nodes it holds as they are.
-                reply.add(
+                None => reply.add(
                     INodeNo(0),
                     e.off,
                     name,
                     &Duration::ZERO,
                     &bare_attr(e.ino, e.fmt),
                     Generation(0),
-                )
-            } else {
-                match guard("readdirplus lookup", || {
-                    self.ov.lookup_entry(ino.0, &e.name)
-                }) {
-                    Ok(a) => {
-                        let full = reply.add(
-                            INodeNo(a.ino),
-                            e.off,
-                            name,
-                            &self.attr_ttl(&a),
-                            &self.to_fuse(&a),
-                            Generation(0),
-                        );
-                        if full {
-                            // Not sent: give the lookup back.
-                            self.ov.forget(a.ino, 1);
-                        }
-                        full
-                    }
-                    Err(_) => continue,
-                }
+                ),
             };
             if full {
                 break;
             }
+            sent += 1;
         }
         reply.ok()
     }
@@ -857,6 +873,27 @@ impl LayerFs {
     }
 }
 
+/// Whether the run of entries sharing `e`'s offset (a hash collision; `e`
+/// and those `rest` starts with) fits in `room` bytes of a listing reply,
+/// `header` bytes per entry plus the name. A run is never split across
+/// replies: the next request resumes after the offset, which would skip
+/// the run's rest.
+fn run_fits<'a>(
+    e: &crate::readdir::DirEntry,
+    rest: &(impl Iterator<Item = &'a crate::readdir::DirEntry> + Clone),
+    header: usize,
+    room: usize,
+) -> bool {
+    let size = |x: &crate::readdir::DirEntry| (header + x.name.len()).next_multiple_of(8);
+    let run: usize = size(e)
+        + rest
+            .clone()
+            .take_while(|n| n.off == e.off)
+            .map(size)
+            .sum::<usize>();
+    run <= room
+}
+
 /// Attributes that carry an inode number and type only, for replies whose
 /// attributes the kernel ignores (node id 0: a readdirplus entry given by
 /// name, a negative lookup).
@@ -905,14 +942,47 @@ fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
     }
 }
 
-/// Sends kernel invalidations from their own thread (never from inside a
-/// request, which could hold a lock the invalidation needs).
-pub struct Notify(pub fuser::Notifier);
+/// Sends the core's invalidations to the kernel, from the request thread
+/// that asks (so they are done before its reply), except listing
+/// invalidations with a single request thread: the kernel may hold a
+/// directory's cache page locked while it copies a listing into a buffer
+/// whose page fault needs a READ from this very filesystem, which a lone
+/// request thread waiting on that page could never answer.
+pub struct Notify {
+    notifier: fuser::Notifier,
+    background: Option<std::sync::Mutex<std::sync::mpsc::Sender<u64>>>,
+}
+
+impl Notify {
+    pub fn new(notifier: fuser::Notifier, threads: usize) -> Notify {
+        let background = if threads < 2 {
+            let (tx, rx) = std::sync::mpsc::channel::<u64>();
+            let n = notifier.clone();
+            std::thread::Builder::new()
+                .name("layerfs-inval".into())
+                .spawn(move || {
+                    for ino in rx {
+                        if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
+                            debug!("inval_inode: {e}");
+                        }
+                    }
+                })
+                .ok()
+                .map(|_| std::sync::Mutex::new(tx))
+        } else {
+            None
+        };
+        Notify {
+            notifier,
+            background,
+        }
+    }
+}
 
 impl crate::overlay::Invalidator for Notify {
     /// Synchronous: attribute invalidation takes no inode lock in the kernel.
     fn inval_attr(&self, ino: u64) {
-        if let Err(e) = self.0.inval_inode(INodeNo(ino), -1, 0) {
+        if let Err(e) = self.notifier.inval_inode(INodeNo(ino), -1, 0) {
             debug!("inval_inode: {e}");
         }
     }
@@ -920,15 +990,16 @@ impl crate::overlay::Invalidator for Notify {
     /// Synchronous: called only while no READ of the inode can be pending
     /// (its single open, before the open is answered).
     fn store(&self, ino: u64, data: &[u8]) {
-        if let Err(e) = self.0.store(INodeNo(ino), 0, data) {
+        if let Err(e) = self.notifier.store(INodeNo(ino), 0, data) {
             debug!("notify store: {e}");
         }
     }
 
-    /// Synchronous too: a directory's cached listing lives in its page
-    /// cache, whose pages no request holds locked while it waits for us.
+    /// Synchronous with several request threads (see `Notify`).
     fn inval_listing(&self, ino: u64) {
-        if let Err(e) = self.0.inval_inode(INodeNo(ino), 0, 0) {
+        if let Some(tx) = &self.background {
+            let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(ino);
+        } else if let Err(e) = self.notifier.inval_inode(INodeNo(ino), 0, 0) {
             debug!("inval_inode: {e}");
         }
     }

@@ -167,7 +167,10 @@ pub fn new_session(cfg: &MountConfig, mountpoint: &Path) -> Result<Session<Layer
     config.n_threads = Some(cfg.options.threads);
     let session = Session::new(fs, mountpoint, &config)
         .map_err(|e| format!("cannot mount on '{}': {e}", mountpoint.display()))?;
-    ov.set_invalidator(Box::new(Notify(session.notifier())));
+    ov.set_invalidator(Box::new(Notify::new(
+        session.notifier(),
+        cfg.options.threads,
+    )));
     raise_readahead(mountpoint);
     Ok(session)
 }

@@ -36,12 +36,38 @@ struct Parent {
     lowers: Vec<DirLayer>,
 }
 
+/// A running change of the entries of some directories: lookups in them
+/// resolve again meanwhile (`EntryVersions`), and when it ends — done,
+/// failed half-way or not begun — the kernel's cached listings of them are
+/// dropped, before the change is answered.
+pub(crate) struct Changing<'a> {
+    ov: &'a OverlayFs,
+    dirs: Vec<u64>,
+    _version: crate::inode::EntryChange<'a>,
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        self.ov.listings_changed(&self.dirs);
+    }
+}
+
 impl OverlayFs {
+    /// Marks the entries of `dirs` as changing until the guard drops; taken
+    /// before the change touches the disk or any node.
+    pub(crate) fn changing(&self, dirs: &[u64]) -> Changing<'_> {
+        Changing {
+            ov: self,
+            dirs: dirs.to_vec(),
+            _version: self.nodes.versions.change(dirs),
+        }
+    }
+
     /// After a change of the entries of `dirs`: the kernel's cached
-    /// listings of them are dropped before the change is answered (the
-    /// kernel drops them itself only when a listing starts, which misses a
-    /// cache being filled meanwhile by a listing that began earlier).
-    fn listings_changed(&self, dirs: &[u64]) {
+    /// listings of them are dropped (the kernel drops them itself only when
+    /// a listing starts, which misses a cache being filled meanwhile by a
+    /// listing that began earlier).
+    pub(crate) fn listings_changed(&self, dirs: &[u64]) {
         if let Some(inv) = self.invalidator.get() {
             for &d in dirs {
                 inv.inval_listing(d);
@@ -113,7 +139,7 @@ impl OverlayFs {
         }
         let p = self.prepare_parent(parent)?;
         let _g = p.node.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let _v = self.nodes.versions.change(&[parent]);
+        let _v = self.changing(&[parent]);
         let pdirs = p.node.snapshot().dirs;
         if resolve::lookup(&self.stack, &pdirs, name)?.exists() {
             return Err(Error::new(libc::EEXIST, format!("{name:?} exists")));
@@ -132,7 +158,6 @@ impl OverlayFs {
             let _ = sys::unlinkat(dir, &target, matches!(obj, NewObject::Dir));
             return Err(e);
         }
-        self.listings_changed(&[parent]);
         let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, name)?;
         let (_, attr) = self.record(&p.node, r)?;
         Ok((attr, fd))
@@ -276,16 +301,14 @@ impl OverlayFs {
         let ino = resolve::ino_of(&self.stack, &r)?;
         let p = self.prepare_parent(parent)?;
         let _g = p.node.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let _v = self.nodes.versions.change(&[parent]);
+        let _v = self.changing(&[parent]);
         let upper_kind = match sys::fstatat(p.upper.fd.as_fd(), name) {
             Ok(st) => Some(st.st_mode & libc::S_IFMT),
             Err(e) if crate::error::is_enoent(&e) => None,
             Err(e) => return Err(e).ctx(|| format!("stat {name:?}")),
         };
         self.detach(parent, name, ino, &r);
-        let res = self.remove_entry(&p, name, upper_kind);
-        self.listings_changed(&[parent]);
-        res
+        self.remove_entry(&p, name, upper_kind)
     }
 
     /// Removes `name` from the merged view of a locked parent: a whiteout
@@ -426,9 +449,6 @@ impl OverlayFs {
     ) -> Result<()> {
         let old_node = &old_nodes[0];
         self.movable(old_node)?;
-        // From here until the nodes are updated, lookups in both parents
-        // resolve again (see `EntryVersions`).
-        let _v = self.nodes.versions.change(&[oldp, newp]);
         let exchanged = new_nodes.first().filter(|_| exchange);
         if let Some(n) = exchanged {
             self.movable(n)?;
@@ -436,10 +456,6 @@ impl OverlayFs {
         self.copy_up(old_node, false)?;
         if let Some(n) = exchanged {
             self.copy_up(n, false)?;
-        }
-        if !exchange && new.exists() {
-            let ino = resolve::ino_of(&self.stack, new)?;
-            self.detach(newp, newname, ino, new);
         }
         let po = self.prepare_parent(oldp)?;
         let pn = self.prepare_parent(newp)?;
@@ -452,9 +468,19 @@ impl OverlayFs {
         let _g1 = first.lock.lock().unwrap_or_else(|e| e.into_inner());
         let _g2 = (!Arc::ptr_eq(first, second))
             .then(|| second.lock.lock().unwrap_or_else(|e| e.into_inner()));
-        let res = self.do_rename(&po, oldname, &pn, newname, exchanged, old_node);
-        self.listings_changed(&[oldp, newp]);
-        res?;
+        // From here until the nodes are updated, lookups in both parents
+        // resolve again; a directory moved to another parent has a new `..`.
+        let mut dirs = vec![oldp, newp];
+        if oldp != newp {
+            let moved = old_nodes.iter().chain(exchanged);
+            dirs.extend(moved.filter(|n| n.is_dir()).map(|n| n.ino));
+        }
+        let _v = self.changing(&dirs);
+        if !exchange && new.exists() {
+            let ino = resolve::ino_of(&self.stack, new)?;
+            self.detach(newp, newname, ino, new);
+        }
+        self.do_rename(&po, oldname, &pn, newname, exchanged, old_node)?;
         if exchanged.is_some() {
             for n in new_nodes {
                 self.after_move(&po, oldname, n)?;
@@ -650,7 +676,7 @@ impl OverlayFs {
         };
         let p = self.prepare_parent(newp)?;
         let _g = p.node.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let _v = self.nodes.versions.change(&[newp]);
+        let _v = self.changing(&[newp]);
         if resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?.exists() {
             return Err(Error::new(libc::EEXIST, format!("{newname:?} exists")));
         }
@@ -678,7 +704,6 @@ impl OverlayFs {
                 inv.inval_attr(n.ino);
             }
         }
-        self.listings_changed(&[newp]);
         let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?;
         Ok(self.record(&p.node, r)?.1)
     }

@@ -109,10 +109,14 @@ pub struct Listing {
 }
 
 impl Listing {
-    pub fn entries(&self) -> impl Iterator<Item = &DirEntry> {
+    pub fn entries(&self) -> impl Iterator<Item = &DirEntry> + Clone {
         self.dots.iter().chain(self.named.iter()).skip(self.start)
     }
 }
+
+/// The context of an ENOENT from a lookup that kept racing changes of its
+/// directory: not to be cached by the kernel.
+pub const RACED_ABSENCE: &str = "no such entry (while the directory changed)";
 
 /// How often a lookup resolves again when namespace changes of its
 /// directory keep racing it.
@@ -273,6 +277,10 @@ impl OverlayFs {
         loop {
             tries += 1;
             let seen = self.nodes.versions.begin(parent);
+            if seen.is_none() && tries < LOOKUP_TRIES {
+                std::thread::yield_now();
+                continue;
+            }
             let ps = pnode.snapshot();
             if ps.dirs.is_empty() {
                 return Err(Error::new(libc::ENOTDIR, "lookup in a non-directory"));
@@ -285,22 +293,32 @@ impl OverlayFs {
             tests::after_resolve(name);
             let fresh = match seen {
                 Some(v) => Fresh::Seen(parent, v),
-                None if tries < LOOKUP_TRIES => {
-                    std::thread::yield_now();
-                    continue;
-                }
                 None => Fresh::Unknown,
             };
             // An absence is cached by the kernel (a negative entry): only
             // one that no change of the directory raced.
-            if !r.exists()
-                && tries < LOOKUP_TRIES
-                && !matches!(fresh, Fresh::Seen(d, v) if self.nodes.versions.unchanged(d, v))
-            {
-                std::thread::yield_now();
-                continue;
+            if !r.exists() {
+                if matches!(fresh, Fresh::Seen(d, v) if self.nodes.versions.unchanged(d, v)) {
+                    return Err(Error::new(libc::ENOENT, "no such entry"));
+                }
+                if tries < LOOKUP_TRIES {
+                    std::thread::yield_now();
+                    continue;
+                }
+                return Err(Error::new(libc::ENOENT, RACED_ABSENCE));
             }
-            match self.record_as(&pnode, r, fresh)? {
+            let recorded = match self.record_as(&pnode, r, fresh) {
+                // The entry went away between resolving and recording it.
+                Err(e)
+                    if e.is(libc::ENOENT)
+                        && tries < LOOKUP_TRIES
+                        && !matches!(fresh, Fresh::Seen(d, v) if self.nodes.versions.unchanged(d, v)) =>
+                {
+                    continue;
+                }
+                r => r?,
+            };
+            match recorded {
                 Some((_, a)) => return Ok(a),
                 None if tries < LOOKUP_TRIES => std::thread::yield_now(),
                 None => {
@@ -629,6 +647,9 @@ impl OverlayFs {
         if !node.is_dir() {
             return Err(Error::new(libc::ENOTDIR, "readdir of a non-directory"));
         }
+        // The version first: a listing made from layers seen after it is
+        // never kept under a later version.
+        let version = self.nodes.versions.begin(ino);
         let s = node.snapshot();
         let dots = [
             DirEntry {
@@ -650,7 +671,7 @@ impl OverlayFs {
         let named = if s.unlinked {
             Arc::default()
         } else {
-            self.named_entries(ino, &s.dirs)?
+            self.named_entries(ino, version, &s.dirs)?
         };
         let start = match offset {
             0..=2 => offset as usize,
@@ -664,9 +685,9 @@ impl OverlayFs {
     fn named_entries(
         &self,
         ino: u64,
+        version: Option<u64>,
         dirs: &[crate::inode::DirLayer],
     ) -> Result<Arc<Vec<DirEntry>>> {
-        let version = self.nodes.versions.begin(ino);
         let mut recent = self.listings.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = version
             && let Some(l) = recent.iter().find(|l| l.0 == ino && l.1 == v)

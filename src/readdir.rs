@@ -34,15 +34,17 @@ pub const FIRST_COOKIE: u64 = 3;
 /// A name's directory offset: a hash of the name, so that an entry has the
 /// same offset in every listing of its directory (as on ext4), whatever
 /// else was added or removed. Listings are sorted by it. The kernel's
-/// cache of a directory stream (FOPEN_CACHE_DIR) may be filled from several
-/// open handles, each with its own listing; with offsets that name entries
-/// rather than count them, the pieces always fit together. Offsets stay
-/// below 2^62 (positive for `telldir` everywhere).
+/// cache of a directory stream may be filled from several listings; with
+/// offsets that name entries rather than count them, the pieces fit
+/// together. Offsets stay below 2^31, which 32-bit programs need (glibc
+/// fails their `readdir` with EOVERFLOW above); names that share an offset
+/// are always sent in one reply (see `fuse.rs`). The hash key is random
+/// per daemon, so names cannot be crafted to collide.
 pub fn cookie(name: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    name.hash(&mut h);
-    FIRST_COOKIE + h.finish() % ((1 << 62) - FIRST_COOKIE)
+    use std::hash::BuildHasher;
+    static KEY: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    let h = KEY.get_or_init(std::hash::RandomState::new).hash_one(name);
+    FIRST_COOKIE + h % ((1 << 31) - FIRST_COOKIE)
 }
 
 /// Sorts a listing into offset order.

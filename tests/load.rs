@@ -1296,6 +1296,23 @@ impl DirStream {
         }
     }
 
+    /// The `d_ino` of `..`.
+    fn dotdot_ino(&mut self) -> Option<u64> {
+        loop {
+            // SAFETY: an open stream; the entry is read before the next call.
+            let e = unsafe { libc::readdir(self.0) };
+            if e.is_null() {
+                return None;
+            }
+            // SAFETY: d_name is NUL-terminated.
+            let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+            if name.to_bytes() == b".." {
+                // SAFETY: as above.
+                return Some(unsafe { (*e).d_ino });
+            }
+        }
+    }
+
     fn tell(&self) -> libc::c_long {
         // SAFETY: an open stream.
         unsafe { libc::telldir(self.0) }
@@ -1343,6 +1360,11 @@ fn listing_while_unlinking_and_seeking_is_exact() {
         names.push(s.next().expect("100 names"));
         after.push(s.tell());
     }
+    assert!(
+        after.iter().all(|&p| p > 0 && p < 1 << 31),
+        "offsets must fit 32-bit readdir: {:?}",
+        after.iter().max()
+    );
     for name in &names[50..60] {
         fs::remove_file(dir.join(name)).unwrap();
     }
@@ -1381,5 +1403,36 @@ fn listing_while_unlinking_and_seeking_is_exact() {
     assert_eq!(dir_names(&dir), Vec::<String>::new());
     fs::remove_dir(&dir).unwrap();
     assert!(!dir.exists());
+    m.unmount().expect("clean unmount");
+}
+
+/// A directory moved to another parent lists the new parent as `..`, also
+/// when its listing was cached before the move.
+#[test]
+fn moved_directory_lists_its_new_parent() {
+    let d = Dirs::new("moved-dotdot");
+    let lower = d.dir("lower");
+    fs::create_dir_all(lower.join("a/d")).unwrap();
+    fs::create_dir_all(lower.join("b")).unwrap();
+    fs::write(lower.join("a/d/f"), b"f").unwrap();
+    let m = Layerfs::mount(&[lower], &d.dir("upper"), &d.dir("work"), &d.path("mnt"));
+    let _wd = m.watchdog(60, "moved directory");
+    let root = m.path();
+    // A directory made in the upper can be renamed (a lower one is EXDEV).
+    fs::create_dir(root.join("a/e")).unwrap();
+    fs::write(root.join("a/e/g"), b"g").unwrap();
+    let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+    for _ in 0..2 {
+        let dd = DirStream::open(&root.join("a/e")).dotdot_ino();
+        assert_eq!(dd, Some(ino(&root.join("a"))));
+    }
+    fs::rename(root.join("a/e"), root.join("b/e")).unwrap();
+    let dd = DirStream::open(&root.join("b/e")).dotdot_ino();
+    assert_eq!(
+        dd,
+        Some(ino(&root.join("b"))),
+        "`..` of the moved directory"
+    );
+    assert_eq!(dir_names(&root.join("b/e")), vec!["g"]);
     m.unmount().expect("clean unmount");
 }

@@ -770,6 +770,12 @@ impl ReplyDirectory {
             .push(&DirEntry::new(ino, DirEntOffset(offset), kind, name))
     }
 
+    /// layerfs patch: bytes still free in the reply buffer (an entry takes
+    /// 24 bytes plus its name, rounded up to 8).
+    pub fn remaining(&self) -> usize {
+        self.data.remaining()
+    }
+
     /// Reply to a request with the filled directory buffer
     pub fn ok(self) {
         let response: ll::ResponseData = self.data.into();
@@ -826,6 +832,12 @@ impl ReplyDirectoryPlus {
             attr.into(),
             *ttl,
         ))
+    }
+
+    /// layerfs patch: bytes still free in the reply buffer (an entry takes
+    /// 152 bytes plus its name, rounded up to 8).
+    pub fn remaining(&self) -> usize {
+        self.buf.remaining()
     }
 
     /// Reply to a request with the filled directory buffer

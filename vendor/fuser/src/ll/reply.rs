@@ -402,6 +402,11 @@ impl EntListBuf {
         }
     }
 
+    /// layerfs patch: bytes still free in the reply buffer.
+    pub(crate) fn remaining(&self) -> usize {
+        self.max_size.saturating_sub(self.buf.len())
+    }
+
     /// Add an entry to the directory reply buffer. Returns true if the buffer is full.
     /// A transparent offset value can be provided for each entry. The kernel uses these
     /// value to request the next entries in further readdir calls
@@ -456,6 +461,11 @@ impl From<DirEntList> for ResponseData {
 }
 
 impl DirEntList {
+    /// layerfs patch: bytes still free in the reply buffer.
+    pub(crate) fn remaining(&self) -> usize {
+        self.0.remaining()
+    }
+
     pub(crate) fn new(max_size: usize) -> Self {
         Self(EntListBuf::new(max_size))
     }
@@ -519,6 +529,11 @@ impl From<DirEntPlusList> for ResponseData {
 }
 
 impl DirEntPlusList {
+    /// layerfs patch: bytes still free in the reply buffer.
+    pub(crate) fn remaining(&self) -> usize {
+        self.0.remaining()
+    }
+
     pub(crate) fn new(max_size: usize) -> Self {
         Self(EntListBuf::new(max_size))
     }
