@@ -246,11 +246,42 @@ impl OverlayFs {
         sys::unlinkat(work, tmp, false).ctx(|| "remove old whiteout".into())
     }
 
-    /// Makes a whiteout in the work directory.
+    /// Makes a whiteout in the work directory: a hard link of one shared
+    /// whiteout, as the kernel's overlayfs does (no inode to allocate per
+    /// deletion), or a new one where links cannot be made; a new shared
+    /// one when the old is gone or has all the links it can (EMLINK).
     fn make_whiteout(&self) -> Result<CString> {
+        let work = self.stack.work_fd()?;
         let tmp = self.tmp_name();
-        sys::mknodat(self.stack.work_fd()?, &tmp, libc::S_IFCHR, 0)
-            .ctx(|| "create whiteout".into())?;
+        let mut shared = self
+            .shared_whiteout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = shared.as_ref() {
+            match sys::linkat(work, s, work, &tmp) {
+                Ok(()) => return Ok(tmp),
+                Err(e) => {
+                    log::debug!("shared whiteout: {e}; making a new one");
+                    let _ = sys::unlinkat(work, s, false);
+                    *shared = None;
+                }
+            }
+        }
+        sys::mknodat(work, &tmp, libc::S_IFCHR, 0).ctx(|| "create whiteout".into())?;
+        if !self
+            .no_shared_whiteout
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let s = self.tmp_name();
+            match sys::linkat(work, &tmp, work, &s) {
+                Ok(()) => *shared = Some(s),
+                Err(e) => {
+                    log::debug!("whiteouts not shared: {e}");
+                    self.no_shared_whiteout
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
         Ok(tmp)
     }
 

@@ -80,6 +80,10 @@ pub struct OverlayFs {
     listings: std::sync::Mutex<std::collections::VecDeque<RecentListing>>,
     /// Prefills running (see `prefill`).
     prefills: std::sync::atomic::AtomicUsize,
+    /// The work-directory whiteout new whiteouts are links of (see
+    /// `make_whiteout`), and whether the upper can link them at all.
+    pub(crate) shared_whiteout: std::sync::Mutex<Option<CString>>,
+    pub(crate) no_shared_whiteout: std::sync::atomic::AtomicBool,
     pub(crate) handles: Handles,
     pub(crate) opts: Options,
     pub(crate) invalidator: OnceLock<Box<dyn Invalidator>>,
@@ -165,6 +169,8 @@ impl OverlayFs {
             io: Default::default(),
             listings: Default::default(),
             prefills: Default::default(),
+            shared_whiteout: Default::default(),
+            no_shared_whiteout: Default::default(),
             handles: Handles::default(),
             opts,
             invalidator: OnceLock::new(),
@@ -825,6 +831,21 @@ fn process_umask() -> u32 {
                 .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
         })
         .unwrap_or(0o022)
+}
+
+impl Drop for OverlayFs {
+    /// The shared whiteout leaves the work directory with the mount (a
+    /// later mount would remove it as a leftover anyway).
+    fn drop(&mut self) {
+        let shared = self
+            .shared_whiteout
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (Some(s), Ok(work)) = (shared, self.stack.work_fd()) {
+            let _ = sys::unlinkat(work, &s, false);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1345,7 +1345,8 @@ fn listing_while_unlinking_and_seeking_is_exact() {
     for i in 0..n {
         fs::write(lower.join(format!("big/l{i:04}")), b"l").unwrap();
     }
-    let m = Layerfs::mount(&[lower], &d.dir("upper"), &d.dir("work"), &d.path("mnt"));
+    let (upper, work) = (d.dir("upper"), d.dir("work"));
+    let m = Layerfs::mount(&[lower], &upper, &work, &d.path("mnt"));
     let _wd = m.watchdog(120, "listing while unlinking");
     let dir = m.path().join("big");
     for i in 0..n {
@@ -1401,9 +1402,19 @@ fn listing_while_unlinking_and_seeking_is_exact() {
         left.iter().take(10).collect::<Vec<_>>()
     );
     assert_eq!(dir_names(&dir), Vec::<String>::new());
+    // The lower names left whiteouts, hard links of one shared whiteout
+    // (as the kernel makes them), until the directory itself went.
     fs::remove_dir(&dir).unwrap();
     assert!(!dir.exists());
+    let wh = fs::symlink_metadata(upper.join("big")).map(|m| m.file_type().is_char_device());
+    assert!(matches!(wh, Ok(true)), "big must be a whiteout now: {wh:?}");
+    assert!(
+        fs::symlink_metadata(upper.join("big")).unwrap().nlink() > 1,
+        "whiteouts are links of a shared one"
+    );
     m.unmount().expect("clean unmount");
+    let left: Vec<_> = fs::read_dir(work.join("work")).unwrap().flatten().collect();
+    assert!(left.is_empty(), "work dir not cleaned at unmount: {left:?}");
 }
 
 /// A directory moved to another parent lists the new parent as `..`, also
