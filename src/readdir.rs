@@ -1,10 +1,12 @@
 //! Merged directory listings (SPEC §3).
 //!
-//! A listing is computed once per `opendir` (and again on a rewind to offset
-//! 0) and kept in the handle, so `rm -rf` while iterating works; offsets are
-//! hashes of the names (`cookie`), valid in any listing of the directory. Each name appears once, with
-//! the type of its topmost entry; whiteouts, OCI markers in lowers and names
-//! they hide are left out; `d_ino` equals the `st_ino` a lookup reports.
+//! A listing is sorted by entry offset, a hash of the name (`cookie`) that
+//! is valid in any listing of the directory, so a listing read while the
+//! directory changes (`rm -rf`) resumes after the right name; the core keeps
+//! recent listings per entry version (`OverlayFs::readdir`). Each name
+//! appears once, with the type of its topmost entry; whiteouts, OCI markers
+//! in lowers and names they hide are left out; `d_ino` equals the `st_ino`
+//! a lookup reports.
 
 use std::collections::HashSet;
 use std::ffi::CString;
