@@ -533,7 +533,13 @@ impl Filesystem for LayerFs {
         // (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE, its default without
         // opendir), asking by inode for what it lacks; layerfs drops those
         // caches when a directory's entries change (`listings_changed`).
-        reply.error(Errno::ENOSYS)
+        // With `timeout=0` nothing is to be cached: a handle-less open
+        // without cache flags, so every listing asks layerfs.
+        if self.ttl.is_zero() {
+            reply.opened(FileHandle(0), FopenFlags::empty())
+        } else {
+            reply.error(Errno::ENOSYS)
+        }
     }
 
     fn readdir(

@@ -674,6 +674,8 @@ impl OverlayFs {
                 off: 2,
             },
         ];
+        // With `timeout=0` no listing is reused either.
+        let version = version.filter(|_| !self.opts.timeout.is_zero());
         let named = if s.unlinked {
             Arc::default()
         } else {

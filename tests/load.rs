@@ -1447,3 +1447,28 @@ fn moved_directory_lists_its_new_parent() {
     assert_eq!(dir_names(&root.join("b/e")), vec!["g"]);
     m.unmount().expect("clean unmount");
 }
+
+/// With `timeout=0` nothing is cached by the kernel: a name added to a
+/// layer behind the mount's back shows in the next listing and lookup.
+#[test]
+fn timeout_zero_lists_every_time() {
+    let d = Dirs::new("timeout0");
+    let lower = d.dir("lower");
+    fs::create_dir_all(lower.join("d")).unwrap();
+    fs::write(lower.join("d/a"), b"a").unwrap();
+    let m = Layerfs::try_mount(
+        std::slice::from_ref(&lower),
+        &d.dir("upper"),
+        &d.dir("work"),
+        &d.path("mnt"),
+        Some("timeout=0"),
+    )
+    .unwrap();
+    let dir = m.path().join("d");
+    assert_eq!(dir_names(&dir), vec!["a"]);
+    assert!(!dir.join("b").exists());
+    fs::write(lower.join("d/b"), b"b").unwrap();
+    assert_eq!(dir_names(&dir), vec!["a", "b"]);
+    assert_eq!(fs::read(dir.join("b")).unwrap(), b"b");
+    m.unmount().expect("clean unmount");
+}
