@@ -150,7 +150,7 @@ impl IoTable {
     /// Runs `f` on node `ino`'s entry (created empty when missing) under its
     /// shard's lock; the entry goes once no file is open.
     pub fn with<T>(&self, ino: u64, f: impl FnOnce(&mut NodeIo) -> T) -> T {
-        let mut shard = self.shards[(ino as usize ^ (ino >> 32) as usize) % SHARDS]
+        let mut shard = self.shards[shard_of(ino)]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let io = shard.entry(ino).or_default();
@@ -393,6 +393,11 @@ const PATH_ID_BASE: u64 = 0xfff0_0000_0000_0000;
 
 const SHARDS: usize = 64;
 
+/// The shard of a node id, in the node table and the I/O-mode table.
+fn shard_of(ino: u64) -> usize {
+    (ino as usize ^ (ino >> 32) as usize) % SHARDS
+}
+
 impl NodeTable {
     pub fn new(root: Node) -> NodeTable {
         let shards: Vec<_> = (0..SHARDS).map(|_| RwLock::new(HashSet::new())).collect();
@@ -413,7 +418,7 @@ impl NodeTable {
     }
 
     fn shard(&self, ino: u64) -> &RwLock<HashSet<Entry>> {
-        &self.shards[(ino as usize ^ (ino >> 32) as usize) % SHARDS]
+        &self.shards[shard_of(ino)]
     }
 
     /// The `st_ino` a node reports: its id, except for the root and the
@@ -452,12 +457,28 @@ impl NodeTable {
             .map(|e| e.0.clone())
     }
 
-    fn fresh(&self, fresh: Fresh) -> bool {
+    /// Whether a result of that freshness is known to be current.
+    pub fn fresh(&self, fresh: Fresh) -> bool {
         match fresh {
             Fresh::Current => true,
             Fresh::Seen(dir, seen) => self.versions.unchanged(dir, seen),
             Fresh::Unknown => false,
         }
+    }
+
+    /// Applies a lookup's result to an existing node as `fresh` allows:
+    /// `update` runs when the result is current, nothing happens when its
+    /// age is unknown; false when it went stale. Checked under the state
+    /// lock: a change that updates this node after the check waits for this
+    /// update, and wins.
+    fn refresh(&self, n: &Node, fresh: Fresh, update: impl FnOnce(&mut NodeState)) -> bool {
+        let mut stale = false;
+        n.set_state(|s| match fresh {
+            Fresh::Unknown => {}
+            _ if !self.fresh(fresh) => stale = true,
+            _ => update(s),
+        });
+        !stale
     }
 
     /// Records one kernel lookup of an object: inserts a new node, or
@@ -476,24 +497,14 @@ impl NodeTable {
         let mut shard = self.shard(ino).write().unwrap_or_else(|e| e.into_inner());
         let node = match shard.get(&ino).map(|e| &e.0) {
             Some(n) if n.fmt == fmt => {
-                let mut stale = false;
-                // Checked under the state lock: a change that updates this
-                // node after the check waits for this update, and wins.
-                n.set_state(|s| {
-                    if matches!(fresh, Fresh::Unknown) {
-                        return;
-                    }
-                    if !self.fresh(fresh) {
-                        stale = true;
-                        return;
-                    }
+                let current = self.refresh(n, fresh, |s| {
                     let was_upper = s.top_layer().is_some_and(&is_upper);
                     let now_upper = state.top_layer().is_some_and(&is_upper);
                     if !was_upper || now_upper {
                         *s = state;
                     }
                 });
-                if stale {
+                if !current {
                     return None;
                 }
                 n.clone()
@@ -527,20 +538,12 @@ impl NodeTable {
             // drop the node between finding and counting it.
             let shard = self.shard(id).write().unwrap_or_else(|e| e.into_inner());
             if let Some(Entry(n)) = shard.get(&id) {
-                let mut stale = false;
-                n.set_state(|s| {
-                    if matches!(fresh, Fresh::Unknown) {
-                        return;
-                    }
-                    if !self.fresh(fresh) {
-                        stale = true;
-                        return;
-                    }
+                let current = self.refresh(n, fresh, |s| {
                     if s.top_layer() == state.top_layer() {
                         *s = state;
                     }
                 });
-                if stale {
+                if !current {
                     return None;
                 }
                 n.lookups.fetch_add(1, Ordering::Relaxed);

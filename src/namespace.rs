@@ -67,7 +67,7 @@ impl OverlayFs {
     /// listings of them are dropped (the kernel drops them itself only when
     /// a listing starts, which misses a cache being filled meanwhile by a
     /// listing that began earlier).
-    pub(crate) fn listings_changed(&self, dirs: &[u64]) {
+    fn listings_changed(&self, dirs: &[u64]) {
         if let Some(inv) = self.invalidator.get() {
             for &d in dirs {
                 inv.inval_listing(d);

@@ -93,6 +93,22 @@ pub struct OverlayFs {
     forgets: std::sync::atomic::AtomicU64,
 }
 
+/// Up to `size` bytes of `fd` from `off` (fewer at the end of the file).
+fn read_at(fd: &OwnedFd, off: u64, size: u32) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; size as usize];
+    let mut done = 0;
+    while done < buf.len() {
+        let n =
+            sys::pread(fd.as_fd(), &mut buf[done..], off + done as u64).ctx(|| "read".into())?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
 /// The largest lower file whose content an open puts in the kernel's
 /// page cache (see `OverlayFs::prefill`).
 const PREFILL_MAX: u64 = 128 * 1024;
@@ -282,8 +298,9 @@ impl OverlayFs {
         let mut tries = 0;
         loop {
             tries += 1;
+            let last = tries >= LOOKUP_TRIES;
             let seen = self.nodes.versions.begin(parent);
-            if seen.is_none() && tries < LOOKUP_TRIES {
+            if seen.is_none() && !last {
                 std::thread::yield_now();
                 continue;
             }
@@ -298,43 +315,29 @@ impl OverlayFs {
             #[cfg(test)]
             tests::after_resolve(name);
             let fresh = match seen {
-                Some(v) => Fresh::Seen(parent, v),
-                None => Fresh::Unknown,
+                Some(v) if !last => Fresh::Seen(parent, v),
+                _ => Fresh::Unknown,
             };
             // An absence is cached by the kernel (a negative entry): only
             // one that no change of the directory raced.
             if !r.exists() {
-                if matches!(fresh, Fresh::Seen(d, v) if self.nodes.versions.unchanged(d, v)) {
+                if self.nodes.fresh(fresh) {
                     return Err(Error::new(libc::ENOENT, "no such entry"));
                 }
-                if tries < LOOKUP_TRIES {
-                    std::thread::yield_now();
-                    continue;
+                if last {
+                    return Err(Error::new(libc::ENOENT, RACED_ABSENCE));
                 }
-                return Err(Error::new(libc::ENOENT, RACED_ABSENCE));
-            }
-            let recorded = match self.record_as(&pnode, r, fresh) {
-                // The entry went away between resolving and recording it.
-                Err(e)
-                    if e.is(libc::ENOENT)
-                        && tries < LOOKUP_TRIES
-                        && !matches!(fresh, Fresh::Seen(d, v) if self.nodes.versions.unchanged(d, v)) =>
-                {
-                    continue;
-                }
-                r => r?,
-            };
-            match recorded {
-                Some((_, a)) => return Ok(a),
-                None if tries < LOOKUP_TRIES => std::thread::yield_now(),
-                None => {
-                    let r = resolve::lookup(&self.stack, &pnode.snapshot().dirs, name)?;
-                    let (_, a) = self
-                        .record_as(&pnode, r, Fresh::Unknown)?
-                        .ok_or_else(|| Error::new(libc::EIO, "lookup not recorded"))?;
-                    return Ok(a);
+            } else {
+                match self.record_as(&pnode, r, fresh) {
+                    Ok(Some((_, a))) => return Ok(a),
+                    // Stale (only a `Seen` result can be, never the last).
+                    Ok(None) => {}
+                    // The entry went away between resolving and recording it.
+                    Err(e) if e.is(libc::ENOENT) && !last && !self.nodes.fresh(fresh) => {}
+                    Err(e) => return Err(e),
                 }
             }
+            std::thread::yield_now();
         }
     }
 
@@ -521,7 +524,7 @@ impl OverlayFs {
             && let Ok(st) = sys::fstat(fd.as_fd())
             && st.st_size > 0
             && st.st_size as u64 <= PREFILL_MAX
-            && let Ok(data) = self.read(fh, 0, st.st_size as u32)
+            && let Ok(data) = read_at(&fd, 0, st.st_size as u32)
             && data.len() as i64 == st.st_size
         {
             inv.store(node.ino, &data);
@@ -608,18 +611,7 @@ impl OverlayFs {
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let (_h, fd) = self.file_fd(fh)?;
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = sys::pread(fd.as_fd(), &mut buf[done..], off + done as u64)
-                .ctx(|| "read".into())?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        buf.truncate(done);
-        Ok(buf)
+        read_at(&fd, off, size)
     }
 
     pub fn release(&self, fh: u64) {

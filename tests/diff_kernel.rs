@@ -35,6 +35,9 @@
 //!
 //! Needs root (mount(2), mknod, trusted.* xattrs).
 
+mod pinned_bin;
+
+use pinned_bin::bin;
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr};
 use std::fs;
@@ -43,7 +46,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{OnceLock, mpsc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use layerfs::diff::{self, DiffOptions};
@@ -220,36 +223,6 @@ impl Drop for Mount {
 
 // ---------------------------------------------------------------------------
 // The layerfs binary and its mounts
-
-static BIN: OnceLock<PathBuf> = OnceLock::new();
-
-extern "C" fn remove_pinned_bin() {
-    if let Some(p) = BIN.get()
-        && p.as_path() != Path::new(env!("CARGO_BIN_EXE_layerfs"))
-    {
-        let _ = fs::remove_file(p);
-    }
-}
-
-/// The layerfs binary for this test process: a hard link (or copy) of the
-/// cargo-built binary taken at first use, so that a concurrent `cargo build`
-/// replacing it cannot make later cases run another build (or fail to
-/// spawn). Removed at exit.
-fn bin() -> &'static Path {
-    BIN.get_or_init(|| {
-        let orig = PathBuf::from(env!("CARGO_BIN_EXE_layerfs"));
-        let mine = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("layerfs-diff-kernel-{}", std::process::id()));
-        let _ = fs::remove_file(&mine);
-        if fs::hard_link(&orig, &mine).is_ok() || fs::copy(&orig, &mine).is_ok() {
-            // SAFETY: registering a plain extern "C" function without state.
-            unsafe { libc::atexit(remove_pinned_bin) };
-            mine
-        } else {
-            orig
-        }
-    })
-}
 
 /// Runs a command to completion (stdin closed, output captured); panics if
 /// it takes longer than `limit`, after killing it.

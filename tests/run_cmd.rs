@@ -15,6 +15,9 @@
 //!
 //! Needs root (FUSE mounts, chroot, mknod).
 
+mod pinned_bin;
+
+use pinned_bin::bin;
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr};
 use std::fs;
@@ -29,35 +32,6 @@ use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------
 // Processes
-
-static BIN: OnceLock<PathBuf> = OnceLock::new();
-
-extern "C" fn remove_pinned_bin() {
-    if let Some(p) = BIN.get()
-        && p.as_path() != Path::new(env!("CARGO_BIN_EXE_layerfs"))
-    {
-        let _ = fs::remove_file(p);
-    }
-}
-
-/// The layerfs binary for this test process: a hard link (or copy) of the
-/// cargo-built binary taken at first use, so that a concurrent `cargo build`
-/// cannot swap it during the run. Removed at exit.
-fn bin() -> &'static Path {
-    BIN.get_or_init(|| {
-        let orig = PathBuf::from(env!("CARGO_BIN_EXE_layerfs"));
-        let mine = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("layerfs-run-cmd-{}", std::process::id()));
-        let _ = fs::remove_file(&mine);
-        if fs::hard_link(&orig, &mine).is_ok() || fs::copy(&orig, &mine).is_ok() {
-            // SAFETY: registering a plain extern "C" function without state.
-            unsafe { libc::atexit(remove_pinned_bin) };
-            mine
-        } else {
-            orig
-        }
-    })
-}
 
 /// Collects a spawned child's output; kills it (and panics) after `limit`.
 fn wait_output(mut child: Child, limit: Duration, what: &str) -> Output {
