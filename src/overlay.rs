@@ -266,19 +266,22 @@ impl OverlayFs {
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let node = self.node(ino)?;
-        if let Some(h) = fh.and_then(|fh| self.handles.get(fh)).as_deref() {
-            let fd = h.fd.read().unwrap_or_else(|e| e.into_inner()).0.clone();
-            if let Ok(mut st) = sys::fstat(fd.as_fd()) {
-                st.st_ino = self.nodes.st_ino(&node);
-                if node.is_dir() && node.snapshot().dirs.len() > 1 {
-                    st.st_nlink = 1;
-                }
-                return Ok(Attr {
-                    ino,
-                    st,
-                    cache: !node.uncached.load(Ordering::Relaxed),
-                });
+        // Through the open file (reopened on the upper copy if the object
+        // was copied up since it was opened: the lower file's size and link
+        // count are stale then).
+        if let Some(fh) = fh
+            && let Ok((_h, fd)) = self.file_fd(fh)
+            && let Ok(mut st) = sys::fstat(fd.as_fd())
+        {
+            st.st_ino = self.nodes.st_ino(&node);
+            if node.is_dir() && node.snapshot().dirs.len() > 1 {
+                st.st_nlink = 1;
             }
+            return Ok(Attr {
+                ino,
+                st,
+                cache: !node.uncached.load(Ordering::Relaxed),
+            });
         }
         self.attr_of(&node, &node.snapshot())
     }

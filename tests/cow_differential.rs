@@ -59,7 +59,7 @@ fn std_layers() -> Vec<Layer> {
             .file("f.txt", "shadowed\n")
             .dir("d")
             .mode(0o700)
-            .file("d/h.txt", "h from bottom\n")
+            .file("a/b/c/leaf", "h from bottom\n")
             .file("d/both", "bottom d/both\n")
             .file("m/x", "x in bottom-only dir\n")
             .dir("m/emptysub")
@@ -1108,7 +1108,7 @@ fn unlink_cases() {
     Scenario::new("unlink_cases", std_layers())
         .step("unlink lower file", |m| unlink(&p(m, "f.txt")))
         .step("unlink bottom-only file in merged dir", |m| {
-            unlink(&p(m, "d/h.txt"))
+            unlink(&p(m, "a/b/c/leaf"))
         })
         .step("unlink file present in both lowers", |m| {
             unlink(&p(m, "both"))
@@ -1134,7 +1134,7 @@ fn unlink_cases() {
             ])
         })
         .upper_check("whiteout for f.txt", upper_is_whiteout("f.txt"))
-        .upper_check("whiteout for d/h.txt", upper_is_whiteout("d/h.txt"))
+        .upper_check("whiteout for d/h.txt", upper_is_whiteout("a/b/c/leaf"))
         .upper_check("upper-only file gone", upper_absent("tmp"))
         .reverse()
         .run();
@@ -1272,7 +1272,7 @@ fn rm_rf_then_mkdir_is_opaque() {
         .step("old names gone", |m| {
             seq(vec![
                 ("g", st(m, "d/g.txt")),
-                ("h", st(m, "d/h.txt")),
+                ("h", st(m, "a/b/c/leaf")),
                 ("sub", st(m, "d/sub")),
             ])
         })
@@ -1320,8 +1320,8 @@ fn create_over_whiteout() {
             )
         })
         .step("unlink + mkfifo", |m| {
-            unlink(&p(m, "d/h.txt"))?;
-            mknod(&p(m, "d/h.txt"), libc::S_IFIFO | 0o600, 0, 0)
+            unlink(&p(m, "a/b/c/leaf"))?;
+            mknod(&p(m, "a/b/c/leaf"), libc::S_IFIFO | 0o600, 0, 0)
         })
         .step("unlink + link", |m| {
             unlink(&p(m, "d/both"))?;
@@ -1337,7 +1337,7 @@ fn create_over_whiteout() {
                 ("g", st(m, "g.txt")),
                 ("g_list", list(&p(m, "g.txt"))),
                 ("emptydir", st(m, "emptydir")),
-                ("h", st(m, "d/h.txt")),
+                ("h", st(m, "a/b/c/leaf")),
                 ("dboth", st(m, "d/both")),
                 ("list_d", list(&p(m, "d"))),
             ])
@@ -1360,7 +1360,7 @@ fn rename_file_within_dir() {
             rename(&p(m, "d/g.txt"), &p(m, "d/g2.txt"))
         })
         .step("rename bottom-only file", |m| {
-            rename(&p(m, "d/h.txt"), &p(m, "d/h2.txt"))
+            rename(&p(m, "a/b/c/leaf"), &p(m, "d/h2.txt"))
         })
         .step("rename upper-only file", |m| {
             write_file(&p(m, "u1"), libc::O_WRONLY | libc::O_CREAT, b"u")?;
@@ -1430,7 +1430,7 @@ fn rename_onto_existing() {
             rename(&p(m, "f.txt"), &p(m, "both"))
         })
         .step("lower onto bottom-only", |m| {
-            rename(&p(m, "d/g.txt"), &p(m, "d/h.txt"))
+            rename(&p(m, "d/g.txt"), &p(m, "a/b/c/leaf"))
         })
         .step("upper-only onto lower", |m| {
             write_file(&p(m, "u"), libc::O_WRONLY | libc::O_CREAT, b"upper")?;
@@ -1456,7 +1456,7 @@ fn rename_onto_existing() {
             seq(vec![
                 ("root", list(m)),
                 ("both", rd(m, "both")),
-                ("h", rd(m, "d/h.txt")),
+                ("h", rd(m, "a/b/c/leaf")),
                 ("g", rd(m, "g.txt")),
                 ("u2", rd(m, "u2")),
                 ("s", st(m, "s")),
@@ -1485,7 +1485,7 @@ fn rename_noreplace() {
             rename2(&p(m, "g.txt"), &p(m, "both"), RENAME_NOREPLACE)
         })
         .step("onto layer-shadowed bottom name", |m| {
-            rename2(&p(m, "d/g.txt"), &p(m, "d/h.txt"), RENAME_NOREPLACE)
+            rename2(&p(m, "d/g.txt"), &p(m, "a/b/c/leaf"), RENAME_NOREPLACE)
         })
         .step("observe", |m| {
             seq(vec![
@@ -1521,7 +1521,7 @@ fn rename_exchange() {
             rename2(&p(m, "empty"), &p(m, "emptydir"), RENAME_EXCHANGE)
         })
         .step("bottom-only and top file", |m| {
-            rename2(&p(m, "d/h.txt"), &p(m, "d/both"), RENAME_EXCHANGE)
+            rename2(&p(m, "a/b/c/leaf"), &p(m, "d/both"), RENAME_EXCHANGE)
         })
         .step("observe", |m| {
             seq(vec![
@@ -1532,7 +1532,7 @@ fn rename_exchange() {
                 ("g", st(m, "g.txt")),
                 ("ud", st(m, "ud")),
                 ("g_list", list(&p(m, "g.txt"))),
-                ("h", rd(m, "d/h.txt")),
+                ("h", rd(m, "a/b/c/leaf")),
                 ("dboth", rd(m, "d/both")),
                 ("d", list(&p(m, "d"))),
             ])
@@ -1719,6 +1719,29 @@ fn reader_sees_copy_up() {
             let after = r.fstat()?.st_size;
             Ok(format!("{before}->{after} {}", content_obs(&r.read_all()?)))
         })
+        .step(
+            "reader reads past the old end after an append elsewhere",
+            |m| {
+                // The read beyond the cached size makes the kernel ask for the
+                // size through the reader's own (pre-copy-up) open file.
+                let r = open(&p(m, "a/b/c/leaf"), libc::O_RDONLY, 0)?;
+                let head = r.pread(4, 0)?;
+                write_file(
+                    &p(m, "a/b/c/leaf"),
+                    libc::O_WRONLY | libc::O_APPEND,
+                    b"appended after the reader opened\n",
+                )?;
+                let tail = r.pread(4096, 4)?;
+                Ok(format!(
+                    "{} {} size={}",
+                    content_obs(&head),
+                    content_obs(&tail),
+                    std::fs::metadata(p(m, "a/b/c/leaf"))
+                        .map_err(|e| e.raw_os_error().unwrap_or(0))?
+                        .len()
+                ))
+            },
+        )
         .step("reader of a file replaced by rename keeps old data", |m| {
             let r = open(&p(m, "both"), libc::O_RDONLY, 0)?;
             write_file(&p(m, "nb"), libc::O_WRONLY | libc::O_CREAT, b"replacement")?;
