@@ -23,6 +23,8 @@ use clap::{Args, Parser, Subcommand};
 ///   threaded=N                            FUSE worker threads
 ///   noacl                                 no POSIX ACL support
 ///   passthrough=off                       no FUSE passthrough for upper files
+///   uring=off                             no FUSE-over-io-uring (used when the
+///                                         kernel offers it: fuse enable_uring=Y)
 ///   uidmapping=ID:MAPPED:LEN[:...]        show on-disk ids ID.. as MAPPED..
 ///   gidmapping=ID:MAPPED:LEN[:...]        (and store them back mapped)
 ///   squash_to_root, squash_to_uid=U, squash_to_gid=G   show every owner as given

@@ -48,6 +48,9 @@ pub struct Options {
     /// Use FUSE passthrough for files in the upper layer when the kernel
     /// allows it (off with `passthrough=off`).
     pub passthrough: bool,
+    /// Take requests through FUSE-over-io-uring when the kernel offers it
+    /// (its `fuse` module's `enable_uring` parameter; off with `uring=off`).
+    pub uring: bool,
     /// Extra options passed to the kernel mount (nodev, nosuid, noexec, ...).
     pub kernel_flags: Vec<String>,
     /// Options accepted but not acted on, to warn about.
@@ -65,6 +68,7 @@ impl Default for Options {
             timeout: std::time::Duration::from_secs(86400),
             acl: true,
             passthrough: true,
+            uring: true,
             view: crate::idmap::View::default(),
             kernel_flags: Vec::new(),
             ignored: Vec::new(),
@@ -230,6 +234,8 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
             o.passthrough = false
         }
         ("passthrough", Some(_)) => o.passthrough = true,
+        ("uring", Some(b"off" | b"0" | b"no")) | ("nouring", None) => o.uring = false,
+        ("uring", Some(_) | None) => o.uring = true,
         ("default_permissions" | "fast_ino" | "nonempty", None) => {}
         _ => o.ignored.push(String::from_utf8_lossy(item).into_owned()),
     }

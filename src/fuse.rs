@@ -31,6 +31,8 @@ pub struct LayerFs {
     pub acl: bool,
     /// Offer FUSE passthrough (set from the kernel's answer at init).
     pub passthrough: bool,
+    /// Ask for FUSE-over-io-uring (taken when the kernel offers it).
+    pub uring: bool,
 }
 
 /// Runs a core call; a panic becomes `EIO` with a log line.
@@ -222,10 +224,16 @@ impl Filesystem for LayerFs {
                 wanted |= InitFlags::FUSE_PASSTHROUGH;
             }
         }
+        if self.uring {
+            // Requests handled on the CPU that made them (per-CPU queues).
+            wanted |= InitFlags::FUSE_OVER_IO_URING;
+        }
         let supported = config.capabilities() & wanted;
         let _ = config.add_capabilities(supported);
         self.passthrough = supported.contains(InitFlags::FUSE_PASSTHROUGH);
         debug!("passthrough: {}", self.passthrough);
+        self.uring = supported.contains(InitFlags::FUSE_OVER_IO_URING);
+        debug!("io_uring: {}", self.uring);
         Ok(())
     }
 

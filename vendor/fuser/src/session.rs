@@ -139,6 +139,8 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// layerfs patch 6: set when FUSE-over-io-uring was negotiated at INIT.
+    pub(crate) uring: Option<crate::uring::UringParams>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +188,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            uring: None,
         };
 
         session.handshake()?;
@@ -214,6 +217,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring: None,
         };
 
         session.handshake()?;
@@ -252,6 +256,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            uring,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -270,6 +275,7 @@ impl<FS: Filesystem> Session<FS> {
         let mut filesystem = Arc::new(filesystem);
 
         let mut channels = Vec::with_capacity(n_threads);
+        let ring_ch = ch.clone();
 
         for _ in 0..n_threads_minus_one {
             if config.clone_fd {
@@ -306,7 +312,31 @@ impl<FS: Filesystem> Session<FS> {
             );
         }
 
+        // layerfs patch 6: the ring threads, beside the /dev/fuse ones (which
+        // still get forgets, interrupts, and every request if the rings
+        // cannot be set up).
+        let mut ring_threads = Vec::new();
+        if let Some(params) = uring {
+            let make_loop = |thread_name: String| SessionEventLoop {
+                thread_name,
+                filesystem: filesystem.clone(),
+                ch: ring_ch.clone(),
+                allowed,
+                session_owner,
+            };
+            match crate::uring::start(params, &ring_ch, make_loop, 2) {
+                Ok(t) => ring_threads = t,
+                Err(e) => warn!("FUSE-over-io-uring not started: {e}"),
+            }
+        }
+        drop(ring_ch);
+
         let mut reply: io::Result<()> = Ok(());
+        for thread in ring_threads {
+            if thread.join().is_err() {
+                return Err(io::Error::other("ring thread panicked"));
+            }
+        }
         for thread in threads {
             let res = match thread.join() {
                 Ok(res) => res,
@@ -472,6 +502,16 @@ impl<FS: Filesystem> Session<FS> {
             let response = init.reply(&config);
             <ReplyRaw as Reply>::new(request.unique(), ReplySender::Channel(self.ch.sender()))
                 .send_ll(&response);
+
+            // layerfs patch 6: rings are registered once the kernel has
+            // processed this reply (it refuses them before).
+            if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING) {
+                let page = page_size::get();
+                let payload = (config.max_write as usize)
+                    .max(config.max_pages() as usize * page)
+                    .max(8192);
+                self.uring = Some(crate::uring::UringParams { payload });
+            }
 
             return Ok(());
         }

@@ -1,0 +1,428 @@
+//! layerfs patch 6: FUSE-over-io-uring transport (kernel 6.14+, FUSE ABI
+//! 7.42, `FUSE_OVER_IO_URING`; the kernel offers it when the `fuse` module's
+//! `enable_uring` parameter is set).
+//!
+//! The kernel keeps one queue per possible CPU and puts a request on the
+//! queue of the CPU its caller runs on. Each queue here is served by
+//! threads pinned to that CPU, each with an io_uring of its own and one
+//! registered ring entry (a header buffer and a payload buffer): the
+//! request is handed to a thread on the caller's CPU and its reply wakes
+//! the caller there, without the cross-CPU wake-ups of `/dev/fuse` reads.
+//! One entry per thread, so that the kernel only gives a request to a
+//! thread that waits for one; two threads per queue, so that a handler
+//! that waits for another request of its own CPU (an invalidation waiting
+//! for a read) never waits for itself.
+//!
+//! Requests arrive as a `fuse_in_header` and the opcode's fixed argument
+//! in the header buffer and the rest in the payload buffer; they are put
+//! back together as `/dev/fuse` would have delivered them (in a buffer of
+//! the thread's own, so that the reply can be written into the payload
+//! buffer while the request's arguments are still borrowed) and dispatched
+//! as usual. A reply is written into the entry by the reply sender and
+//! committed with the next fetch.
+//! Forgets, interrupts and notifications still go through `/dev/fuse`.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::Condvar;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use io_uring::IoUring;
+use io_uring::cqueue;
+use io_uring::opcode;
+use io_uring::squeue;
+use io_uring::types;
+use log::debug;
+use log::warn;
+
+use crate::Filesystem;
+use crate::channel::Channel;
+use crate::ll::fuse_abi as abi;
+use crate::request::RequestWithSender;
+use crate::session::SessionEventLoop;
+
+const CMD_REGISTER: u32 = 1;
+const CMD_COMMIT_AND_FETCH: u32 = 2;
+/// `fuse_uring_req_header`: `in_out` (128), `op_in` (128), then
+/// `fuse_uring_ent_in_out` (flags, commit_id, payload_sz, padding, reserved).
+const IN_OUT: usize = 0;
+const OP_IN: usize = 128;
+const OP_IN_SZ: usize = 128;
+const ENT_IN_OUT: usize = 256;
+const HEADER_SZ: usize = 288;
+/// Offset of the payload buffer in an entry's memory.
+const FRONT: usize = 4096;
+const IN_HEADER_SZ: usize = std::mem::size_of::<abi::fuse_in_header>();
+const OUT_HEADER_SZ: usize = std::mem::size_of::<abi::fuse_out_header>();
+
+/// Transport parameters, from the INIT exchange.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UringParams {
+    /// Payload buffer size the kernel requires (max of its minimum read
+    /// buffer, `max_write` and `max_pages` pages).
+    pub(crate) payload: usize,
+}
+
+/// The CPUs the kernel makes queues for (`num_possible_cpus`).
+fn possible_cpus() -> usize {
+    let parse = |s: &str| -> Option<usize> {
+        let mut n = 0;
+        for part in s.trim().split(',') {
+            let last = part.rsplit('-').next()?.parse::<usize>().ok()?;
+            n = n.max(last + 1);
+        }
+        Some(n)
+    };
+    std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| parse(&s))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// A request's entry buffers, as seen by the reply sender: the header
+/// buffer and the payload buffer, written by at most one reply.
+#[derive(Debug)]
+struct Slot {
+    header: *mut u8,
+    payload: *mut u8,
+    payload_cap: usize,
+    replied: bool,
+}
+
+// SAFETY: the pointers are to buffers owned by the serving thread, which
+// waits (on the condvar) without touching them while a reply may write.
+unsafe impl Send for Slot {}
+
+/// Where the reply to a ring request goes.
+#[derive(Debug, Clone)]
+pub(crate) struct UringSender {
+    slot: Arc<(Mutex<Slot>, Condvar)>,
+    /// The device, for backing-file registration.
+    pub(crate) ch: crate::channel::ChannelSender,
+}
+
+impl UringSender {
+    /// Writes a reply (`fuse_out_header` then its arguments) into the entry.
+    pub(crate) fn send(&self, data: &[io::IoSlice<'_>]) -> io::Result<()> {
+        let (lock, cv) = &*self.slot;
+        let mut slot = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.replied {
+            return Err(io::Error::other("second reply to a ring request"));
+        }
+        let total: usize = data.iter().map(|b| b.len()).sum();
+        let payload_len = total.saturating_sub(OUT_HEADER_SZ);
+        let mut out = [0u8; OUT_HEADER_SZ];
+        let mut error = None;
+        if total < OUT_HEADER_SZ || payload_len > slot.payload_cap {
+            error = Some(io::Error::other(format!(
+                "reply of {total} bytes does not fit the ring entry"
+            )));
+        }
+        let mut written = 0usize;
+        for b in data {
+            for (i, byte) in b.iter().enumerate() {
+                let pos = written + i;
+                if pos < OUT_HEADER_SZ {
+                    out[pos] = *byte;
+                } else {
+                    break;
+                }
+            }
+            if error.is_none() && written + b.len() > OUT_HEADER_SZ {
+                let skip = OUT_HEADER_SZ.saturating_sub(written);
+                let dst = written + skip - OUT_HEADER_SZ;
+                // SAFETY: dst + len <= payload_len <= payload_cap (checked).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        b.as_ptr().add(skip),
+                        slot.payload.add(dst),
+                        b.len() - skip,
+                    );
+                }
+            }
+            written += b.len();
+        }
+        if error.is_some() {
+            // Answer EIO instead: header only.
+            let unique = &out[8..16];
+            let mut h = [0u8; OUT_HEADER_SZ];
+            h[0..4].copy_from_slice(&(OUT_HEADER_SZ as u32).to_ne_bytes());
+            h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+            h[8..16].copy_from_slice(unique);
+            out = h;
+        }
+        let payload_sz = if error.is_some() { 0 } else { payload_len as u32 };
+        // SAFETY: the header buffer is HEADER_SZ bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(out.as_ptr(), slot.header.add(IN_OUT), OUT_HEADER_SZ);
+            let p = slot.header.add(ENT_IN_OUT + 16) as *mut u32;
+            p.write_unaligned(payload_sz);
+        }
+        slot.replied = true;
+        cv.notify_all();
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Memory of one entry, mapped (so pages the kernel never writes stay
+/// unallocated: the payload buffer must hold `max_write` bytes, though most
+/// requests and replies are small): the header buffer, then (at `FRONT`)
+/// the payload buffer.
+struct EntryBuf {
+    ptr: *mut u8,
+    size: usize,
+    payload: usize,
+}
+
+impl EntryBuf {
+    fn new(payload: usize) -> io::Result<EntryBuf> {
+        let size = FRONT + payload;
+        // SAFETY: an anonymous private mapping, unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(EntryBuf {
+            ptr: ptr.cast(),
+            size,
+            payload,
+        })
+    }
+    fn header(&self) -> *mut u8 {
+        self.ptr
+    }
+    fn payload(&self) -> *mut u8 {
+        // SAFETY: within the mapping.
+        unsafe { self.ptr.add(FRONT) }
+    }
+}
+
+impl Drop for EntryBuf {
+    fn drop(&mut self) {
+        // SAFETY: mapped in new() with this size.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.size);
+        }
+    }
+}
+
+/// Starts the ring threads. Returns their handles; each ends when the
+/// connection ends (its entry is torn down) or its ring fails.
+pub(crate) fn start<FS: Filesystem>(
+    params: UringParams,
+    ch: &Channel,
+    make_loop: impl Fn(String) -> SessionEventLoop<FS>,
+    threads_per_queue: usize,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    let queues = possible_cpus();
+    let per_queue = if queues > 16 { 1 } else { threads_per_queue.max(1) };
+    let mut handles = Vec::new();
+    for qid in 0..queues {
+        for t in 0..per_queue {
+            let name = format!("fuser-q{qid}.{t}");
+            let event_loop = make_loop(name.clone());
+            let ch = ch.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || serve(qid, params, ch, event_loop))?,
+            );
+        }
+    }
+    Ok(handles)
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: plain libc calls on a zeroed cpu_set_t.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            return;
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            debug!(
+                "ring thread not pinned to CPU {cpu}: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+fn cmd_req(commit_id: u64, qid: usize) -> [u8; 80] {
+    let mut cmd = [0u8; 80];
+    cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+    cmd[16..18].copy_from_slice(&(qid as u16).to_ne_bytes());
+    cmd
+}
+
+fn serve<FS: Filesystem>(qid: usize, params: UringParams, ch: Channel, se: SessionEventLoop<FS>) {
+    pin_to(qid);
+    if let Err(e) = serve_ring(qid, params, &ch, &se) {
+        warn!("FUSE ring queue {qid}: {e}");
+    }
+}
+
+fn serve_ring<FS: Filesystem>(
+    qid: usize,
+    params: UringParams,
+    ch: &Channel,
+    se: &SessionEventLoop<FS>,
+) -> io::Result<()> {
+    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder().build(4)?;
+    let dev = types::Fd(ch.as_fd().as_raw_fd());
+    let buf = EntryBuf::new(params.payload)?;
+    let iov: Box<[libc::iovec; 2]> = Box::new([
+        libc::iovec {
+            iov_base: buf.header().cast(),
+            iov_len: HEADER_SZ,
+        },
+        libc::iovec {
+            iov_base: buf.payload().cast(),
+            iov_len: buf.payload,
+        },
+    ]);
+    let mut register = opcode::UringCmd80::new(dev, CMD_REGISTER)
+        .cmd(cmd_req(0, qid))
+        .addr(Some(iov.as_ptr() as u64))
+        .build()
+        .user_data(0);
+    // sqe->len: the number of iovecs (no builder method for it).
+    // SAFETY: Entry128 is repr(C) over io_uring_sqe; `len` is at byte 24.
+    unsafe {
+        let p = (&mut register as *mut squeue::Entry128).cast::<u8>();
+        p.add(24).cast::<u32>().write_unaligned(2);
+    }
+    // SAFETY: the iovecs and buffers outlive the ring (dropped after it).
+    unsafe { ring.submission().push(&register) }
+        .map_err(|_| io::Error::other("ring submission queue full"))?;
+    let slot = Arc::new((
+        Mutex::new(Slot {
+            header: buf.header(),
+            payload: buf.payload(),
+            payload_cap: buf.payload,
+            replied: false,
+        }),
+        Condvar::new(),
+    ));
+    let sender = UringSender {
+        slot: slot.clone(),
+        ch: ch.sender(),
+    };
+    let mut request: Vec<u64> = Vec::new();
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+        let Some(cqe) = ring.completion().next() else {
+            continue;
+        };
+        let res = cqe.result();
+        if res < 0 {
+            let e = io::Error::from_raw_os_error(-res);
+            return match -res {
+                libc::ENOTCONN | libc::ECANCELED | libc::ECONNABORTED | libc::ENODEV => {
+                    debug!("FUSE ring queue {qid} ends: {e}");
+                    Ok(())
+                }
+                _ => Err(e),
+            };
+        }
+        // SAFETY: the kernel wrote the request into the entry buffers and
+        // waits for our commit; nothing else touches them now.
+        let commit_id = unsafe {
+            handle_request(&buf, &mut request, &slot, &sender, se);
+            buf.header()
+                .add(ENT_IN_OUT + 8)
+                .cast::<u64>()
+                .read_unaligned()
+        };
+        let commit = opcode::UringCmd80::new(dev, CMD_COMMIT_AND_FETCH)
+            .cmd(cmd_req(commit_id, qid))
+            .build()
+            .user_data(0);
+        // SAFETY: as for the registration.
+        unsafe { ring.submission().push(&commit) }
+            .map_err(|_| io::Error::other("ring submission queue full"))?;
+    }
+}
+
+/// Rebuilds the request `/dev/fuse` would have delivered, dispatches it,
+/// and waits until its reply is in the entry.
+unsafe fn handle_request<FS: Filesystem>(
+    buf: &EntryBuf,
+    request: &mut Vec<u64>,
+    slot: &Arc<(Mutex<Slot>, Condvar)>,
+    sender: &UringSender,
+    se: &SessionEventLoop<FS>,
+) {
+    let header = buf.header();
+    // SAFETY (whole fn): offsets within the header and payload buffers,
+    // sizes checked against the kernel's numbers.
+    unsafe {
+        let payload_sz = header.add(ENT_IN_OUT + 16).cast::<u32>().read_unaligned() as usize;
+        let mut in_h = [0u8; IN_HEADER_SZ];
+        std::ptr::copy_nonoverlapping(header.add(IN_OUT), in_h.as_mut_ptr(), IN_HEADER_SZ);
+        let len = u32::from_ne_bytes(in_h[0..4].try_into().unwrap()) as usize;
+        let unique = u64::from_ne_bytes(in_h[8..16].try_into().unwrap());
+        {
+            let mut s = slot.0.lock().unwrap_or_else(|e| e.into_inner());
+            s.replied = false;
+        }
+        let arg0 = len
+            .checked_sub(IN_HEADER_SZ + payload_sz)
+            .filter(|a| *a <= OP_IN_SZ && payload_sz <= buf.payload);
+        let Some(arg0) = arg0 else {
+            warn!("malformed ring request (len {len}, payload {payload_sz}): answering EIO");
+            let mut h = [0u8; OUT_HEADER_SZ];
+            h[0..4].copy_from_slice(&(OUT_HEADER_SZ as u32).to_ne_bytes());
+            h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+            h[8..16].copy_from_slice(&unique.to_ne_bytes());
+            let _ = sender.send(&[io::IoSlice::new(&h)]);
+            return;
+        };
+        // 8-byte aligned, as the parser requires of the in-header.
+        if request.len() < len.div_ceil(8) {
+            request.resize(len.div_ceil(8), 0);
+        }
+        let start = request.as_mut_ptr().cast::<u8>();
+        std::ptr::copy_nonoverlapping(in_h.as_ptr(), start, IN_HEADER_SZ);
+        std::ptr::copy_nonoverlapping(header.add(OP_IN), start.add(IN_HEADER_SZ), arg0);
+        std::ptr::copy_nonoverlapping(buf.payload(), start.add(IN_HEADER_SZ + arg0), payload_sz);
+        let data = std::slice::from_raw_parts(start, len);
+        match RequestWithSender::new_ring(sender.clone(), data) {
+            Some(req) => req.dispatch(se),
+            None => {
+                let mut h = [0u8; OUT_HEADER_SZ];
+                h[0..4].copy_from_slice(&(OUT_HEADER_SZ as u32).to_ne_bytes());
+                h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+                h[8..16].copy_from_slice(&unique.to_ne_bytes());
+                let _ = sender.send(&[io::IoSlice::new(&h)]);
+            }
+        }
+        // A reply sent later from another thread is waited for here (the
+        // entry can only be committed once it holds the reply).
+        let (lock, cv) = &**slot;
+        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while !s.replied {
+            s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
