@@ -22,7 +22,11 @@
 #   --list           list the workload groups and exit
 #
 # Environment: BENCH_CACHE (cache dir), LAYERFS_BIN (layerfs binary to use),
-# BENCH_FIO_FSYNC=1 (fio_seqwrite ends with an fsync, so it includes writeback).
+# BENCH_FIO_FSYNC=1 (fio_seqwrite ends with an fsync, so it includes writeback),
+# BENCH_FUSE_URING=Y|N|keep (default Y: the fuse module's enable_uring is set
+# for the run and restored after it, so that FUSE servers asking for
+# FUSE-over-io-uring get it; layerfs does, fuse-overlayfs does not; compare
+# with --impl layerfs+uring=off).
 #
 # Everything is kept under $BENCH_CACHE (default: .cache/bench in the
 # repository, which is gitignored): generated layers (built once, rebuilt
@@ -208,6 +212,7 @@ cleanup() {
         kill -KILL -- "-$CHILD" 2>/dev/null
     fi
     unmount_all
+    [ -n "${URING_BEFORE:-}" ] && echo "$URING_BEFORE" >"$URING_PARAM" 2>/dev/null
     if [ -d "$RUN" ] && awk -v p="$RUN/" 'index($5, p) == 1 { f = 1 } END { exit !f }' /proc/self/mountinfo; then
         log "WARNING: could not unmount everything under $RUN"
         rc=1
@@ -307,7 +312,14 @@ ensure_tools() {
     [ -d /sys/fs/fuse/connections ] && ! mountpoint -q /sys/fs/fuse/connections \
         && mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null || true
     [ -w /proc/sys/vm/drop_caches ] || die "/proc/sys/vm/drop_caches is not writable"
+    local want=${BENCH_FUSE_URING:-Y}
+    if [ "$want" != keep ] && [ -w "$URING_PARAM" ]; then
+        URING_BEFORE=$(cat "$URING_PARAM")
+        echo "$want" >"$URING_PARAM" || die "cannot set $URING_PARAM to $want"
+    fi
 }
+URING_PARAM=/sys/module/fuse/parameters/enable_uring
+URING_BEFORE=
 
 FO1_BIN=/usr/bin/fuse-overlayfs
 FO2_ROOT="$CACHE/fuse-overlayfs-2.0.0"
@@ -660,6 +672,7 @@ INFO="$OUT/bench-info.txt"
     echo "reps=$REPS"
     echo "nproc=$(nproc)"
     echo "kernel=$(uname -r)"
+    echo "fuse_enable_uring=$(cat "$URING_PARAM" 2>/dev/null || echo absent)"
     echo "host_cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
     echo "mem=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "os=$(. /etc/os-release && echo "$PRETTY_NAME")"

@@ -470,10 +470,9 @@ impl Filesystem for LayerFs {
         reply: ReplyData,
     ) {
         debug!("read({ino}, {fh}, {offset}, {size})");
-        match guard("read", || self.ov.read(fh.0, offset, size)) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply.data_with(size as usize, |buf| {
+            guard("read", || self.ov.read_into(fh.0, offset, buf)).map_err(|e| errno(&e))
+        })
     }
 
     fn write(

@@ -96,6 +96,13 @@ pub struct OverlayFs {
 /// Up to `size` bytes of `fd` from `off` (fewer at the end of the file).
 fn read_at(fd: &OwnedFd, off: u64, size: u32) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; size as usize];
+    let done = read_into(fd, off, &mut buf)?;
+    buf.truncate(done);
+    Ok(buf)
+}
+
+/// Fills `buf` from `off` on, short only at the end of the file.
+fn read_into(fd: &OwnedFd, off: u64, buf: &mut [u8]) -> Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         let n =
@@ -105,8 +112,7 @@ fn read_at(fd: &OwnedFd, off: u64, size: u32) -> Result<Vec<u8>> {
         }
         done += n;
     }
-    buf.truncate(done);
-    Ok(buf)
+    Ok(done)
 }
 
 /// The largest lower file whose content an open puts in the kernel's
@@ -615,6 +621,12 @@ impl OverlayFs {
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let (_h, fd) = self.file_fd(fh)?;
         read_at(&fd, off, size)
+    }
+
+    /// Reads into `buf` (the reply's own buffer); the byte count.
+    pub fn read_into(&self, fh: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
+        let (_h, fd) = self.file_fd(fh)?;
+        read_into(&fd, off, buf)
     }
 
     pub fn release(&self, fh: u64) {

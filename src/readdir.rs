@@ -86,6 +86,11 @@ pub fn list(stack: &Stack, dirs: &[DirLayer]) -> Result<Vec<DirEntry>> {
         let mut hidden_below = Vec::new();
         let entries =
             sys::read_dir(dl.fd.as_fd()).ctx(|| format!("read dir in layer {}", dl.layer))?;
+        if lower {
+            // Spares lookups in this directory their own scan for markers.
+            dl.oci_markers
+                .get_or_init(|| entries.iter().any(|(n, _, _)| whiteout::is_oci_marker(n)));
+        }
         for (name, d_ino, dtype) in entries {
             if lower && whiteout::is_oci_marker(&name) {
                 if let Some(t) = whiteout::oci_whiteout_target(&name) {

@@ -214,6 +214,28 @@ impl ReplyData {
         self.reply.send_ll(&ll::ResponseSlice(data));
     }
 
+    /// layerfs patch 6: replies with the first `n` bytes of a buffer of
+    /// `size` bytes that `fill` writes and returns `Ok(n)` for, or with
+    /// `fill`'s error. Over FUSE-over-io-uring the buffer is the ring
+    /// entry's own (no copy of the data); on `/dev/fuse` it is allocated.
+    pub fn data_with(mut self, size: usize, fill: impl FnOnce(&mut [u8]) -> Result<usize, Errno>) {
+        if let Some(ReplySender::Uring(ring)) = &self.reply.sender {
+            let ring = ring.clone();
+            if ring.fits(size) {
+                self.reply.sender = None;
+                if let Err(e) = ring.send_filled(self.reply.unique.0, size, fill) {
+                    error!("Failed to send FUSE reply: {e}");
+                }
+                return;
+            }
+        }
+        let mut buf = vec![0u8; size];
+        match fill(&mut buf) {
+            Ok(n) => self.data(&buf[..n.min(size)]),
+            Err(e) => self.error(e),
+        }
+    }
+
     /// Reply to a request with the given error code
     pub fn error(self, err: Errno) {
         self.reply.error(err);

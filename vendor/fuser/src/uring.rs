@@ -105,6 +105,47 @@ pub(crate) struct UringSender {
 }
 
 impl UringSender {
+    /// Whether a reply of `size` payload bytes fits the entry.
+    pub(crate) fn fits(&self, size: usize) -> bool {
+        let slot = self.slot.0.lock().unwrap_or_else(|e| e.into_inner());
+        size <= slot.payload_cap
+    }
+
+    /// Replies with data that `fill` writes straight into the payload
+    /// buffer (`Ok(n)`: its first `n` bytes), or with `fill`'s error.
+    pub(crate) fn send_filled(
+        &self,
+        unique: u64,
+        size: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, crate::Errno>,
+    ) -> io::Result<()> {
+        let (lock, cv) = &*self.slot;
+        let mut slot = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.replied || size > slot.payload_cap {
+            return Err(io::Error::other("ring entry taken or too small"));
+        }
+        // SAFETY: the payload buffer holds payload_cap >= size bytes, and
+        // only this reply writes it (the slot is locked and not replied).
+        let buf = unsafe { std::slice::from_raw_parts_mut(slot.payload, size) };
+        let (error, n) = match fill(buf) {
+            Ok(n) => (0i32, n.min(size)),
+            Err(e) => (-e.code(), 0),
+        };
+        let mut h = [0u8; OUT_HEADER_SZ];
+        h[0..4].copy_from_slice(&((OUT_HEADER_SZ + n) as u32).to_ne_bytes());
+        h[4..8].copy_from_slice(&error.to_ne_bytes());
+        h[8..16].copy_from_slice(&unique.to_ne_bytes());
+        // SAFETY: the header buffer is HEADER_SZ bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(h.as_ptr(), slot.header.add(IN_OUT), OUT_HEADER_SZ);
+            let p = slot.header.add(ENT_IN_OUT + 16) as *mut u32;
+            p.write_unaligned(n as u32);
+        }
+        slot.replied = true;
+        cv.notify_all();
+        Ok(())
+    }
+
     /// Writes a reply (`fuse_out_header` then its arguments) into the entry.
     pub(crate) fn send(&self, data: &[io::IoSlice<'_>]) -> io::Result<()> {
         let (lock, cv) = &*self.slot;

@@ -1,0 +1,257 @@
+//! The FUSE transport: requests come through `/dev/fuse` or, when the kernel
+//! offers it (the `fuse` module's `enable_uring` parameter, read at mount
+//! time), through FUSE-over-io-uring rings served by threads pinned to each
+//! CPU. These tests check that layerfs takes the rings exactly when offered
+//! and not with `uring=off`, and that data of every size crosses the
+//! transport intact in both directions with passthrough off (so every byte
+//! goes through the daemon: lower-file reads into the ring's own buffer,
+//! writes larger than one page). CI runs the whole suite once per transport.
+
+mod reliability_support;
+
+use reliability_support::*;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+/// Whether mounts made now are offered FUSE-over-io-uring.
+fn uring_offered() -> bool {
+    fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .map(|s| s.trim() == "Y")
+        .unwrap_or(false)
+}
+
+/// The CPUs the kernel makes ring queues for.
+fn possible_cpus() -> usize {
+    let s = fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    s.trim()
+        .split(',')
+        .map(|part| part.rsplit('-').next().unwrap().parse::<usize>().unwrap() + 1)
+        .max()
+        .unwrap()
+}
+
+/// Names of the daemon's ring threads (`fuser-qCPU.N`).
+fn ring_threads(pid: i32) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+    {
+        let comm = fs::read_to_string(d.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("fuser-q") {
+            out.push(comm.trim().to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// CPU affinity list of a thread, from /proc (`Cpus_allowed_list`).
+fn allowed_cpus(pid: i32, tid: &str) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+struct Setup {
+    dirs: Dirs,
+    lower: PathBuf,
+}
+
+fn setup(tag: &str) -> Setup {
+    let dirs = Dirs::new(tag);
+    let lower = dirs.dir("lower");
+    dirs.dir("upper");
+    dirs.dir("work");
+    Setup { dirs, lower }
+}
+
+fn mount(s: &Setup, opts: Option<&str>) -> Layerfs {
+    Layerfs::try_mount(
+        std::slice::from_ref(&s.lower),
+        &s.dirs.path("upper"),
+        &s.dirs.path("work"),
+        &s.dirs.path("mnt"),
+        opts,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn rings_are_used_exactly_when_the_kernel_offers_them() {
+    let s = setup("transport-threads");
+    fs::write(s.lower.join("f"), b"lower").unwrap();
+    let offered = uring_offered();
+    let m = mount(&s, None);
+    // Some requests first: the rings are registered right after INIT.
+    assert_eq!(fs::read(m.path().join("f")).unwrap(), b"lower");
+    let rings = ring_threads(m.pid);
+    if offered {
+        let cpus = possible_cpus();
+        let per_queue = if cpus > 16 { 1 } else { 2 };
+        assert_eq!(
+            rings.len(),
+            cpus * per_queue,
+            "io_uring offered: expected {per_queue} ring threads per possible CPU ({cpus}), got {rings:?}"
+        );
+        // Each queue's threads are pinned to its CPU where the CPU is ours.
+        let online = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+        if online.trim()
+            == fs::read_to_string("/sys/devices/system/cpu/possible")
+                .unwrap()
+                .trim()
+        {
+            for d in fs::read_dir(format!("/proc/{}/task", m.pid))
+                .unwrap()
+                .flatten()
+            {
+                let tid = d.file_name().to_string_lossy().into_owned();
+                let comm = fs::read_to_string(d.path().join("comm")).unwrap_or_default();
+                if let Some(q) = comm.trim().strip_prefix("fuser-q") {
+                    let cpu = q.split('.').next().unwrap();
+                    assert_eq!(
+                        allowed_cpus(m.pid, &tid),
+                        cpu,
+                        "ring thread {} not pinned to its CPU",
+                        comm.trim()
+                    );
+                }
+            }
+        }
+    } else {
+        assert!(
+            rings.is_empty(),
+            "io_uring not offered, yet ring threads: {rings:?}"
+        );
+    }
+    m.unmount().unwrap();
+}
+
+#[test]
+fn uring_off_keeps_requests_on_dev_fuse() {
+    let s = setup("transport-off");
+    fs::write(s.lower.join("f"), b"lower").unwrap();
+    let m = mount(&s, Some("uring=off"));
+    fs::write(m.path().join("g"), b"new").unwrap();
+    assert_eq!(fs::read(m.path().join("g")).unwrap(), b"new");
+    let rings = ring_threads(m.pid);
+    assert!(rings.is_empty(), "uring=off, yet ring threads: {rings:?}");
+    m.unmount().unwrap();
+}
+
+/// Deterministic bytes for offset `off` of a file seeded `seed`.
+fn byte_at(seed: u64, off: u64) -> u8 {
+    let x = (off ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (x >> 56) as u8
+}
+
+fn expected(seed: u64, off: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| byte_at(seed, off + i)).collect()
+}
+
+fn check_reads(f: &fs::File, seed: u64, size: u64, what: &str) {
+    let mut rng = Rng::new(seed);
+    let sizes = [
+        1usize,
+        7,
+        4096,
+        4097,
+        65536,
+        131072 + 3,
+        1 << 20,
+        (1 << 20) + 4096 + 5,
+    ];
+    for round in 0..40 {
+        let len = sizes[round % sizes.len()];
+        let off = rng.below(size + 8192);
+        let mut buf = vec![0u8; len];
+        let n = f.read_at(&mut buf, off).unwrap_or_else(|e| {
+            panic!("{what}: pread {len} at {off}: {e}");
+        });
+        let want = size.saturating_sub(off).min(len as u64) as usize;
+        assert_eq!(
+            n, want,
+            "{what}: pread {len} at {off} of a {size}-byte file"
+        );
+        assert!(
+            buf[..n] == expected(seed, off, n)[..],
+            "{what}: wrong bytes in pread {len} at {off}"
+        );
+    }
+}
+
+fn data_crosses_intact(opts: &str, tag: &str) {
+    let s = setup(tag);
+    let lower_size: u64 = 3 * 1024 * 1024 + 777;
+    fs::write(s.lower.join("big"), expected(0x51, 0, lower_size as usize)).unwrap();
+    let m = mount(&s, Some(opts));
+    let w = m.watchdog(120, tag);
+
+    // Lower file, read through the daemon (not yet copied up).
+    let f = fs::File::open(m.path().join("big")).unwrap();
+    check_reads(&f, 0x51, lower_size, "lower file");
+    drop(f);
+
+    // A new file written in pieces of every size, then read back.
+    let new_size: u64 = 5 * 1024 * 1024 + 123;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(m.path().join("new"))
+        .unwrap();
+    let pieces = [1usize, 4095, 4096, 70000, 1 << 20, (1 << 20) + 17, 300_001];
+    let mut off = 0u64;
+    let mut i = 0;
+    while off < new_size {
+        let len = (pieces[i % pieces.len()] as u64).min(new_size - off) as usize;
+        f.write_all_at(&expected(0x77, off, len), off).unwrap();
+        off += len as u64;
+        i += 1;
+    }
+    f.sync_all().unwrap();
+    check_reads(&f, 0x77, new_size, "new file (same handle)");
+    drop(f);
+    let f = fs::File::open(m.path().join("new")).unwrap();
+    check_reads(&f, 0x77, new_size, "new file (reopened)");
+    drop(f);
+
+    // The lower file copied up by an append, then read again.
+    let tail = b"appended";
+    let f = fs::OpenOptions::new()
+        .append(true)
+        .open(m.path().join("big"))
+        .unwrap();
+    std::io::Write::write_all(&mut &f, tail).unwrap();
+    drop(f);
+    let all = fs::read(m.path().join("big")).unwrap();
+    assert_eq!(all.len() as u64, lower_size + tail.len() as u64);
+    assert!(all[..lower_size as usize] == expected(0x51, 0, lower_size as usize)[..]);
+    assert_eq!(&all[lower_size as usize..], tail);
+    assert!(!w.fired());
+    drop(w);
+    m.unmount().unwrap();
+
+    // What the daemon wrote is on disk in the upper layer.
+    let on_disk = fs::read(s.dirs.path("upper").join("new")).unwrap();
+    assert_eq!(on_disk.len() as u64, new_size);
+    assert!(on_disk == expected(0x77, 0, new_size as usize));
+    let lower_unchanged = fs::read(s.lower.join("big")).unwrap();
+    assert!(lower_unchanged == expected(0x51, 0, lower_size as usize));
+}
+
+#[test]
+fn data_of_every_size_crosses_intact() {
+    data_crosses_intact("passthrough=off", "transport-data");
+}
+
+#[test]
+fn data_of_every_size_crosses_intact_on_dev_fuse() {
+    data_crosses_intact("passthrough=off,uring=off", "transport-data-dev");
+}
