@@ -233,7 +233,7 @@ impl Filesystem for LayerFs {
         self.passthrough = supported.contains(InitFlags::FUSE_PASSTHROUGH);
         debug!("passthrough: {}", self.passthrough);
         self.uring = supported.contains(InitFlags::FUSE_OVER_IO_URING);
-        debug!("io_uring: {}", self.uring);
+        debug!("io_uring requested: {}", self.uring);
         Ok(())
     }
 

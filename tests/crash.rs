@@ -40,9 +40,11 @@ use std::time::{Duration, Instant};
 
 type View = BTreeMap<String, Node>;
 
-/// Errors a syscall gets once the daemon is dead.
+/// Errors a syscall gets once the daemon is dead: over FUSE-over-io-uring
+/// a request the kernel was handing to a ring thread as it died ends with
+/// ECANCELED (the ring's task is gone) instead of ENOTCONN/ECONNABORTED.
 fn daemon_gone(e: i32) -> bool {
-    e == libc::ENOTCONN || e == libc::ECONNABORTED
+    e == libc::ENOTCONN || e == libc::ECONNABORTED || e == libc::ECANCELED
 }
 
 fn io_errno(e: &std::io::Error) -> i32 {

@@ -499,6 +499,15 @@ impl<FS: Filesystem> Session<FS> {
                 config.max_write
             );
 
+            // layerfs patch 6: FUSE-over-io-uring only if this process can
+            // make rings (once granted, every request waits for them).
+            if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING) {
+                if let Err(e) = crate::uring::probe() {
+                    info!("FUSE-over-io-uring offered but io_uring is unavailable ({e}): using /dev/fuse");
+                    config.requested.remove(InitFlags::FUSE_OVER_IO_URING);
+                }
+            }
+
             let response = init.reply(&config);
             <ReplyRaw as Reply>::new(request.unique(), ReplySender::Channel(self.ch.sender()))
                 .send_ll(&response);

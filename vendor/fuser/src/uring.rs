@@ -262,8 +262,66 @@ impl Drop for EntryBuf {
     }
 }
 
+type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
+
+fn new_ring() -> io::Result<Ring> {
+    IoUring::builder().build(4)
+}
+
+/// Whether this process can use io_uring with 128-byte entries (it may be
+/// off by sysctl or filtered by seccomp, as in containers): asked before
+/// FUSE-over-io-uring is requested at INIT, since once it is granted every
+/// request waits until all queues are registered.
+pub(crate) fn probe() -> io::Result<()> {
+    new_ring().map(drop)
+}
+
+/// Makes the kernel give up FUSE-over-io-uring for this connection (so
+/// requests flow through `/dev/fuse`): a REGISTER it must refuse (no
+/// buffers) switches the connection back.
+fn fall_back(ch: &Channel, ring: Option<Ring>) {
+    let ring = match ring.map_or_else(new_ring, Ok) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("cannot leave FUSE-over-io-uring ({e}): requests may hang");
+            return;
+        }
+    };
+    let mut ring = ring;
+    let dev = types::Fd(ch.as_fd().as_raw_fd());
+    let bad = opcode::UringCmd80::new(dev, CMD_REGISTER)
+        .cmd(cmd_req(0, 0))
+        .build()
+        .user_data(0);
+    // SAFETY: the entry references no memory (no iovecs: len 0).
+    let r = unsafe { ring.submission().push(&bad) }
+        .map_err(|_| io::Error::other("ring submission queue full"))
+        .and_then(|()| ring.submit_and_wait(1).map(drop));
+    match (r, ring.completion().next()) {
+        (Ok(()), Some(c)) if c.result() < 0 => {
+            warn!("FUSE-over-io-uring given up: requests go through /dev/fuse")
+        }
+        (r, c) => warn!(
+            "FUSE-over-io-uring fallback not confirmed ({r:?}, {:?})",
+            c.map(|c| c.result())
+        ),
+    }
+}
+
+/// What one ring thread works with, made before any thread starts.
+struct Prepared {
+    qid: usize,
+    ring: Ring,
+    buf: EntryBuf,
+}
+
+// SAFETY: the mapping is owned by the entry and used by one thread at a time.
+unsafe impl Send for EntryBuf {}
+
 /// Starts the ring threads. Returns their handles; each ends when the
-/// connection ends (its entry is torn down) or its ring fails.
+/// connection ends (its entry is torn down) or its ring fails. If a ring
+/// cannot be made or a thread started, the connection falls back to
+/// `/dev/fuse`.
 pub(crate) fn start<FS: Filesystem>(
     params: UringParams,
     ch: &Channel,
@@ -272,17 +330,34 @@ pub(crate) fn start<FS: Filesystem>(
 ) -> io::Result<Vec<JoinHandle<()>>> {
     let queues = possible_cpus();
     let per_queue = if queues > 16 { 1 } else { threads_per_queue.max(1) };
-    let mut handles = Vec::new();
+    let mut prepared = Vec::new();
     for qid in 0..queues {
-        for t in 0..per_queue {
-            let name = format!("fuser-q{qid}.{t}");
-            let event_loop = make_loop(name.clone());
-            let ch = ch.clone();
-            handles.push(
-                std::thread::Builder::new()
-                    .name(name)
-                    .spawn(move || serve(qid, params, ch, event_loop))?,
-            );
+        for _ in 0..per_queue {
+            let made = new_ring().and_then(|ring| Ok((ring, EntryBuf::new(params.payload)?)));
+            match made {
+                Ok((ring, buf)) => prepared.push(Prepared { qid, ring, buf }),
+                Err(e) => {
+                    fall_back(ch, prepared.pop().map(|p| p.ring));
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let mut handles = Vec::new();
+    for (i, p) in prepared.into_iter().enumerate() {
+        let name = format!("fuser-q{}.{}", p.qid, i % per_queue);
+        let event_loop = make_loop(name.clone());
+        let ch2 = ch.clone();
+        match std::thread::Builder::new()
+            .name(name)
+            .spawn(move || serve(p, ch2, event_loop))
+        {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                fall_back(ch, None);
+                warn!("FUSE ring thread not started: {e}");
+                break;
+            }
         }
     }
     Ok(handles)
@@ -312,22 +387,25 @@ fn cmd_req(commit_id: u64, qid: usize) -> [u8; 80] {
     cmd
 }
 
-fn serve<FS: Filesystem>(qid: usize, params: UringParams, ch: Channel, se: SessionEventLoop<FS>) {
-    pin_to(qid);
-    if let Err(e) = serve_ring(qid, params, &ch, &se) {
+fn serve<FS: Filesystem>(p: Prepared, ch: Channel, se: SessionEventLoop<FS>) {
+    pin_to(p.qid);
+    let Prepared { qid, ring, buf } = p;
+    // The ring goes (and with it the kernel's use of the buffers) before
+    // the buffers are unmapped.
+    if let Err(e) = serve_ring(qid, ring, &buf, &ch, &se) {
         warn!("FUSE ring queue {qid}: {e}");
     }
+    drop(buf);
 }
 
 fn serve_ring<FS: Filesystem>(
     qid: usize,
-    params: UringParams,
+    mut ring: Ring,
+    buf: &EntryBuf,
     ch: &Channel,
     se: &SessionEventLoop<FS>,
 ) -> io::Result<()> {
-    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder().build(4)?;
     let dev = types::Fd(ch.as_fd().as_raw_fd());
-    let buf = EntryBuf::new(params.payload)?;
     let iov: Box<[libc::iovec; 2]> = Box::new([
         libc::iovec {
             iov_base: buf.header().cast(),
@@ -350,8 +428,20 @@ fn serve_ring<FS: Filesystem>(
         p.add(24).cast::<u32>().write_unaligned(2);
     }
     // SAFETY: the iovecs and buffers outlive the ring (dropped after it).
-    unsafe { ring.submission().push(&register) }
-        .map_err(|_| io::Error::other("ring submission queue full"))?;
+    let pushed = unsafe { ring.submission().push(&register) }
+        .map_err(|_| io::Error::other("ring submission queue full"));
+    let submitted = pushed.and_then(|()| loop {
+        match ring.submit() {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            r => break r,
+        }
+    });
+    if let Err(e) = submitted {
+        // This queue stays empty: without a fallback every request would
+        // wait for it.
+        fall_back(ch, Some(ring));
+        return Err(e);
+    }
     let slot = Arc::new((
         Mutex::new(Slot {
             header: buf.header(),
@@ -389,7 +479,7 @@ fn serve_ring<FS: Filesystem>(
         // SAFETY: the kernel wrote the request into the entry buffers and
         // waits for our commit; nothing else touches them now.
         let commit_id = unsafe {
-            handle_request(&buf, &mut request, &slot, &sender, se);
+            handle_request(buf, &mut request, &slot, &sender, se);
             buf.header()
                 .add(ENT_IN_OUT + 8)
                 .cast::<u64>()
