@@ -446,6 +446,23 @@ mod tests {
     }
 
     #[test]
+    fn uring_is_on_unless_turned_off() {
+        let mut c = MountConfig::new(vec![]);
+        assert!(c.options.uring);
+        for (opt, on) in [
+            ("uring=off", false),
+            ("uring", true),
+            ("nouring", false),
+            ("uring=on", true),
+            ("uring=0", false),
+        ] {
+            apply_option_string(&mut c, OsStr::new(opt)).unwrap();
+            assert_eq!(c.options.uring, on, "{opt}");
+        }
+        assert!(c.options.ignored.is_empty());
+    }
+
+    #[test]
     fn validation_names_the_problem() {
         let t = tempfile::tempdir().unwrap();
         let l = t.path().join("l");

@@ -546,6 +546,8 @@ impl OverlayFs {
     /// cached otherwise — lower files in particular, so that a reader opened
     /// before a copy-up sees the data written after it (the kernel's rule),
     /// with the page cache kept across opens since lower files never change.
+    /// On a read-only overlay nothing is ever copied up: lower files are
+    /// passed through too.
     pub(crate) fn insert_file(
         &self,
         node: Arc<Node>,
@@ -558,6 +560,7 @@ impl OverlayFs {
             .snapshot()
             .top_layer()
             .is_some_and(|l| self.stack.is_upper(l));
+        let frozen = self.stack.upper().is_none();
         let fd = Arc::new(fd);
         // Decided and registered under the node's lock: two opens racing
         // must never hand the kernel two backing files, or a cached open
@@ -566,7 +569,9 @@ impl OverlayFs {
             let existing = io.backing.as_ref().and_then(std::sync::Weak::upgrade);
             let mode = match (existing, register) {
                 (Some(b), _) if io.passthrough > 0 => OpenIo::Passthrough(b),
-                (_, Some(register)) if upper && io.cached == 0 && io.passthrough == 0 => {
+                (_, Some(register))
+                    if (upper || frozen) && io.cached == 0 && io.passthrough == 0 =>
+                {
                     match register(fd.as_fd()) {
                         Some(b) => {
                             io.backing = Some(Arc::downgrade(&b));

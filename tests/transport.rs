@@ -22,14 +22,16 @@ fn uring_offered() -> bool {
         .unwrap_or(false)
 }
 
-/// The CPUs the kernel makes ring queues for.
+/// The CPUs the kernel makes ring queues for (those in the possible mask).
 fn possible_cpus() -> usize {
     let s = fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
     s.trim()
         .split(',')
-        .map(|part| part.rsplit('-').next().unwrap().parse::<usize>().unwrap() + 1)
-        .max()
-        .unwrap()
+        .map(|part| match part.split_once('-') {
+            Some((lo, hi)) => hi.parse::<usize>().unwrap() - lo.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
 }
 
 /// Names of the daemon's ring threads (`fuser-qCPU.N`).
@@ -93,11 +95,21 @@ fn rings_are_used_exactly_when_the_kernel_offers_them() {
     let rings = ring_threads(m.pid);
     if offered {
         let cpus = possible_cpus();
-        let per_queue = if cpus > 16 { 1 } else { 2 };
+        // At least two threads on every queue, the same number on each.
+        let mut per_cpu = std::collections::BTreeMap::<usize, usize>::new();
+        for r in &rings {
+            let q = r["fuser-q".len()..].split('.').next().unwrap();
+            *per_cpu.entry(q.parse().unwrap()).or_default() += 1;
+        }
         assert_eq!(
-            rings.len(),
-            cpus * per_queue,
-            "io_uring offered: expected {per_queue} ring threads per possible CPU ({cpus}), got {rings:?}"
+            per_cpu.len(),
+            cpus,
+            "io_uring offered: expected ring threads for each of {cpus} possible CPUs, got {rings:?}"
+        );
+        let counts: std::collections::BTreeSet<usize> = per_cpu.values().copied().collect();
+        assert!(
+            counts.len() == 1 && *counts.first().unwrap() >= 2,
+            "uneven or single ring threads per CPU: {per_cpu:?}"
         );
         // Each queue's threads are pinned to its CPU where the CPU is ours.
         let online = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();

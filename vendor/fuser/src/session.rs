@@ -324,7 +324,8 @@ impl<FS: Filesystem> Session<FS> {
                 allowed,
                 session_owner,
             };
-            match crate::uring::start(params, &ring_ch, make_loop, 2) {
+            let per_queue = n_threads.div_ceil(crate::uring::possible_cpus());
+            match crate::uring::start(params, &ring_ch, make_loop, per_queue) {
                 Ok(t) => ring_threads = t,
                 Err(e) => warn!("FUSE-over-io-uring not started: {e}"),
             }
@@ -334,7 +335,8 @@ impl<FS: Filesystem> Session<FS> {
         let mut reply: io::Result<()> = Ok(());
         for thread in ring_threads {
             if thread.join().is_err() {
-                return Err(io::Error::other("ring thread panicked"));
+                // Handlers' panics are caught; carry on to the others.
+                error!("FUSE ring thread panicked");
             }
         }
         for thread in threads {

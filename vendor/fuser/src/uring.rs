@@ -9,9 +9,11 @@
 //! request is handed to a thread on the caller's CPU and its reply wakes
 //! the caller there, without the cross-CPU wake-ups of `/dev/fuse` reads.
 //! One entry per thread, so that the kernel only gives a request to a
-//! thread that waits for one; two threads per queue, so that a handler
-//! that waits for another request of its own CPU (an invalidation waiting
-//! for a read) never waits for itself.
+//! thread that waits for one; at least two threads per queue (the session's
+//! thread count spread over the queues), so that a handler that waits for
+//! another request of its own CPU (an invalidation waiting for a read)
+//! does not wait for itself, and one slow request does not hold up every
+//! other caller on its CPU.
 //!
 //! Requests arrive as a `fuse_in_header` and the opcode's fixed argument
 //! in the header buffer and the rest in the payload buffer; they are put
@@ -21,6 +23,11 @@
 //! as usual. A reply is written into the entry by the reply sender and
 //! committed with the next fetch.
 //! Forgets, interrupts and notifications still go through `/dev/fuse`.
+//!
+//! Once the kernel has granted the rings, every request waits until each
+//! queue has an entry registered; whatever keeps a queue from registering
+//! (a ring or thread that cannot be made, a registration the kernel
+//! refuses) makes the connection fall back to `/dev/fuse`.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -66,20 +73,30 @@ pub(crate) struct UringParams {
     pub(crate) payload: usize,
 }
 
-/// The CPUs the kernel makes queues for (`num_possible_cpus`).
-fn possible_cpus() -> usize {
-    let parse = |s: &str| -> Option<usize> {
+/// How many queues the kernel makes: `num_possible_cpus()`, the number of
+/// CPUs in the possible mask (queue ids are CPU numbers, so a sparse mask
+/// leaves CPUs without a queue of their own: the kernel then refuses their
+/// registration and the connection stays on `/dev/fuse`).
+pub(crate) fn possible_cpus() -> usize {
+    let count = |s: &str| -> Option<usize> {
         let mut n = 0;
         for part in s.trim().split(',') {
-            let last = part.rsplit('-').next()?.parse::<usize>().ok()?;
-            n = n.max(last + 1);
+            let (lo, hi) = match part.split_once('-') {
+                Some((lo, hi)) => (lo.parse::<usize>().ok()?, hi.parse::<usize>().ok()?),
+                None => {
+                    let c = part.parse::<usize>().ok()?;
+                    (c, c)
+                }
+            };
+            n += hi.checked_sub(lo)? + 1;
         }
         Some(n)
     };
     std::fs::read_to_string("/sys/devices/system/cpu/possible")
         .ok()
-        .and_then(|s| parse(&s))
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .and_then(|s| count(&s))
+        // SAFETY: plain libc call; configured CPUs, as libfuse counts them.
+        .unwrap_or_else(|| unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize)
 }
 
 /// A request's entry buffers, as seen by the reply sender: the header
@@ -127,9 +144,12 @@ impl UringSender {
         // SAFETY: the payload buffer holds payload_cap >= size bytes, and
         // only this reply writes it (the slot is locked and not replied).
         let buf = unsafe { std::slice::from_raw_parts_mut(slot.payload, size) };
-        let (error, n) = match fill(buf) {
-            Ok(n) => (0i32, n.min(size)),
-            Err(e) => (-e.code(), 0),
+        // A panic in `fill` must still leave a reply (EIO) in the entry.
+        let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fill(buf)));
+        let (error, n) = match filled {
+            Ok(Ok(n)) => (0i32, n.min(size)),
+            Ok(Err(e)) => (-e.code(), 0),
+            Err(_) => (-libc::EIO, 0),
         };
         let mut h = [0u8; OUT_HEADER_SZ];
         h[0..4].copy_from_slice(&((OUT_HEADER_SZ + n) as u32).to_ne_bytes());
@@ -188,11 +208,10 @@ impl UringSender {
         }
         if error.is_some() {
             // Answer EIO instead: header only.
-            let unique = &out[8..16];
             let mut h = [0u8; OUT_HEADER_SZ];
             h[0..4].copy_from_slice(&(OUT_HEADER_SZ as u32).to_ne_bytes());
             h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-            h[8..16].copy_from_slice(unique);
+            h[8..16].copy_from_slice(&out[8..16]);
             out = h;
         }
         let payload_sz = if error.is_some() { 0 } else { payload_len as u32 };
@@ -296,13 +315,19 @@ fn fall_back(ch: &Channel, ring: Option<Ring>) {
     // SAFETY: the entry references no memory (no iovecs: len 0).
     let r = unsafe { ring.submission().push(&bad) }
         .map_err(|_| io::Error::other("ring submission queue full"))
-        .and_then(|()| ring.submit_and_wait(1).map(drop));
+        .and_then(|()| loop {
+            match ring.submit_and_wait(1) {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                r => break r.map(drop),
+            }
+        });
     match (r, ring.completion().next()) {
         (Ok(()), Some(c)) if c.result() < 0 => {
             warn!("FUSE-over-io-uring given up: requests go through /dev/fuse")
         }
-        (r, c) => warn!(
-            "FUSE-over-io-uring fallback not confirmed ({r:?}, {:?})",
+        (r, c) => log::error!(
+            "FUSE-over-io-uring could not be set up nor given up ({r:?}, {:?}): \
+             requests may hang; remount with -o uring=off",
             c.map(|c| c.result())
         ),
     }
@@ -329,7 +354,7 @@ pub(crate) fn start<FS: Filesystem>(
     threads_per_queue: usize,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     let queues = possible_cpus();
-    let per_queue = if queues > 16 { 1 } else { threads_per_queue.max(1) };
+    let per_queue = threads_per_queue.max(2);
     let mut prepared = Vec::new();
     for qid in 0..queues {
         for _ in 0..per_queue {
@@ -390,13 +415,20 @@ fn cmd_req(commit_id: u64, qid: usize) -> [u8; 80] {
 fn serve<FS: Filesystem>(p: Prepared, ch: Channel, se: SessionEventLoop<FS>) {
     pin_to(p.qid);
     let Prepared { qid, ring, buf } = p;
-    // The ring goes (and with it the kernel's use of the buffers) before
-    // the buffers are unmapped.
-    if let Err(e) = serve_ring(qid, ring, &buf, &ch, &se) {
-        warn!("FUSE ring queue {qid}: {e}");
+    match serve_ring(qid, ring, &buf, &ch, &se) {
+        // Torn down: the kernel no longer uses the buffers.
+        Ok(()) => drop(buf),
+        Err(e) => {
+            warn!("FUSE ring queue {qid}: {e}");
+            // The kernel may still hold the entry (its cancellation runs
+            // after the ring is closed): the buffers are left mapped.
+            std::mem::forget(buf);
+        }
     }
-    drop(buf);
 }
+
+/// Consecutive unexpected errors on one entry before its thread gives up.
+const MAX_ENTRY_ERRORS: u32 = 8;
 
 fn serve_ring<FS: Filesystem>(
     qid: usize,
@@ -427,19 +459,22 @@ fn serve_ring<FS: Filesystem>(
         let p = (&mut register as *mut squeue::Entry128).cast::<u8>();
         p.add(24).cast::<u32>().write_unaligned(2);
     }
-    // SAFETY: the iovecs and buffers outlive the ring (dropped after it).
-    let pushed = unsafe { ring.submission().push(&register) }
-        .map_err(|_| io::Error::other("ring submission queue full"));
-    let submitted = pushed.and_then(|()| loop {
-        match ring.submit() {
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            r => break r,
+    let submit = |ring: &mut Ring, e: &squeue::Entry128| -> io::Result<()> {
+        // SAFETY: the iovecs (read at submission) and the buffers (kept
+        // mapped while the kernel may use them, see `serve`) outlive it.
+        unsafe { ring.submission().push(e) }
+            .map_err(|_| io::Error::other("ring submission queue full"))?;
+        loop {
+            match ring.submit() {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                r => return r.map(drop),
+            }
         }
-    });
-    if let Err(e) = submitted {
+    };
+    if let Err(e) = submit(&mut ring, &register) {
         // This queue stays empty: without a fallback every request would
-        // wait for it.
-        fall_back(ch, Some(ring));
+        // wait for it. (A fresh ring: this one may still hold the REGISTER.)
+        fall_back(ch, None);
         return Err(e);
     }
     let slot = Arc::new((
@@ -456,6 +491,8 @@ fn serve_ring<FS: Filesystem>(
         ch: ch.sender(),
     };
     let mut request: Vec<u64> = Vec::new();
+    let mut served_any = false;
+    let mut errors = 0;
     loop {
         match ring.submit_and_wait(1) {
             Ok(_) => {}
@@ -468,14 +505,31 @@ fn serve_ring<FS: Filesystem>(
         let res = cqe.result();
         if res < 0 {
             let e = io::Error::from_raw_os_error(-res);
-            return match -res {
+            match -res {
                 libc::ENOTCONN | libc::ECANCELED | libc::ECONNABORTED | libc::ENODEV => {
                     debug!("FUSE ring queue {qid} ends: {e}");
-                    Ok(())
+                    return Ok(());
                 }
-                _ => Err(e),
-            };
+                _ if !served_any => {
+                    // The kernel refused the registration before it got as
+                    // far as giving up the rings itself (e.g. an LSM denied
+                    // the command): every request would wait for this queue.
+                    fall_back(ch, None);
+                    return Err(e);
+                }
+                _ if errors < MAX_ENTRY_ERRORS => {
+                    // The entry is lost to the kernel (e.g. a commit it did
+                    // not accept): register it again.
+                    errors += 1;
+                    warn!("FUSE ring queue {qid}: {e}; registering the entry again");
+                    submit(&mut ring, &register)?;
+                    continue;
+                }
+                _ => return Err(e),
+            }
         }
+        served_any = true;
+        errors = 0;
         // SAFETY: the kernel wrote the request into the entry buffers and
         // waits for our commit; nothing else touches them now.
         let commit_id = unsafe {
@@ -489,9 +543,7 @@ fn serve_ring<FS: Filesystem>(
             .cmd(cmd_req(commit_id, qid))
             .build()
             .user_data(0);
-        // SAFETY: as for the registration.
-        unsafe { ring.submission().push(&commit) }
-            .map_err(|_| io::Error::other("ring submission queue full"))?;
+        submit(&mut ring, &commit)?;
     }
 }
 
@@ -522,11 +574,7 @@ unsafe fn handle_request<FS: Filesystem>(
             .filter(|a| *a <= OP_IN_SZ && payload_sz <= buf.payload);
         let Some(arg0) = arg0 else {
             warn!("malformed ring request (len {len}, payload {payload_sz}): answering EIO");
-            let mut h = [0u8; OUT_HEADER_SZ];
-            h[0..4].copy_from_slice(&(OUT_HEADER_SZ as u32).to_ne_bytes());
-            h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-            h[8..16].copy_from_slice(&unique.to_ne_bytes());
-            let _ = sender.send(&[io::IoSlice::new(&h)]);
+            header_reply(sender, unique, libc::EIO);
             return;
         };
         // 8-byte aligned, as the parser requires of the in-header.
@@ -538,14 +586,23 @@ unsafe fn handle_request<FS: Filesystem>(
         std::ptr::copy_nonoverlapping(header.add(OP_IN), start.add(IN_HEADER_SZ), arg0);
         std::ptr::copy_nonoverlapping(buf.payload(), start.add(IN_HEADER_SZ + arg0), payload_sz);
         let data = std::slice::from_raw_parts(start, len);
-        match RequestWithSender::new_ring(sender.clone(), data) {
-            Some(req) => req.dispatch(se),
-            None => {
-                let mut h = [0u8; OUT_HEADER_SZ];
-                h[0..4].copy_from_slice(&(OUT_HEADER_SZ as u32).to_ne_bytes());
-                h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-                h[8..16].copy_from_slice(&unique.to_ne_bytes());
-                let _ = sender.send(&[io::IoSlice::new(&h)]);
+        let opcode = u32::from_ne_bytes(in_h[4..8].try_into().unwrap());
+        let dispatched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            match RequestWithSender::new_ring(sender.clone(), data) {
+                Some(req) => req.dispatch(se),
+                None => header_reply(sender, unique, libc::EIO),
+            }
+        }));
+        let replied = slot.0.lock().unwrap_or_else(|e| e.into_inner()).replied;
+        if !replied {
+            if dispatched.is_err() {
+                // The caller gets EIO, as on /dev/fuse (the reply a
+                // panicking handler dropped could not be committed).
+                header_reply(sender, unique, libc::EIO);
+            } else if opcode == FUSE_FORGET || opcode == FUSE_BATCH_FORGET {
+                // No reply to a forget; the entry still has to be
+                // committed to get the next request.
+                header_reply(sender, unique, 0);
             }
         }
         // A reply sent later from another thread is waited for here (the
@@ -555,5 +612,19 @@ unsafe fn handle_request<FS: Filesystem>(
         while !s.replied {
             s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
+    }
+}
+
+const FUSE_FORGET: u32 = 2;
+const FUSE_BATCH_FORGET: u32 = 42;
+
+/// Replies with a bare out-header (`error` an errno, or 0).
+fn header_reply(sender: &UringSender, unique: u64, error: i32) {
+    let mut h = [0u8; OUT_HEADER_SZ];
+    h[0..4].copy_from_slice(&(OUT_HEADER_SZ as u32).to_ne_bytes());
+    h[4..8].copy_from_slice(&(-error).to_ne_bytes());
+    h[8..16].copy_from_slice(&unique.to_ne_bytes());
+    if let Err(e) = sender.send(&[io::IoSlice::new(&h)]) {
+        warn!("ring reply: {e}");
     }
 }
