@@ -960,7 +960,9 @@ fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
 /// invalidations with a single request thread: the kernel may hold a
 /// directory's cache page locked while it copies a listing into a buffer
 /// whose page fault needs a READ from this very filesystem, which a lone
-/// request thread waiting on that page could never answer.
+/// request thread waiting on that page could never answer. (Over
+/// FUSE-over-io-uring that READ goes to the queue of the reader's CPU,
+/// which has at least two threads, like `/dev/fuse` with two threads.)
 pub struct Notify {
     notifier: fuser::Notifier,
     background: Option<std::sync::Mutex<std::sync::mpsc::Sender<u64>>>,
