@@ -51,6 +51,8 @@ pub struct Options {
     /// Take requests through FUSE-over-io-uring when the kernel offers it
     /// (its `fuse` module's `enable_uring` parameter; off with `uring=off`).
     pub uring: bool,
+    /// Ring threads at the idle scheduling class (`uring=normal`: not).
+    pub uring_idle: bool,
     /// Extra options passed to the kernel mount (nodev, nosuid, noexec, ...).
     pub kernel_flags: Vec<String>,
     /// Options accepted but not acted on, to warn about.
@@ -69,6 +71,7 @@ impl Default for Options {
             acl: true,
             passthrough: true,
             uring: true,
+            uring_idle: true,
             view: crate::idmap::View::default(),
             kernel_flags: Vec::new(),
             ignored: Vec::new(),
@@ -235,7 +238,14 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
         }
         ("passthrough", Some(_)) => o.passthrough = true,
         ("uring", Some(b"off" | b"0" | b"no")) | ("nouring", None) => o.uring = false,
-        ("uring", Some(_) | None) => o.uring = true,
+        ("uring", Some(b"normal")) => {
+            o.uring = true;
+            o.uring_idle = false
+        }
+        ("uring", Some(_) | None) => {
+            o.uring = true;
+            o.uring_idle = true
+        }
         ("default_permissions" | "fast_ino" | "nonempty", None) => {}
         _ => o.ignored.push(String::from_utf8_lossy(item).into_owned()),
     }

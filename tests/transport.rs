@@ -50,6 +50,27 @@ fn ring_threads(pid: i32) -> Vec<String> {
     out
 }
 
+/// Scheduling policy of each ring thread (`SCHED_*`).
+fn ring_policies(pid: i32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for d in fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+    {
+        let comm = fs::read_to_string(d.path().join("comm")).unwrap_or_default();
+        if let (true, Ok(tid)) = (
+            comm.starts_with("fuser-q"),
+            d.file_name().to_string_lossy().parse::<i32>(),
+        ) {
+            // SAFETY: plain syscall on a thread id.
+            out.push((comm.trim().to_string(), unsafe {
+                libc::sched_getscheduler(tid)
+            }));
+        }
+    }
+    out
+}
+
 /// CPU affinity list of a thread, from /proc (`Cpus_allowed_list`).
 fn allowed_cpus(pid: i32, tid: &str) -> String {
     let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
@@ -111,6 +132,11 @@ fn rings_are_used_exactly_when_the_kernel_offers_them() {
             counts.len() == 1 && *counts.first().unwrap() >= 2,
             "uneven or single ring threads per CPU: {per_cpu:?}"
         );
+        // Idle scheduling class by default (a caller woken by a reply stays
+        // on its CPU).
+        for (name, policy) in ring_policies(m.pid) {
+            assert_eq!(policy, libc::SCHED_IDLE, "{name} not SCHED_IDLE");
+        }
         // Each queue's threads are pinned to its CPU where the CPU is ours.
         let online = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
         if online.trim()
@@ -140,6 +166,20 @@ fn rings_are_used_exactly_when_the_kernel_offers_them() {
             rings.is_empty(),
             "io_uring not offered, yet ring threads: {rings:?}"
         );
+    }
+    m.unmount().unwrap();
+}
+
+#[test]
+fn uring_normal_keeps_ring_threads_in_the_normal_class() {
+    let s = setup("transport-normal");
+    fs::write(s.lower.join("f"), b"lower").unwrap();
+    let m = mount(&s, Some("uring=normal"));
+    assert_eq!(fs::read(m.path().join("f")).unwrap(), b"lower");
+    let policies = ring_policies(m.pid);
+    assert_eq!(policies.is_empty(), !uring_offered(), "{policies:?}");
+    for (name, policy) in policies {
+        assert_eq!(policy, libc::SCHED_OTHER, "{name} not SCHED_OTHER");
     }
     m.unmount().unwrap();
 }

@@ -521,7 +521,10 @@ impl<FS: Filesystem> Session<FS> {
                 let payload = (config.max_write as usize)
                     .max(config.max_pages() as usize * page)
                     .max(8192);
-                self.uring = Some(crate::uring::UringParams { payload });
+                self.uring = Some(crate::uring::UringParams {
+                    payload,
+                    idle_class: self.config.uring_idle_class,
+                });
             }
 
             return Ok(());

@@ -24,6 +24,17 @@
 //! committed with the next fetch.
 //! Forgets, interrupts and notifications still go through `/dev/fuse`.
 //!
+//! The ring threads run as SCHED_IDLE (unless configured otherwise): a
+//! reply wakes its caller while the ring thread is still running on the
+//! caller's CPU, and the scheduler then moves the caller to an idle CPU
+//! (waking a halted one, and the next request goes to that CPU's queue), at
+//! almost every request of a caller that makes them back to back (`ls -l`:
+//! a GETXATTR per entry); a CPU whose only running task is SCHED_IDLE counts
+//! as idle, so the caller is woken where it was and simply preempts the
+//! ring thread. Ring threads work in short bursts after sleeping, which the
+//! kernel's EEVDF scheduler (every kernel with FUSE-over-io-uring has it)
+//! runs promptly even among CPU-bound tasks: they are not starved.
+//!
 //! Once the kernel has granted the rings, every request waits until each
 //! queue has an entry registered; whatever keeps a queue from registering
 //! (a ring or thread that cannot be made, a registration the kernel
@@ -71,6 +82,8 @@ pub(crate) struct UringParams {
     /// Payload buffer size the kernel requires (max of its minimum read
     /// buffer, `max_write` and `max_pages` pages).
     pub(crate) payload: usize,
+    /// Run the ring threads as SCHED_IDLE (see the module doc).
+    pub(crate) idle_class: bool,
 }
 
 /// How many queues the kernel makes: `num_possible_cpus()`, the number of
@@ -375,7 +388,7 @@ pub(crate) fn start<FS: Filesystem>(
         let ch2 = ch.clone();
         match std::thread::Builder::new()
             .name(name)
-            .spawn(move || serve(p, ch2, event_loop))
+            .spawn(move || serve(p, ch2, event_loop, params.idle_class))
         {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -412,8 +425,23 @@ fn cmd_req(commit_id: u64, qid: usize) -> [u8; 80] {
     cmd
 }
 
-fn serve<FS: Filesystem>(p: Prepared, ch: Channel, se: SessionEventLoop<FS>) {
+fn serve<FS: Filesystem>(
+    p: Prepared,
+    ch: Channel,
+    se: SessionEventLoop<FS>,
+    idle_class: bool,
+) {
     pin_to(p.qid);
+    if idle_class {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: plain libc call on this thread.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+            debug!(
+                "ring thread not SCHED_IDLE: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
     let Prepared { qid, ring, buf } = p;
     match serve_ring(qid, ring, &buf, &ch, &se) {
         // Torn down: the kernel no longer uses the buffers.

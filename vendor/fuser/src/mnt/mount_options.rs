@@ -18,6 +18,9 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// layerfs patch 6: FUSE-over-io-uring ring threads run as SCHED_IDLE
+    /// (see `uring.rs`).
+    pub uring_idle_class: bool,
 }
 
 /// Mount options accepted by the FUSE filesystem type
