@@ -34,24 +34,8 @@ fn possible_cpus() -> usize {
         .sum()
 }
 
-/// Names of the daemon's ring threads (`fuser-qCPU.N`).
-fn ring_threads(pid: i32) -> Vec<String> {
-    let mut out = Vec::new();
-    for d in fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("task dir")
-        .flatten()
-    {
-        let comm = fs::read_to_string(d.path().join("comm")).unwrap_or_default();
-        if comm.starts_with("fuser-q") {
-            out.push(comm.trim().to_string());
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Scheduling policy of each ring thread (`SCHED_*`).
-fn ring_policies(pid: i32) -> Vec<(String, i32)> {
+/// The daemon's ring threads (`fuser-qCPU.N`): (name, thread id), by name.
+fn ring_tasks(pid: i32) -> Vec<(String, i32)> {
     let mut out = Vec::new();
     for d in fs::read_dir(format!("/proc/{pid}/task"))
         .expect("task dir")
@@ -62,13 +46,24 @@ fn ring_policies(pid: i32) -> Vec<(String, i32)> {
             comm.starts_with("fuser-q"),
             d.file_name().to_string_lossy().parse::<i32>(),
         ) {
-            // SAFETY: plain syscall on a thread id.
-            out.push((comm.trim().to_string(), unsafe {
-                libc::sched_getscheduler(tid)
-            }));
+            out.push((comm.trim().to_string(), tid));
         }
     }
+    out.sort();
     out
+}
+
+fn ring_threads(pid: i32) -> Vec<String> {
+    ring_tasks(pid).into_iter().map(|(name, _)| name).collect()
+}
+
+/// Scheduling policy of each ring thread (`SCHED_*`).
+fn ring_policies(pid: i32) -> Vec<(String, i32)> {
+    ring_tasks(pid)
+        .into_iter()
+        // SAFETY: plain syscall on a thread id.
+        .map(|(name, tid)| (name, unsafe { libc::sched_getscheduler(tid) }))
+        .collect()
 }
 
 /// CPU affinity list of a thread, from /proc (`Cpus_allowed_list`).
@@ -144,21 +139,13 @@ fn rings_are_used_exactly_when_the_kernel_offers_them() {
                 .unwrap()
                 .trim()
         {
-            for d in fs::read_dir(format!("/proc/{}/task", m.pid))
-                .unwrap()
-                .flatten()
-            {
-                let tid = d.file_name().to_string_lossy().into_owned();
-                let comm = fs::read_to_string(d.path().join("comm")).unwrap_or_default();
-                if let Some(q) = comm.trim().strip_prefix("fuser-q") {
-                    let cpu = q.split('.').next().unwrap();
-                    assert_eq!(
-                        allowed_cpus(m.pid, &tid),
-                        cpu,
-                        "ring thread {} not pinned to its CPU",
-                        comm.trim()
-                    );
-                }
+            for (name, tid) in ring_tasks(m.pid) {
+                let cpu = name["fuser-q".len()..].split('.').next().unwrap();
+                assert_eq!(
+                    allowed_cpus(m.pid, &tid.to_string()),
+                    cpu,
+                    "ring thread {name} not pinned to its CPU"
+                );
             }
         }
     } else {
