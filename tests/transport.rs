@@ -132,6 +132,17 @@ fn rings_are_used_exactly_when_the_kernel_offers_them() {
         for (name, policy) in ring_policies(m.pid) {
             assert_eq!(policy, libc::SCHED_IDLE, "{name} not SCHED_IDLE");
         }
+        // ... but their I/O in the best-effort class, not the idle one the
+        // CPU class would imply.
+        for (name, tid) in ring_tasks(m.pid) {
+            // SAFETY: plain syscall (IOPRIO_WHO_PROCESS = 1) on a thread id.
+            let prio = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, tid) };
+            assert_eq!(
+                prio >> 13,
+                2,
+                "{name}: I/O priority {prio:#x} not best-effort"
+            );
+        }
         // Each queue's threads are pinned to its CPU where the CPU is ours.
         let online = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
         if online.trim()
