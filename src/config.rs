@@ -51,7 +51,7 @@ pub struct Options {
     /// Take requests through FUSE-over-io-uring when the kernel offers it
     /// (its `fuse` module's `enable_uring` parameter; off with `uring=off`).
     pub uring: bool,
-    /// Ring threads at the idle scheduling class (`uring=normal`: not).
+    /// Ring threads at the idle scheduling class (`uring=idle`).
     pub uring_idle: bool,
     /// Extra options passed to the kernel mount (nodev, nosuid, noexec, ...).
     pub kernel_flags: Vec<String>,
@@ -71,7 +71,7 @@ impl Default for Options {
             acl: true,
             passthrough: true,
             uring: true,
-            uring_idle: true,
+            uring_idle: false,
             view: crate::idmap::View::default(),
             kernel_flags: Vec::new(),
             ignored: Vec::new(),
@@ -238,13 +238,13 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
         }
         ("passthrough", Some(_)) => o.passthrough = true,
         ("uring", Some(b"off" | b"0" | b"no")) | ("nouring", None) => o.uring = false,
-        ("uring", Some(b"normal")) => {
+        ("uring", Some(b"idle")) => {
             o.uring = true;
-            o.uring_idle = false
+            o.uring_idle = true
         }
         ("uring", Some(_) | None) => {
             o.uring = true;
-            o.uring_idle = true
+            o.uring_idle = false
         }
         ("default_permissions" | "fast_ino" | "nonempty", None) => {}
         _ => o.ignored.push(String::from_utf8_lossy(item).into_owned()),
@@ -458,16 +458,17 @@ mod tests {
     #[test]
     fn uring_is_on_unless_turned_off() {
         let mut c = MountConfig::new(vec![]);
-        assert!(c.options.uring);
-        for (opt, on) in [
-            ("uring=off", false),
-            ("uring", true),
-            ("nouring", false),
-            ("uring=on", true),
-            ("uring=0", false),
+        assert!(c.options.uring && !c.options.uring_idle);
+        for (opt, on, idle) in [
+            ("uring=off", false, false),
+            ("uring=idle", true, true),
+            ("nouring", false, true),
+            ("uring", true, false),
+            ("uring=on", true, false),
+            ("uring=0", false, false),
         ] {
             apply_option_string(&mut c, OsStr::new(opt)).unwrap();
-            assert_eq!(c.options.uring, on, "{opt}");
+            assert_eq!((c.options.uring, c.options.uring_idle), (on, idle), "{opt}");
         }
         assert!(c.options.ignored.is_empty());
     }

@@ -127,21 +127,9 @@ fn rings_are_used_exactly_when_the_kernel_offers_them() {
             counts.len() == 1 && *counts.first().unwrap() >= 2,
             "uneven or single ring threads per CPU: {per_cpu:?}"
         );
-        // Idle scheduling class by default (a caller woken by a reply stays
-        // on its CPU).
+        // The normal scheduling class by default.
         for (name, policy) in ring_policies(m.pid) {
-            assert_eq!(policy, libc::SCHED_IDLE, "{name} not SCHED_IDLE");
-        }
-        // ... but their I/O in the best-effort class, not the idle one the
-        // CPU class would imply.
-        for (name, tid) in ring_tasks(m.pid) {
-            // SAFETY: plain syscall (IOPRIO_WHO_PROCESS = 1) on a thread id.
-            let prio = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, tid) };
-            assert_eq!(
-                prio >> 13,
-                2,
-                "{name}: I/O priority {prio:#x} not best-effort"
-            );
+            assert_eq!(policy, libc::SCHED_OTHER, "{name} not SCHED_OTHER");
         }
         // Each queue's threads are pinned to its CPU where the CPU is ours.
         let online = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
@@ -169,15 +157,26 @@ fn rings_are_used_exactly_when_the_kernel_offers_them() {
 }
 
 #[test]
-fn uring_normal_keeps_ring_threads_in_the_normal_class() {
-    let s = setup("transport-normal");
+fn uring_idle_puts_ring_threads_in_the_idle_class() {
+    let s = setup("transport-idle");
     fs::write(s.lower.join("f"), b"lower").unwrap();
-    let m = mount(&s, Some("uring=normal"));
+    let m = mount(&s, Some("uring=idle"));
     assert_eq!(fs::read(m.path().join("f")).unwrap(), b"lower");
     let policies = ring_policies(m.pid);
     assert_eq!(policies.is_empty(), !uring_offered(), "{policies:?}");
     for (name, policy) in policies {
-        assert_eq!(policy, libc::SCHED_OTHER, "{name} not SCHED_OTHER");
+        assert_eq!(policy, libc::SCHED_IDLE, "{name} not SCHED_IDLE");
+    }
+    // ... but their I/O in the best-effort class, not the idle one the CPU
+    // class would imply.
+    for (name, tid) in ring_tasks(m.pid) {
+        // SAFETY: plain syscall (IOPRIO_WHO_PROCESS = 1) on a thread id.
+        let prio = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, tid) };
+        assert_eq!(
+            prio >> 13,
+            2,
+            "{name}: I/O priority {prio:#x} not best-effort"
+        );
     }
     m.unmount().unwrap();
 }

@@ -24,18 +24,18 @@
 //! committed with the next fetch.
 //! Forgets, interrupts and notifications still go through `/dev/fuse`.
 //!
-//! The ring threads run as SCHED_IDLE (unless configured otherwise): a
+//! The ring threads can run as SCHED_IDLE (`Config::uring_idle_class`): a
 //! reply wakes its caller while the ring thread is still running on the
 //! caller's CPU, and the scheduler then moves the caller to an idle CPU
 //! (waking a halted one, and the next request goes to that CPU's queue), at
 //! almost every request of a caller that makes them back to back (`ls -l`:
 //! a GETXATTR per entry); a CPU whose only running task is SCHED_IDLE counts
 //! as idle, so the caller is woken where it was and simply preempts the
-//! ring thread. Ring threads work in short bursts after sleeping, which the
-//! kernel's EEVDF scheduler (every kernel with FUSE-over-io-uring has it)
-//! ran promptly among CPU-bound tasks in our measurements (README). Their
-//! I/O priority is set to best-effort explicitly, or it would follow the
-//! CPU class into the idle I/O class.
+//! ring thread. Short bursts after sleeping ran promptly among CPU-bound
+//! tasks in our measurements (README), but under heavy load a daemon once
+//! took over 5 s to exit after its unmount, so it is not the default. Their
+//! I/O priority is then set to best-effort explicitly, or it would follow
+//! the CPU class into the idle I/O class.
 //!
 //! Once the kernel has granted the rings, every request waits until each
 //! queue has an entry registered; whatever keeps a queue from registering
