@@ -623,11 +623,6 @@ impl OverlayFs {
         Ok((h.clone(), newfd))
     }
 
-    pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
-        let (_h, fd) = self.file_fd(fh)?;
-        read_at(&fd, off, size)
-    }
-
     /// Reads into `buf` (the reply's own buffer); the byte count.
     pub fn read_into(&self, fh: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
         let (_h, fd) = self.file_fd(fh)?;

@@ -1279,38 +1279,29 @@ impl DirStream {
         DirStream(d)
     }
 
+    /// The next entry: its name and `d_ino`.
+    fn entry(&mut self) -> Option<(String, u64)> {
+        // SAFETY: an open stream; the entry is read before the next call.
+        let e = unsafe { libc::readdir(self.0) };
+        if e.is_null() {
+            return None;
+        }
+        // SAFETY: d_name is NUL-terminated.
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+        // SAFETY: as above.
+        Some((name.to_string_lossy().into_owned(), unsafe { (*e).d_ino }))
+    }
+
     /// The next name other than `.` and `..`.
     fn next(&mut self) -> Option<String> {
-        loop {
-            // SAFETY: an open stream; the entry is read before the next call.
-            let e = unsafe { libc::readdir(self.0) };
-            if e.is_null() {
-                return None;
-            }
-            // SAFETY: d_name is NUL-terminated.
-            let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
-            let name = name.to_string_lossy().into_owned();
-            if name != "." && name != ".." {
-                return Some(name);
-            }
-        }
+        std::iter::from_fn(|| self.entry())
+            .map(|(name, _)| name)
+            .find(|name| name != "." && name != "..")
     }
 
     /// The `d_ino` of `..`.
     fn dotdot_ino(&mut self) -> Option<u64> {
-        loop {
-            // SAFETY: an open stream; the entry is read before the next call.
-            let e = unsafe { libc::readdir(self.0) };
-            if e.is_null() {
-                return None;
-            }
-            // SAFETY: d_name is NUL-terminated.
-            let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
-            if name.to_bytes() == b".." {
-                // SAFETY: as above.
-                return Some(unsafe { (*e).d_ino });
-            }
-        }
+        std::iter::from_fn(|| self.entry()).find_map(|(name, ino)| (name == "..").then_some(ino))
     }
 
     fn tell(&self) -> libc::c_long {

@@ -89,6 +89,16 @@ fn setup(tag: &str) -> Setup {
     Setup { dirs, lower }
 }
 
+/// A mount over a lower holding `f`, already read through the mount (the
+/// rings are registered right after INIT).
+fn mounted_with_f(tag: &str, opts: Option<&str>) -> (Setup, Layerfs) {
+    let s = setup(tag);
+    fs::write(s.lower.join("f"), b"lower").unwrap();
+    let m = mount(&s, opts);
+    assert_eq!(fs::read(m.path().join("f")).unwrap(), b"lower");
+    (s, m)
+}
+
 fn mount(s: &Setup, opts: Option<&str>) -> Layerfs {
     Layerfs::try_mount(
         std::slice::from_ref(&s.lower),
@@ -102,12 +112,8 @@ fn mount(s: &Setup, opts: Option<&str>) -> Layerfs {
 
 #[test]
 fn rings_are_used_exactly_when_the_kernel_offers_them() {
-    let s = setup("transport-threads");
-    fs::write(s.lower.join("f"), b"lower").unwrap();
     let offered = uring_offered();
-    let m = mount(&s, None);
-    // Some requests first: the rings are registered right after INIT.
-    assert_eq!(fs::read(m.path().join("f")).unwrap(), b"lower");
+    let (_s, m) = mounted_with_f("transport-threads", None);
     let rings = ring_threads(m.pid);
     if offered {
         let cpus = possible_cpus();
@@ -158,10 +164,7 @@ fn rings_are_used_exactly_when_the_kernel_offers_them() {
 
 #[test]
 fn uring_idle_puts_ring_threads_in_the_idle_class() {
-    let s = setup("transport-idle");
-    fs::write(s.lower.join("f"), b"lower").unwrap();
-    let m = mount(&s, Some("uring=idle"));
-    assert_eq!(fs::read(m.path().join("f")).unwrap(), b"lower");
+    let (_s, m) = mounted_with_f("transport-idle", Some("uring=idle"));
     let policies = ring_policies(m.pid);
     assert_eq!(policies.is_empty(), !uring_offered(), "{policies:?}");
     for (name, policy) in policies {
@@ -183,9 +186,7 @@ fn uring_idle_puts_ring_threads_in_the_idle_class() {
 
 #[test]
 fn uring_off_keeps_requests_on_dev_fuse() {
-    let s = setup("transport-off");
-    fs::write(s.lower.join("f"), b"lower").unwrap();
-    let m = mount(&s, Some("uring=off"));
+    let (_s, m) = mounted_with_f("transport-off", Some("uring=off"));
     fs::write(m.path().join("g"), b"new").unwrap();
     assert_eq!(fs::read(m.path().join("g")).unwrap(), b"new");
     let rings = ring_threads(m.pid);

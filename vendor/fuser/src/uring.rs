@@ -132,6 +132,8 @@ unsafe impl Send for Slot {}
 #[derive(Debug, Clone)]
 pub(crate) struct UringSender {
     slot: Arc<(Mutex<Slot>, Condvar)>,
+    /// The payload buffer's size (fixed for the entry).
+    payload_cap: usize,
     /// The device, for backing-file registration.
     pub(crate) ch: crate::channel::ChannelSender,
 }
@@ -139,8 +141,7 @@ pub(crate) struct UringSender {
 impl UringSender {
     /// Whether a reply of `size` payload bytes fits the entry.
     pub(crate) fn fits(&self, size: usize) -> bool {
-        let slot = self.slot.0.lock().unwrap_or_else(|e| e.into_inner());
-        size <= slot.payload_cap
+        size <= self.payload_cap
     }
 
     /// Replies with data that `fill` writes straight into the payload
@@ -529,6 +530,7 @@ fn serve_ring<FS: Filesystem>(
     ));
     let sender = UringSender {
         slot: slot.clone(),
+        payload_cap: buf.payload,
         ch: ch.sender(),
     };
     let mut request: Vec<u64> = Vec::new();
