@@ -615,10 +615,17 @@ impl OverlayFs {
         if g == generation {
             return Ok((h.clone(), fd));
         }
-        let newfd = Arc::new(self.open_loc(
+        let newfd = match self.open_loc(
             &f.node.snapshot(),
             f.flags & !(libc::O_TRUNC | libc::O_APPEND),
-        )?);
+        ) {
+            Ok(fd) => Arc::new(fd),
+            // The object was removed (or renamed away) since: an open file
+            // stays readable, so the handle keeps the file it has (found
+            // by the load test: a read on an open fd answered ENOENT).
+            Err(e) if e.is(libc::ENOENT) => return Ok((h.clone(), fd)),
+            Err(e) => return Err(e),
+        };
         *f.fd.write().unwrap_or_else(|e| e.into_inner()) = (newfd.clone(), generation);
         Ok((h.clone(), newfd))
     }
