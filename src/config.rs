@@ -51,8 +51,10 @@ pub struct Options {
     /// Take requests through FUSE-over-io-uring when the kernel offers it
     /// (its `fuse` module's `enable_uring` parameter; off with `uring=off`).
     pub uring: bool,
-    /// Ring threads at the idle scheduling class (`uring=idle`).
-    pub uring_idle: bool,
+    /// Scheduling class of the ring threads: the idle class while they
+    /// commit a reply (default), always (`uring=idle`) or never
+    /// (`uring=normal`).
+    pub uring_class: fuser::RingClass,
     /// Extra options passed to the kernel mount (nodev, nosuid, noexec, ...).
     pub kernel_flags: Vec<String>,
     /// Options accepted but not acted on, to warn about.
@@ -71,7 +73,7 @@ impl Default for Options {
             acl: true,
             passthrough: true,
             uring: true,
-            uring_idle: false,
+            uring_class: fuser::RingClass::IdleOnReply,
             view: crate::idmap::View::default(),
             kernel_flags: Vec::new(),
             ignored: Vec::new(),
@@ -240,11 +242,15 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
         ("uring", Some(b"off" | b"0" | b"no")) | ("nouring", None) => o.uring = false,
         ("uring", Some(b"idle")) => {
             o.uring = true;
-            o.uring_idle = true
+            o.uring_class = fuser::RingClass::Idle
+        }
+        ("uring", Some(b"normal")) => {
+            o.uring = true;
+            o.uring_class = fuser::RingClass::Normal
         }
         ("uring", Some(_) | None) => {
             o.uring = true;
-            o.uring_idle = false
+            o.uring_class = fuser::RingClass::IdleOnReply
         }
         ("default_permissions" | "fast_ino" | "nonempty", None) => {}
         _ => o.ignored.push(String::from_utf8_lossy(item).into_owned()),
@@ -458,17 +464,23 @@ mod tests {
     #[test]
     fn uring_is_on_unless_turned_off() {
         let mut c = MountConfig::new(vec![]);
-        assert!(c.options.uring && !c.options.uring_idle);
-        for (opt, on, idle) in [
-            ("uring=off", false, false),
-            ("uring=idle", true, true),
-            ("nouring", false, true),
-            ("uring", true, false),
-            ("uring=on", true, false),
-            ("uring=0", false, false),
+        use fuser::RingClass::*;
+        assert!(c.options.uring && c.options.uring_class == IdleOnReply);
+        for (opt, on, class) in [
+            ("uring=off", false, IdleOnReply),
+            ("uring=idle", true, Idle),
+            ("nouring", false, Idle),
+            ("uring", true, IdleOnReply),
+            ("uring=normal", true, Normal),
+            ("uring=0", false, Normal),
+            ("uring=on", true, IdleOnReply),
         ] {
             apply_option_string(&mut c, OsStr::new(opt)).unwrap();
-            assert_eq!((c.options.uring, c.options.uring_idle), (on, idle), "{opt}");
+            assert_eq!(
+                (c.options.uring, c.options.uring_class),
+                (on, class),
+                "{opt}"
+            );
         }
         assert!(c.options.ignored.is_empty());
     }

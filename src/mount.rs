@@ -166,7 +166,7 @@ pub fn new_session(cfg: &MountConfig, mountpoint: &Path) -> Result<Session<Layer
         SessionACL::Owner
     };
     config.n_threads = Some(cfg.options.threads);
-    config.uring_idle_class = cfg.options.uring_idle;
+    config.uring_class = cfg.options.uring_class;
     let session = Session::new(fs, mountpoint, &config)
         .map_err(|e| format!("cannot mount on '{}': {e}", mountpoint.display()))?;
     ov.set_invalidator(Box::new(Notify::new(

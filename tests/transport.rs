@@ -133,9 +133,13 @@ fn rings_are_used_exactly_when_the_kernel_offers_them() {
             counts.len() == 1 && *counts.first().unwrap() >= 2,
             "uneven or single ring threads per CPU: {per_cpu:?}"
         );
-        // The normal scheduling class by default.
+        // By default a ring thread waits for a request in the idle class
+        // once it has committed a reply, in the normal one before.
         for (name, policy) in ring_policies(m.pid) {
-            assert_eq!(policy, libc::SCHED_OTHER, "{name} not SCHED_OTHER");
+            assert!(
+                policy == libc::SCHED_OTHER || policy == libc::SCHED_IDLE,
+                "{name}: scheduling policy {policy}"
+            );
         }
         // Each queue's threads are pinned to its CPU where the CPU is ours.
         let online = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
@@ -162,17 +166,10 @@ fn rings_are_used_exactly_when_the_kernel_offers_them() {
     m.unmount().unwrap();
 }
 
-#[test]
-fn uring_idle_puts_ring_threads_in_the_idle_class() {
-    let (_s, m) = mounted_with_f("transport-idle", Some("uring=idle"));
-    let policies = ring_policies(m.pid);
-    assert_eq!(policies.is_empty(), !uring_offered(), "{policies:?}");
-    for (name, policy) in policies {
-        assert_eq!(policy, libc::SCHED_IDLE, "{name} not SCHED_IDLE");
-    }
-    // ... but their I/O in the best-effort class, not the idle one the CPU
-    // class would imply.
-    for (name, tid) in ring_tasks(m.pid) {
+/// Checks that every ring thread's I/O is in the best-effort class, not
+/// the idle one an idle CPU class would imply.
+fn assert_best_effort_io(pid: i32) {
+    for (name, tid) in ring_tasks(pid) {
         // SAFETY: plain syscall (IOPRIO_WHO_PROCESS = 1) on a thread id.
         let prio = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, tid) };
         assert_eq!(
@@ -181,6 +178,122 @@ fn uring_idle_puts_ring_threads_in_the_idle_class() {
             "{name}: I/O priority {prio:#x} not best-effort"
         );
     }
+}
+
+#[test]
+fn uring_idle_puts_ring_threads_in_the_idle_class() {
+    let (_s, m) = mounted_with_f("transport-idle", Some("uring=idle"));
+    let policies = ring_policies(m.pid);
+    assert_eq!(policies.is_empty(), !uring_offered(), "{policies:?}");
+    for (name, policy) in policies {
+        assert_eq!(policy, libc::SCHED_IDLE, "{name} not SCHED_IDLE");
+    }
+    assert_best_effort_io(m.pid);
+    m.unmount().unwrap();
+}
+
+#[test]
+fn uring_normal_keeps_ring_threads_in_the_normal_class() {
+    let (_s, m) = mounted_with_f("transport-normal", Some("uring=normal"));
+    requests(&m, 200);
+    let policies = ring_policies(m.pid);
+    assert_eq!(policies.is_empty(), !uring_offered(), "{policies:?}");
+    for (name, policy) in policies {
+        assert_eq!(policy, libc::SCHED_OTHER, "{name} not SCHED_OTHER");
+    }
+    m.unmount().unwrap();
+}
+
+/// `n` requests that each reach the daemon (FUSE does not cache xattrs).
+fn requests(m: &Layerfs, n: usize) {
+    let f = m.path().join("f");
+    for _ in 0..n {
+        assert_eq!(
+            xattr_get(&f, "user.none").unwrap_err(),
+            libc::ENODATA,
+            "getxattr through the mount"
+        );
+    }
+}
+
+fn xattr_get(p: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let cp = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let cn = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n =
+        unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// The default class: a ring thread commits its reply and waits in the
+/// idle class on an idle machine, and keeps to the normal class while its
+/// CPU is busy with other work (it would be woken late there).
+#[test]
+fn ring_threads_wait_idle_only_while_their_cpu_is_free() {
+    if !uring_offered() {
+        return;
+    }
+    let (_s, m) = mounted_with_f("transport-lend", None);
+    assert_best_effort_io(m.pid);
+    // Requests from this thread go to the queue of the CPU it runs on: one.
+    // SAFETY: plain libc calls on a zeroed cpu_set_t, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    let idle_now = |m: &Layerfs| -> std::collections::BTreeSet<String> {
+        ring_policies(m.pid)
+            .into_iter()
+            .filter(|(_, p)| *p == libc::SCHED_IDLE)
+            .map(|(n, _)| n)
+            .collect()
+    };
+    // Unloaded: the threads that served requests wait in the idle class.
+    requests(&m, 200);
+    let idle = idle_now(&m);
+    assert!(
+        !idle.is_empty(),
+        "no ring thread waits in the idle class: {:?}",
+        ring_policies(m.pid)
+    );
+    // Every CPU busy with a normal-class loop: requests are held up, and the
+    // threads keep to the normal class (checked while the load lasts).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..2 * possible_cpus())
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut left_idle = false;
+    while !left_idle && std::time::Instant::now() < deadline {
+        requests(&m, 20);
+        left_idle = idle.iter().any(|n| !idle_now(&m).contains(n));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    assert!(
+        left_idle,
+        "ring threads {idle:?} still wait in the idle class on busy CPUs: {:?}",
+        ring_policies(m.pid)
+    );
     m.unmount().unwrap();
 }
 

@@ -523,7 +523,7 @@ impl<FS: Filesystem> Session<FS> {
                     .max(8192);
                 self.uring = Some(crate::uring::UringParams {
                     payload,
-                    idle_class: self.config.uring_idle_class,
+                    class: self.config.uring_class,
                 });
             }
 

@@ -59,6 +59,7 @@ use log::debug;
 use log::warn;
 
 use crate::Filesystem;
+use crate::RingClass;
 use crate::channel::Channel;
 use crate::ll::fuse_abi as abi;
 use crate::request::RequestWithSender;
@@ -84,8 +85,8 @@ pub(crate) struct UringParams {
     /// Payload buffer size the kernel requires (max of its minimum read
     /// buffer, `max_write` and `max_pages` pages).
     pub(crate) payload: usize,
-    /// Run the ring threads as SCHED_IDLE (see the module doc).
-    pub(crate) idle_class: bool,
+    /// The ring threads' scheduling class (see the module doc).
+    pub(crate) class: RingClass,
 }
 
 /// How many queues the kernel makes: `num_possible_cpus()`, the number of
@@ -391,7 +392,7 @@ pub(crate) fn start<FS: Filesystem>(
         let ch2 = ch.clone();
         match std::thread::Builder::new()
             .name(name)
-            .spawn(move || serve(p, ch2, event_loop, params.idle_class))
+            .spawn(move || serve(p, ch2, event_loop, params.class))
         {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -428,36 +429,22 @@ fn cmd_req(commit_id: u64, qid: usize) -> [u8; 80] {
     cmd
 }
 
-fn serve<FS: Filesystem>(
-    p: Prepared,
-    ch: Channel,
-    se: SessionEventLoop<FS>,
-    idle_class: bool,
-) {
+fn serve<FS: Filesystem>(p: Prepared, ch: Channel, se: SessionEventLoop<FS>, class: RingClass) {
     pin_to(p.qid);
-    if idle_class {
+    let mut lend = match class {
+        RingClass::Normal => None,
         // The I/O priority first: left unset, it would follow the CPU class
         // into the idle I/O class (served last by I/O schedulers).
-        const IOPRIO_WHO_PROCESS: libc::c_long = 1;
-        const BEST_EFFORT_4: libc::c_long = (2 << 13) | 4;
-        // SAFETY: plain syscalls on this thread.
-        let io_set =
-            unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, BEST_EFFORT_4) };
-        let param = libc::sched_param { sched_priority: 0 };
-        if io_set != 0 {
-            debug!(
-                "ring thread I/O priority not set ({}): kept in the normal class",
-                io::Error::last_os_error()
-            );
-        } else if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-            debug!(
-                "ring thread not SCHED_IDLE: {}",
-                io::Error::last_os_error()
-            );
+        _ if !best_effort_io() => None,
+        RingClass::Idle => {
+            set_idle(true);
+            None
         }
-    }
+        RingClass::IdleOnReply if can_leave_idle() => IdleOnReply::new(),
+        RingClass::IdleOnReply => None,
+    };
     let Prepared { qid, ring, buf } = p;
-    match serve_ring(qid, ring, &buf, &ch, &se) {
+    match serve_ring(qid, ring, &buf, &ch, &se, &mut lend) {
         // Torn down: the kernel no longer uses the buffers.
         Ok(()) => drop(buf),
         Err(e) => {
@@ -466,6 +453,189 @@ fn serve<FS: Filesystem>(
             // after the ring is closed): the buffers are left mapped.
             std::mem::forget(buf);
         }
+    }
+}
+
+/// Sets this thread's I/O priority to best-effort (level 4) explicitly.
+fn best_effort_io() -> bool {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const BEST_EFFORT_4: libc::c_long = (2 << 13) | 4;
+    // SAFETY: plain syscall on this thread.
+    let r = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, BEST_EFFORT_4) };
+    if r != 0 {
+        debug!(
+            "ring thread I/O priority not set ({}): kept in the normal class",
+            io::Error::last_os_error()
+        );
+    }
+    r == 0
+}
+
+/// Puts this thread in the idle (`true`) or normal scheduling class.
+fn set_idle(idle: bool) -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: plain libc call on this thread.
+    let ok = unsafe { libc::sched_setscheduler(0, policy, &param) } == 0;
+    if !ok {
+        debug!(
+            "ring thread not moved to {}: {}",
+            if idle { "SCHED_IDLE" } else { "SCHED_OTHER" },
+            io::Error::last_os_error()
+        );
+    }
+    ok
+}
+
+/// Whether a thread of this process may return from the idle class to the
+/// normal one (it needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20): tried
+/// once on a throwaway thread, which would be stuck otherwise.
+fn can_leave_idle() -> bool {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| {
+        std::thread::spawn(|| set_idle(true) && set_idle(false))
+            .join()
+            .unwrap_or(false)
+    })
+}
+
+/// The idle class while committing a reply (`RingClass::IdleOnReply`).
+///
+/// The commit wakes the caller while this thread still runs on the
+/// caller's CPU; as an idle-class thread it leaves that CPU looking idle,
+/// so the caller is woken there (and runs once this thread sleeps) instead
+/// of being moved to another, halted CPU. The commit and the wait for the
+/// next request are one system call, so the thread does not stay runnable
+/// beside the caller (which would make the load balancer move the caller
+/// anyway); it returns to the normal class as soon as it wakes.
+///
+/// An idle-class thread is woken late on a CPU busy with normal tasks:
+/// the caller then waits for them. The thread's run delay
+/// (`/proc/thread-self/schedstat`) is summed over each period of
+/// [`IDLE_PERIOD`]; when the requests whose callers waited were held up by
+/// more than [`IDLE_DELAY_PER_REQUEST_NS`] each on average (a CPU busy with
+/// other work, where a move to an idle CPU is what the caller needs), the
+/// normal class is kept for a while, longer each time it happens again.
+/// An occasional delay (a pipe's reader running a little) is not worth it.
+#[derive(Debug)]
+struct IdleOnReply {
+    schedstat: std::fs::File,
+    /// Run delay (ns) at the last reading.
+    delay: u64,
+    /// Run delay over the last idle-class wait, not yet judged.
+    waited: Option<u64>,
+    /// The current period: its start, requests whose callers waited, and
+    /// their run delay.
+    period: std::time::Instant,
+    requests: u64,
+    delayed_ns: u64,
+    /// Normal class until then (the last pause's end).
+    paused_until: Option<std::time::Instant>,
+    pause: std::time::Duration,
+}
+
+const IDLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+/// Run delay per request (a CPU migration costs a few tens of µs on a VM).
+const IDLE_DELAY_PER_REQUEST_NS: u64 = 30_000;
+/// Less run delay than this in a period is never reason to pause.
+const IDLE_DELAY_MIN_NS: u64 = 2_000_000;
+const IDLE_PAUSE_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const IDLE_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl IdleOnReply {
+    fn new() -> Option<IdleOnReply> {
+        let schedstat = std::fs::File::open("/proc/thread-self/schedstat")
+            .map_err(|e| debug!("ring thread: no schedstat ({e}): normal class only"))
+            .ok()?;
+        let mut s = IdleOnReply {
+            schedstat,
+            delay: 0,
+            waited: None,
+            period: std::time::Instant::now(),
+            requests: 0,
+            delayed_ns: 0,
+            paused_until: None,
+            pause: IDLE_PAUSE_MIN,
+        };
+        s.delay = s.run_delay()?;
+        Some(s)
+    }
+
+    /// This thread's time spent runnable but not running, in ns.
+    fn run_delay(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 96];
+        let n = self.schedstat.read_at(&mut b, 0).ok()?;
+        let s = std::str::from_utf8(&b[..n]).ok()?;
+        s.split_ascii_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Runs `commit_and_wait` in the idle class unless paused.
+    fn commit<T>(&mut self, commit_and_wait: impl FnOnce() -> T) -> T {
+        let paused = self
+            .paused_until
+            .is_some_and(|t| std::time::Instant::now() < t);
+        if paused || !set_idle(true) {
+            return commit_and_wait();
+        }
+        let r = commit_and_wait();
+        if !set_idle(false) {
+            // Stuck in the idle class (the probe said it could leave, but
+            // e.g. RLIMIT_NICE was lowered since): it serves on from there.
+            warn!("FUSE ring thread left in the idle scheduling class");
+            self.paused_until = Some(std::time::Instant::now() + IDLE_PAUSE_MAX * 1000);
+            return r;
+        }
+        let before = self.delay;
+        self.delay = self.run_delay().unwrap_or(before);
+        self.waited = Some(self.delay - before);
+        r
+    }
+
+    /// Counts the run delay of the last wait once its request is known:
+    /// the caller of a release does not wait for it (and may well be what
+    /// ran meanwhile).
+    fn settle(&mut self, opcode: u32, async_op: bool) {
+        let Some(waited) = self.waited.take() else {
+            return;
+        };
+        if async_op {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if now.duration_since(self.period) > IDLE_PERIOD {
+            self.period = now;
+            self.requests = 0;
+            self.delayed_ns = 0;
+        }
+        self.requests += 1;
+        self.delayed_ns += waited;
+        if self.delayed_ns < IDLE_DELAY_MIN_NS.max(self.requests * IDLE_DELAY_PER_REQUEST_NS) {
+            return;
+        }
+        // Again soon after the last pause: a longer one.
+        let again = self
+            .paused_until
+            .is_some_and(|t| now.duration_since(t) < IDLE_PAUSE_MAX);
+        self.pause = if again {
+            (self.pause * 2).min(IDLE_PAUSE_MAX)
+        } else {
+            IDLE_PAUSE_MIN
+        };
+        debug!(
+            "ring thread held up {} us over {} requests (last: opcode {opcode}): normal class for {:?}",
+            self.delayed_ns / 1000,
+            self.requests,
+            self.pause
+        );
+        self.paused_until = Some(now + self.pause);
+        self.period = now + self.pause;
+        self.requests = 0;
+        self.delayed_ns = 0;
     }
 }
 
@@ -478,6 +648,7 @@ fn serve_ring<FS: Filesystem>(
     buf: &EntryBuf,
     ch: &Channel,
     se: &SessionEventLoop<FS>,
+    lend: &mut Option<IdleOnReply>,
 ) -> io::Result<()> {
     let dev = types::Fd(ch.as_fd().as_raw_fd());
     let iov: Box<[libc::iovec; 2]> = Box::new([
@@ -536,8 +707,15 @@ fn serve_ring<FS: Filesystem>(
     let mut request: Vec<u64> = Vec::new();
     let mut served_any = false;
     let mut errors = 0;
+    // A commit pushed at the end of the last round, submitted with the wait.
+    let mut committing = false;
     loop {
-        match ring.submit_and_wait(1) {
+        let waited = match lend {
+            Some(l) if committing => l.commit(|| ring.submit_and_wait(1)),
+            _ => ring.submit_and_wait(1),
+        };
+        committing = false;
+        match waited {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return Err(e),
@@ -573,6 +751,16 @@ fn serve_ring<FS: Filesystem>(
         }
         served_any = true;
         errors = 0;
+        if let Some(l) = lend.as_mut() {
+            // SAFETY: the opcode of the request now in the header buffer.
+            let opcode = unsafe { buf.header().add(IN_OUT + 4).cast::<u32>().read_unaligned() };
+            l.settle(
+                opcode,
+                matches!(
+                abi::fuse_opcode::try_from(opcode),
+                Ok(abi::fuse_opcode::FUSE_RELEASE | abi::fuse_opcode::FUSE_RELEASEDIR)
+            ));
+        }
         // SAFETY: the kernel wrote the request into the entry buffers and
         // waits for our commit; nothing else touches them now.
         let commit_id = unsafe {
@@ -586,7 +774,10 @@ fn serve_ring<FS: Filesystem>(
             .cmd(cmd_req(commit_id, qid))
             .build()
             .user_data(0);
-        submit(&mut ring, &commit)?;
+        // SAFETY: as in `submit`; submitted by the next wait.
+        unsafe { ring.submission().push(&commit) }
+            .map_err(|_| io::Error::other("ring submission queue full"))?;
+        committing = true;
     }
 }
 

@@ -18,9 +18,24 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
-    /// layerfs patch 6: FUSE-over-io-uring ring threads run as SCHED_IDLE
-    /// (see `uring.rs`).
-    pub uring_idle_class: bool,
+    /// layerfs patch 6: the scheduling class of FUSE-over-io-uring ring
+    /// threads (see `uring.rs`).
+    pub uring_class: RingClass,
+}
+
+/// layerfs patch 6: how FUSE-over-io-uring ring threads are scheduled
+/// (see `uring.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum RingClass {
+    /// Always the normal class.
+    #[default]
+    Normal,
+    /// The idle class (`SCHED_IDLE`) while committing a reply, the normal
+    /// class otherwise; back to normal for a while after a commit that
+    /// kept the thread off its CPU for long.
+    IdleOnReply,
+    /// Always the idle class.
+    Idle,
 }
 
 /// Mount options accepted by the FUSE filesystem type
