@@ -25,7 +25,9 @@ use clap::{Args, Parser, Subcommand};
 ///   passthrough=off                       no FUSE passthrough for upper files
 ///   uring=off                             no FUSE-over-io-uring (used when the
 ///                                         kernel offers it: fuse enable_uring=Y)
-///   uring=idle                            ring threads at the idle sched class
+///   uring=normal, uring=idle              ring threads always in the normal /
+///                                         idle sched class (default: idle only
+///                                         to commit a reply and wait)
 ///   uidmapping=ID:MAPPED:LEN[:...]        show on-disk ids ID.. as MAPPED..
 ///   gidmapping=ID:MAPPED:LEN[:...]        (and store them back mapped)
 ///   squash_to_root, squash_to_uid=U, squash_to_gid=G   show every owner as given

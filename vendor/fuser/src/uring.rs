@@ -24,18 +24,21 @@
 //! committed with the next fetch.
 //! Forgets, interrupts and notifications still go through `/dev/fuse`.
 //!
-//! The ring threads can run as SCHED_IDLE (`Config::uring_idle_class`): a
-//! reply wakes its caller while the ring thread is still running on the
-//! caller's CPU, and the scheduler then moves the caller to an idle CPU
-//! (waking a halted one, and the next request goes to that CPU's queue), at
-//! almost every request of a caller that makes them back to back (`ls -l`:
-//! a GETXATTR per entry); a CPU whose only running task is SCHED_IDLE counts
-//! as idle, so the caller is woken where it was and simply preempts the
-//! ring thread. Short bursts after sleeping ran promptly among CPU-bound
-//! tasks in our measurements (README), but under heavy load a daemon once
-//! took over 5 s to exit after its unmount, so it is not the default. Their
-//! I/O priority is then set to best-effort explicitly, or it would follow
-//! the CPU class into the idle I/O class.
+//! Scheduling class (`Config::uring_class`): a reply wakes its caller
+//! while the ring thread still runs on the caller's CPU, and the scheduler
+//! then moves the caller to an idle CPU (waking a halted one on a VM, and
+//! the next request goes to that CPU's queue) at almost every request of a
+//! caller that makes them back to back (`ls -l`: a GETXATTR per entry). A
+//! CPU whose only running task is SCHED_IDLE counts as idle, so with the
+//! ring thread in the idle class the caller is woken where it was and runs
+//! as soon as the thread sleeps. `RingClass::Idle` keeps the threads there
+//! for good (a thread woken there waits behind every normal task of its
+//! CPU: under heavy load a daemon once took over 5 s to exit after its
+//! unmount); `RingClass::IdleOnReply` enters the idle class only to commit
+//! and wait, serves in the normal class, and stays normal for a while when
+//! its CPU is busy with other work (see `IdleOnReply`). In both, the I/O
+//! priority is set to best-effort explicitly, or it would follow the CPU
+//! class into the idle I/O class.
 //!
 //! Once the kernel has granted the rings, every request waits until each
 //! queue has an entry registered; whatever keeps a queue from registering
