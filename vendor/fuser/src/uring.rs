@@ -527,8 +527,6 @@ fn can_leave_idle() -> bool {
 #[derive(Debug)]
 struct IdleOnReply {
     schedstat: std::fs::File,
-    /// Run delay (ns) at the last reading.
-    delay: u64,
     /// Run delay over the last idle-class wait, not yet judged.
     waited: Option<u64>,
     /// The current period: its start, requests whose callers waited, and
@@ -554,9 +552,8 @@ impl IdleOnReply {
         let schedstat = std::fs::File::open("/proc/thread-self/schedstat")
             .map_err(|e| debug!("ring thread: no schedstat ({e}): normal class only"))
             .ok()?;
-        let mut s = IdleOnReply {
+        let s = IdleOnReply {
             schedstat,
-            delay: 0,
             waited: None,
             period: std::time::Instant::now(),
             requests: 0,
@@ -564,7 +561,7 @@ impl IdleOnReply {
             paused_until: None,
             pause: IDLE_PAUSE_MIN,
         };
-        s.delay = s.run_delay()?;
+        s.run_delay()?;
         Some(s)
     }
 
@@ -582,7 +579,11 @@ impl IdleOnReply {
         let paused = self
             .paused_until
             .is_some_and(|t| std::time::Instant::now() < t);
-        if paused || !set_idle(true) {
+        if paused {
+            return commit_and_wait();
+        }
+        let before = self.run_delay();
+        if before.is_none() || !set_idle(true) {
             return commit_and_wait();
         }
         let r = commit_and_wait();
@@ -593,9 +594,9 @@ impl IdleOnReply {
             self.paused_until = Some(std::time::Instant::now() + IDLE_PAUSE_MAX * 1000);
             return r;
         }
-        let before = self.delay;
-        self.delay = self.run_delay().unwrap_or(before);
-        self.waited = Some(self.delay - before);
+        self.waited = before
+            .zip(self.run_delay())
+            .map(|(b, a)| a.saturating_sub(b));
         r
     }
 
@@ -757,12 +758,11 @@ fn serve_ring<FS: Filesystem>(
         if let Some(l) = lend.as_mut() {
             // SAFETY: the opcode of the request now in the header buffer.
             let opcode = unsafe { buf.header().add(IN_OUT + 4).cast::<u32>().read_unaligned() };
-            l.settle(
-                opcode,
-                matches!(
+            let release = matches!(
                 abi::fuse_opcode::try_from(opcode),
                 Ok(abi::fuse_opcode::FUSE_RELEASE | abi::fuse_opcode::FUSE_RELEASEDIR)
-            ));
+            );
+            l.settle(opcode, release);
         }
         // SAFETY: the kernel wrote the request into the entry buffers and
         // waits for our commit; nothing else touches them now.
