@@ -52,8 +52,8 @@ pub struct Options {
     /// (its `fuse` module's `enable_uring` parameter; off with `uring=off`).
     pub uring: bool,
     /// Scheduling class of the ring threads: the idle class while they
-    /// commit a reply (default), always (`uring=idle`) or never
-    /// (`uring=normal`).
+    /// commit a reply and start waiting for the next (default), always
+    /// (`uring=idle`) or never (`uring=normal`).
     pub uring_class: fuser::RingClass,
     /// Extra options passed to the kernel mount (nodev, nosuid, noexec, ...).
     pub kernel_flags: Vec<String>,

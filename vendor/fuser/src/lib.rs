@@ -51,6 +51,8 @@ pub use crate::ll::request::Version;
 pub use crate::mnt::mount_options::Config;
 pub use crate::mnt::mount_options::MountOption;
 pub use crate::mnt::mount_options::RingClass;
+#[doc(hidden)]
+pub use crate::uring::DelayJudge;
 pub use crate::notify::Notifier;
 pub use crate::notify::PollHandle;
 pub use crate::notify::PollNotifier;

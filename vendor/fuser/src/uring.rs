@@ -35,8 +35,9 @@
 //! for good (a thread woken there waits behind every normal task of its
 //! CPU: under heavy load a daemon once took over 5 s to exit after its
 //! unmount); `RingClass::IdleOnReply` enters the idle class only to commit
-//! and wait, serves in the normal class, and stays normal for a while when
-//! its CPU is busy with other work (see `IdleOnReply`). In both, the I/O
+//! and for the first 5 ms of the wait that follows, serves in the normal
+//! class, and stays normal for a while when its CPU is busy with other work
+//! (see `IdleOnReply`). In both, the I/O
 //! priority is set to best-effort explicitly, or it would follow the CPU
 //! class into the idle I/O class.
 //!
@@ -59,6 +60,7 @@ use io_uring::opcode;
 use io_uring::squeue;
 use io_uring::types;
 use log::debug;
+use log::info;
 use log::warn;
 
 use crate::Filesystem;
@@ -375,6 +377,14 @@ pub(crate) fn start<FS: Filesystem>(
 ) -> io::Result<Vec<JoinHandle<()>>> {
     let queues = possible_cpus();
     let per_queue = threads_per_queue.max(2);
+    let mut params = params;
+    if params.class == RingClass::IdleOnReply && !can_leave_idle() {
+        info!(
+            "FUSE ring threads in the normal scheduling class only: this process may not \
+             return a thread from SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE below 20)"
+        );
+        params.class = RingClass::Normal;
+    }
     let mut prepared = Vec::new();
     for qid in 0..queues {
         for _ in 0..per_queue {
@@ -443,8 +453,7 @@ fn serve<FS: Filesystem>(p: Prepared, ch: Channel, se: SessionEventLoop<FS>, cla
             set_idle(true);
             None
         }
-        RingClass::IdleOnReply if can_leave_idle() => IdleOnReply::new(),
-        RingClass::IdleOnReply => None,
+        RingClass::IdleOnReply => IdleOnReply::new(),
     };
     let Prepared { qid, ring, buf } = p;
     match serve_ring(qid, ring, &buf, &ch, &se, &mut lend) {
@@ -495,15 +504,16 @@ fn set_idle(idle: bool) -> bool {
 }
 
 /// Whether a thread of this process may return from the idle class to the
-/// normal one (it needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20): tried
-/// once on a throwaway thread, which would be stuck otherwise.
+/// normal one (it needs `CAP_SYS_NICE`, or an `RLIMIT_NICE` of at least
+/// 20 minus its nice value): tried on a throwaway thread, which would be
+/// stuck otherwise.
 fn can_leave_idle() -> bool {
-    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CAN.get_or_init(|| {
-        std::thread::spawn(|| set_idle(true) && set_idle(false))
-            .join()
-            .unwrap_or(false)
-    })
+    std::thread::Builder::new()
+        .name("fuser-probe".into())
+        .spawn(|| set_idle(true) && set_idle(false))
+        .ok()
+        .and_then(|h| h.join().ok())
+        .unwrap_or(false)
 }
 
 /// The idle class while committing a reply (`RingClass::IdleOnReply`).
@@ -512,23 +522,50 @@ fn can_leave_idle() -> bool {
 /// caller's CPU; as an idle-class thread it leaves that CPU looking idle,
 /// so the caller is woken there (and runs once this thread sleeps) instead
 /// of being moved to another, halted CPU. The commit and the wait for the
-/// next request are one system call, so the thread does not stay runnable
-/// beside the caller (which would make the load balancer move the caller
-/// anyway); it returns to the normal class as soon as it wakes.
+/// next request are one system call, so that the thread is not left
+/// runnable beside the caller (which would make the load balancer move the
+/// caller anyway, unless the kernel preempts the thread before it sleeps).
+/// The thread waits in the idle class for at most [`IDLE_WAIT_NS`] and
+/// returns to the normal class as soon as it wakes: a request that comes
+/// later wakes a normal-class thread.
 ///
-/// An idle-class thread is woken late on a CPU busy with normal tasks:
-/// the caller then waits for them. The thread's run delay
-/// (`/proc/thread-self/schedstat`) is summed over each period of
-/// [`IDLE_PERIOD`]; when the requests whose callers waited were held up by
-/// more than [`IDLE_DELAY_PER_REQUEST_NS`] each on average (a CPU busy with
-/// other work, where a move to an idle CPU is what the caller needs), the
-/// normal class is kept for a while, longer each time it happens again.
-/// An occasional delay (a pipe's reader running a little) is not worth it.
+/// An idle-class thread is woken late on a CPU busy with normal tasks: the
+/// caller then waits for them. The thread's run delay over each idle-class
+/// wait (`/proc/thread-self/schedstat`) is judged by [`DelayJudge`].
 #[derive(Debug)]
 struct IdleOnReply {
     schedstat: std::fs::File,
     /// Run delay over the last idle-class wait, not yet judged.
     waited: Option<u64>,
+    judge: DelayJudge,
+    /// A return to the normal class failed: the idle class is not used again.
+    disabled: bool,
+}
+
+/// How long a thread waits for the next request in the idle class (with
+/// 1 ms, back-to-back GETXATTRs took 32 µs each instead of 12, for reasons
+/// not understood; 5 ms and more kept 12).
+const IDLE_WAIT_NS: u32 = 5_000_000;
+const IDLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+/// Run delay per request (a CPU migration costs a few tens of µs on a VM).
+const IDLE_DELAY_PER_REQUEST_NS: u64 = 30_000;
+/// Less run delay than this in a period is never reason to pause.
+const IDLE_DELAY_MIN_NS: u64 = 2_000_000;
+const IDLE_PAUSE_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const IDLE_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// layerfs patch 6: when a ring thread should keep to the normal class.
+///
+/// The run delays of idle-class waits whose request's caller waited are
+/// summed over each period of 100 ms; when they exceed 30 µs per request
+/// on average and 2 ms in all (a CPU busy with other work, where a move to
+/// an idle CPU is what the caller needs), the thread keeps to the normal
+/// class for a pause: 100 ms, doubling (up to 5 s) when it happens again
+/// within 5 s of the last pause's end. An occasional delay (a pipe's reader
+/// running a little) is not worth a pause. Public for tests only.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct DelayJudge {
     /// The current period: its start, requests whose callers waited, and
     /// their run delay.
     period: std::time::Instant,
@@ -539,13 +576,59 @@ struct IdleOnReply {
     pause: std::time::Duration,
 }
 
-const IDLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
-/// Run delay per request (a CPU migration costs a few tens of µs on a VM).
-const IDLE_DELAY_PER_REQUEST_NS: u64 = 30_000;
-/// Less run delay than this in a period is never reason to pause.
-const IDLE_DELAY_MIN_NS: u64 = 2_000_000;
-const IDLE_PAUSE_MIN: std::time::Duration = std::time::Duration::from_millis(100);
-const IDLE_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+impl DelayJudge {
+    /// A judge whose first period starts at `now`.
+    pub fn new(now: std::time::Instant) -> DelayJudge {
+        DelayJudge {
+            period: now,
+            requests: 0,
+            delayed_ns: 0,
+            paused_until: None,
+            pause: IDLE_PAUSE_MIN,
+        }
+    }
+
+    /// Whether the idle class is paused at `now`.
+    pub fn paused(&self, now: std::time::Instant) -> bool {
+        self.paused_until.is_some_and(|t| now < t)
+    }
+
+    /// Counts a request whose caller waited while the thread, woken for it
+    /// at `now`, had been runnable for `waited_ns`; returns the pause this
+    /// starts, if any.
+    pub fn count(&mut self, now: std::time::Instant, waited_ns: u64) -> Option<std::time::Duration> {
+        if now.saturating_duration_since(self.period) > IDLE_PERIOD {
+            self.period = now;
+            self.requests = 0;
+            self.delayed_ns = 0;
+        }
+        self.requests += 1;
+        self.delayed_ns += waited_ns;
+        if self.delayed_ns < IDLE_DELAY_MIN_NS.max(self.requests * IDLE_DELAY_PER_REQUEST_NS) {
+            return None;
+        }
+        // Again soon after the last pause: a longer one.
+        let again = self
+            .paused_until
+            .is_some_and(|t| now.saturating_duration_since(t) < IDLE_PAUSE_MAX);
+        self.pause = if again {
+            (self.pause * 2).min(IDLE_PAUSE_MAX)
+        } else {
+            IDLE_PAUSE_MIN
+        };
+        debug!(
+            "ring thread held up {} us over {} requests: normal class for {:?}",
+            self.delayed_ns / 1000,
+            self.requests,
+            self.pause
+        );
+        self.paused_until = Some(now + self.pause);
+        self.period = now + self.pause;
+        self.requests = 0;
+        self.delayed_ns = 0;
+        Some(self.pause)
+    }
+}
 
 impl IdleOnReply {
     fn new() -> Option<IdleOnReply> {
@@ -555,11 +638,8 @@ impl IdleOnReply {
         let s = IdleOnReply {
             schedstat,
             waited: None,
-            period: std::time::Instant::now(),
-            requests: 0,
-            delayed_ns: 0,
-            paused_until: None,
-            pause: IDLE_PAUSE_MIN,
+            judge: DelayJudge::new(std::time::Instant::now()),
+            disabled: false,
         };
         s.run_delay()?;
         Some(s)
@@ -576,10 +656,7 @@ impl IdleOnReply {
 
     /// Runs `commit_and_wait` in the idle class unless paused.
     fn commit<T>(&mut self, commit_and_wait: impl FnOnce() -> T) -> T {
-        let paused = self
-            .paused_until
-            .is_some_and(|t| std::time::Instant::now() < t);
-        if paused {
+        if self.disabled || self.judge.paused(std::time::Instant::now()) {
             return commit_and_wait();
         }
         let before = self.run_delay();
@@ -591,7 +668,7 @@ impl IdleOnReply {
             // Stuck in the idle class (the probe said it could leave, but
             // e.g. RLIMIT_NICE was lowered since): it serves on from there.
             warn!("FUSE ring thread left in the idle scheduling class");
-            self.paused_until = Some(std::time::Instant::now() + IDLE_PAUSE_MAX * 1000);
+            self.disabled = true;
             return r;
         }
         self.waited = before
@@ -603,43 +680,12 @@ impl IdleOnReply {
     /// Counts the run delay of the last wait once its request is known:
     /// the caller of a release does not wait for it (and may well be what
     /// ran meanwhile).
-    fn settle(&mut self, opcode: u32, async_op: bool) {
-        let Some(waited) = self.waited.take() else {
-            return;
-        };
-        if async_op {
-            return;
+    fn settle(&mut self, async_op: bool) {
+        if let Some(waited) = self.waited.take()
+            && !async_op
+        {
+            self.judge.count(std::time::Instant::now(), waited);
         }
-        let now = std::time::Instant::now();
-        if now.duration_since(self.period) > IDLE_PERIOD {
-            self.period = now;
-            self.requests = 0;
-            self.delayed_ns = 0;
-        }
-        self.requests += 1;
-        self.delayed_ns += waited;
-        if self.delayed_ns < IDLE_DELAY_MIN_NS.max(self.requests * IDLE_DELAY_PER_REQUEST_NS) {
-            return;
-        }
-        // Again soon after the last pause: a longer one.
-        let again = self
-            .paused_until
-            .is_some_and(|t| now.duration_since(t) < IDLE_PAUSE_MAX);
-        self.pause = if again {
-            (self.pause * 2).min(IDLE_PAUSE_MAX)
-        } else {
-            IDLE_PAUSE_MIN
-        };
-        debug!(
-            "ring thread held up {} us over {} requests (last: opcode {opcode}): normal class for {:?}",
-            self.delayed_ns / 1000,
-            self.requests,
-            self.pause
-        );
-        self.paused_until = Some(now + self.pause);
-        self.period = now + self.pause;
-        self.requests = 0;
-        self.delayed_ns = 0;
     }
 }
 
@@ -713,9 +759,26 @@ fn serve_ring<FS: Filesystem>(
     let mut errors = 0;
     // A commit pushed at the end of the last round, submitted with the wait.
     let mut committing = false;
+    let ext_arg = ring.params().is_feature_ext_arg();
+    let idle_wait_ts = types::Timespec::new().nsec(IDLE_WAIT_NS);
+    let idle_wait = types::SubmitArgs::new().timespec(&idle_wait_ts);
     loop {
         let waited = match lend {
-            Some(l) if committing => l.commit(|| ring.submit_and_wait(1)),
+            Some(l) if committing && ext_arg => {
+                // The idle class for the commit and the first moments of the
+                // wait only: a request that comes later wakes a normal-class
+                // thread (an idle-class one would wait behind any normal
+                // task of its CPU).
+                let r = l.commit(|| ring.submitter().submit_with_args(1, &idle_wait));
+                if ring.completion().is_empty() {
+                    // Timed out: no caller waited for this thread.
+                    l.waited = None;
+                }
+                match r {
+                    Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(0),
+                    r => r,
+                }
+            }
             _ => ring.submit_and_wait(1),
         };
         committing = false;
@@ -758,11 +821,10 @@ fn serve_ring<FS: Filesystem>(
         if let Some(l) = lend.as_mut() {
             // SAFETY: the opcode of the request now in the header buffer.
             let opcode = unsafe { buf.header().add(IN_OUT + 4).cast::<u32>().read_unaligned() };
-            let release = matches!(
+            l.settle(matches!(
                 abi::fuse_opcode::try_from(opcode),
                 Ok(abi::fuse_opcode::FUSE_RELEASE | abi::fuse_opcode::FUSE_RELEASEDIR)
-            );
-            l.settle(opcode, release);
+            ));
         }
         // SAFETY: the kernel wrote the request into the entry buffers and
         // waits for our commit; nothing else touches them now.

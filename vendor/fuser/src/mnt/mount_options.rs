@@ -30,9 +30,10 @@ pub enum RingClass {
     /// Always the normal class.
     #[default]
     Normal,
-    /// The idle class (`SCHED_IDLE`) while committing a reply, the normal
-    /// class otherwise; back to normal for a while after a commit that
-    /// kept the thread off its CPU for long.
+    /// The idle class (`SCHED_IDLE`) while committing a reply and for the
+    /// first moments of waiting for the next request, the normal class
+    /// otherwise, and for a while after idle-class waits that held up
+    /// requests.
     IdleOnReply,
     /// Always the idle class.
     Idle,
