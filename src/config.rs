@@ -51,9 +51,9 @@ pub struct Options {
     /// Take requests through FUSE-over-io-uring when the kernel offers it
     /// (its `fuse` module's `enable_uring` parameter; off with `uring=off`).
     pub uring: bool,
-    /// Scheduling class of the ring threads: the idle class while they
-    /// commit a reply and start waiting for the next (default), always
-    /// (`uring=idle`) or never (`uring=normal`).
+    /// Scheduling class of the ring threads: normal (default), idle while
+    /// they commit a reply and start waiting for the next
+    /// (`uring=idle-commit`), or always idle (`uring=idle`).
     pub uring_class: fuser::RingClass,
     /// Extra options passed to the kernel mount (nodev, nosuid, noexec, ...).
     pub kernel_flags: Vec<String>,
@@ -73,7 +73,7 @@ impl Default for Options {
             acl: true,
             passthrough: true,
             uring: true,
-            uring_class: fuser::RingClass::IdleOnReply,
+            uring_class: fuser::RingClass::Normal,
             view: crate::idmap::View::default(),
             kernel_flags: Vec::new(),
             ignored: Vec::new(),
@@ -244,13 +244,13 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
             o.uring = true;
             o.uring_class = fuser::RingClass::Idle
         }
-        ("uring", Some(b"normal")) => {
+        ("uring", Some(b"idle-commit")) => {
             o.uring = true;
-            o.uring_class = fuser::RingClass::Normal
+            o.uring_class = fuser::RingClass::IdleOnReply
         }
         ("uring", Some(_) | None) => {
             o.uring = true;
-            o.uring_class = fuser::RingClass::IdleOnReply
+            o.uring_class = fuser::RingClass::Normal
         }
         ("default_permissions" | "fast_ino" | "nonempty", None) => {}
         _ => o.ignored.push(String::from_utf8_lossy(item).into_owned()),
@@ -465,15 +465,16 @@ mod tests {
     fn uring_is_on_unless_turned_off() {
         let mut c = MountConfig::new(vec![]);
         use fuser::RingClass::*;
-        assert!(c.options.uring && c.options.uring_class == IdleOnReply);
+        assert!(c.options.uring && c.options.uring_class == Normal);
         for (opt, on, class) in [
-            ("uring=off", false, IdleOnReply),
+            ("uring=off", false, Normal),
             ("uring=idle", true, Idle),
             ("nouring", false, Idle),
-            ("uring", true, IdleOnReply),
+            ("uring", true, Normal),
+            ("uring=idle-commit", true, IdleOnReply),
+            ("uring=0", false, IdleOnReply),
             ("uring=normal", true, Normal),
-            ("uring=0", false, Normal),
-            ("uring=on", true, IdleOnReply),
+            ("uring=on", true, Normal),
         ] {
             apply_option_string(&mut c, OsStr::new(opt)).unwrap();
             assert_eq!(

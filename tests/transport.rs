@@ -133,13 +133,9 @@ fn rings_are_used_exactly_when_the_kernel_offers_them() {
             counts.len() == 1 && *counts.first().unwrap() >= 2,
             "uneven or single ring threads per CPU: {per_cpu:?}"
         );
-        // By default a ring thread waits for a request in the idle class
-        // once it has committed a reply, in the normal one before.
+        // The normal scheduling class by default.
         for (name, policy) in ring_policies(m.pid) {
-            assert!(
-                policy == libc::SCHED_OTHER || policy == libc::SCHED_IDLE,
-                "{name}: scheduling policy {policy}"
-            );
+            assert_eq!(policy, libc::SCHED_OTHER, "{name} not SCHED_OTHER");
         }
         // Each queue's threads are pinned to its CPU where the CPU is ours.
         let online = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
@@ -231,15 +227,15 @@ fn xattr_get(p: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
     Ok(buf)
 }
 
-/// The default class: a ring thread commits a reply and starts waiting for
-/// the next request in the idle class, and is back in the normal class
+/// `uring=idle-commit`: a ring thread commits a reply and starts waiting
+/// for the next request in the idle class, and is back in the normal class
 /// once it has waited a while (5 ms) without one.
 #[test]
-fn ring_threads_commit_in_the_idle_class_by_default() {
+fn uring_idle_commit_commits_in_the_idle_class() {
     if !uring_offered() {
         return;
     }
-    let (_s, m) = mounted_with_f("transport-lend", None);
+    let (_s, m) = mounted_with_f("transport-lend", Some("uring=idle-commit"));
     assert_best_effort_io(m.pid);
     let idle_now = |m: &Layerfs| {
         ring_policies(m.pid)

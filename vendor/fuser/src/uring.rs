@@ -36,8 +36,11 @@
 //! CPU: under heavy load a daemon once took over 5 s to exit after its
 //! unmount); `RingClass::IdleOnReply` enters the idle class only to commit
 //! and for the first 5 ms of the wait that follows, serves in the normal
-//! class, and stays normal for a while when its CPU is busy with other work
-//! (see `IdleOnReply`). In both, the I/O
+//! class, and stays normal while other CPUs are busy or for a while after
+//! its requests were held up (see `IdleOnReply`); it keeps the caller on
+//! one CPU, which wins for back-to-back requests and loses where caller and
+//! daemon gained from two CPUs (README), so layerfs does not make it the
+//! default. In both, the I/O
 //! priority is set to best-effort explicitly, or it would follow the CPU
 //! class into the idle I/O class.
 //!
@@ -535,6 +538,10 @@ fn can_leave_idle() -> bool {
 #[derive(Debug)]
 struct IdleOnReply {
     schedstat: std::fs::File,
+    /// `/proc/loadavg`, for the number of runnable tasks.
+    loadavg: std::fs::File,
+    /// Online CPUs.
+    cpus: u64,
     /// Run delay over the last idle-class wait, not yet judged.
     waited: Option<u64>,
     judge: DelayJudge,
@@ -635,14 +642,40 @@ impl IdleOnReply {
         let schedstat = std::fs::File::open("/proc/thread-self/schedstat")
             .map_err(|e| debug!("ring thread: no schedstat ({e}): normal class only"))
             .ok()?;
+        let loadavg = std::fs::File::open("/proc/loadavg")
+            .map_err(|e| debug!("ring thread: no loadavg ({e}): normal class only"))
+            .ok()?;
+        // SAFETY: plain libc call.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u64;
         let s = IdleOnReply {
             schedstat,
+            loadavg,
+            cpus,
             waited: None,
             judge: DelayJudge::new(std::time::Instant::now()),
             disabled: false,
         };
         s.run_delay()?;
         Some(s)
+    }
+
+    /// Whether another CPU is likely idle: fewer runnable tasks, this
+    /// thread aside, than CPUs but one (the caller runs on this one). If
+    /// none is, the caller is not moved anyway, and an idle-class thread
+    /// would only risk waiting behind normal tasks.
+    fn other_cpu_idle(&self) -> bool {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 128];
+        let running = self
+            .loadavg
+            .read_at(&mut b, 0)
+            .ok()
+            .and_then(|n| std::str::from_utf8(&b[..n]).ok())
+            .and_then(|s| s.split_ascii_whitespace().nth(3))
+            .and_then(|f| f.split_once('/'))
+            .and_then(|(r, _)| r.parse::<u64>().ok());
+        // Others runnable, plus the caller about to be woken.
+        running.is_some_and(|r| r.saturating_sub(1) + 1 < self.cpus)
     }
 
     /// This thread's time spent runnable but not running, in ns.
@@ -656,7 +689,10 @@ impl IdleOnReply {
 
     /// Runs `commit_and_wait` in the idle class unless paused.
     fn commit<T>(&mut self, commit_and_wait: impl FnOnce() -> T) -> T {
-        if self.disabled || self.judge.paused(std::time::Instant::now()) {
+        if self.disabled
+            || self.judge.paused(std::time::Instant::now())
+            || !self.other_cpu_idle()
+        {
             return commit_and_wait();
         }
         let before = self.run_delay();
