@@ -44,7 +44,10 @@ def main():
     for name in names:
         os.unlink(name, dir_fd=dfd)
     os.close(dfd)
-    print(total)
+    # One write: the jobs share stdout, and print() makes two writes (the
+    # number, then the newline) when Python runs unbuffered
+    # (PYTHONUNBUFFERED), which interleaved two jobs' lines into one.
+    os.write(1, f"{total}\n".encode())
 
 
 if __name__ == "__main__":
