@@ -240,17 +240,17 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
         }
         ("passthrough", Some(_)) => o.passthrough = true,
         ("uring", Some(b"off" | b"0" | b"no")) | ("nouring", None) => o.uring = false,
-        ("uring", Some(b"idle")) => {
-            o.uring = true;
-            o.uring_class = fuser::RingClass::Idle
-        }
-        ("uring", Some(b"idle-commit")) => {
-            o.uring = true;
-            o.uring_class = fuser::RingClass::IdleOnReply
-        }
-        ("uring", Some(_) | None) => {
-            o.uring = true;
-            o.uring_class = fuser::RingClass::Normal
+        ("uring", v) => {
+            o.uring_class = match v {
+                None | Some(b"on" | b"1" | b"yes" | b"normal") => fuser::RingClass::Normal,
+                Some(b"idle") => fuser::RingClass::Idle,
+                Some(b"idle-commit") => fuser::RingClass::IdleOnReply,
+                Some(_) => {
+                    o.ignored.push(String::from_utf8_lossy(item).into_owned());
+                    return Ok(());
+                }
+            };
+            o.uring = true
         }
         ("default_permissions" | "fast_ino" | "nonempty", None) => {}
         _ => o.ignored.push(String::from_utf8_lossy(item).into_owned()),
@@ -484,6 +484,10 @@ mod tests {
             );
         }
         assert!(c.options.ignored.is_empty());
+        // An unknown value is warned about and changes nothing.
+        apply_option_string(&mut c, OsStr::new("uring=idel")).unwrap();
+        assert_eq!((c.options.uring, c.options.uring_class), (true, Normal));
+        assert_eq!(c.options.ignored, vec!["uring=idel".to_string()]);
     }
 
     #[test]

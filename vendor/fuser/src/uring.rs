@@ -40,9 +40,8 @@
 //! its requests were held up (see `IdleOnReply`); it keeps the caller on
 //! one CPU, which wins for back-to-back requests and loses where caller and
 //! daemon gained from two CPUs (README), so layerfs does not make it the
-//! default. In both, the I/O
-//! priority is set to best-effort explicitly, or it would follow the CPU
-//! class into the idle I/O class.
+//! default. In both, the I/O priority is set to best-effort explicitly, or
+//! it would follow the CPU class into the idle I/O class.
 //!
 //! Once the kernel has granted the rings, every request waits until each
 //! queue has an entry registered; whatever keeps a queue from registering
@@ -659,32 +658,19 @@ impl IdleOnReply {
         Some(s)
     }
 
-    /// Whether another CPU is likely idle: fewer runnable tasks, this
-    /// thread aside, than CPUs but one (the caller runs on this one). If
-    /// none is, the caller is not moved anyway, and an idle-class thread
-    /// would only risk waiting behind normal tasks.
+    /// Whether another CPU is likely idle: the runnable tasks (this thread
+    /// and others) plus the caller about to be woken, this thread aside,
+    /// leave a CPU free. If none is, the caller is not moved anyway, and an
+    /// idle-class thread would only risk waiting behind normal tasks.
     fn other_cpu_idle(&self) -> bool {
-        use std::os::unix::fs::FileExt;
-        let mut b = [0u8; 128];
-        let running = self
-            .loadavg
-            .read_at(&mut b, 0)
-            .ok()
-            .and_then(|n| std::str::from_utf8(&b[..n]).ok())
-            .and_then(|s| s.split_ascii_whitespace().nth(3))
-            .and_then(|f| f.split_once('/'))
-            .and_then(|(r, _)| r.parse::<u64>().ok());
-        // Others runnable, plus the caller about to be woken.
-        running.is_some_and(|r| r.saturating_sub(1) + 1 < self.cpus)
+        // "0.52 0.58 0.59 2/187 12345": runnable / all tasks.
+        proc_field(&self.loadavg, 3, |f| f.split_once('/')?.0.parse::<u64>().ok())
+            .is_some_and(|runnable| runnable < self.cpus)
     }
 
     /// This thread's time spent runnable but not running, in ns.
     fn run_delay(&self) -> Option<u64> {
-        use std::os::unix::fs::FileExt;
-        let mut b = [0u8; 96];
-        let n = self.schedstat.read_at(&mut b, 0).ok()?;
-        let s = std::str::from_utf8(&b[..n]).ok()?;
-        s.split_ascii_whitespace().nth(1)?.parse().ok()
+        proc_field(&self.schedstat, 1, |f| f.parse().ok())
     }
 
     /// Runs `commit_and_wait` in the idle class unless paused.
@@ -723,6 +709,20 @@ impl IdleOnReply {
             self.judge.count(std::time::Instant::now(), waited);
         }
     }
+}
+
+/// Field `n` (whitespace-separated) of a one-line /proc file kept open,
+/// through `parse` (read on the request path: no allocation).
+fn proc_field<T>(
+    f: &std::fs::File,
+    n: usize,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Option<T> {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 128];
+    let len = f.read_at(&mut b, 0).ok()?;
+    let s = std::str::from_utf8(&b[..len]).ok()?;
+    parse(s.split_ascii_whitespace().nth(n)?)
 }
 
 /// Consecutive unexpected errors on one entry before its thread gives up.
