@@ -5,9 +5,12 @@
 //! upper directory); the copy is built in the work directory — data, then
 //! owner, then mode (chown clears setuid bits), then xattrs and origin, then
 //! fsync (unless volatile), then times (anything earlier would touch them) —
-//! and only then renamed into place, so a crash leaves either no upper copy
-//! or a complete one. The upper parent's times are saved before the rename
-//! and restored after it, so copied-up directories keep the lower's times.
+//! and only then linked (a regular file, built unnamed with `O_TMPFILE` as
+//! the kernel does) or renamed (anything else) into place, so a crash leaves
+//! either no upper copy or a complete one, and a killed daemon no partial
+//! file in the work directory. The upper parent's times are saved before
+//! the link and restored after it, so copied-up directories keep the
+//! lower's times.
 
 use std::ffi::CStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -22,6 +25,14 @@ use crate::layer;
 use crate::overlay::OverlayFs;
 use crate::sys::{self, Stat, xattr};
 use crate::whiteout::Opaque;
+
+/// Where a built copy is.
+enum Built {
+    /// In the work directory under `CopyUp::tmp`.
+    Named,
+    /// Not linked anywhere yet (`O_TMPFILE`).
+    Unnamed(OwnedFd),
+}
 
 /// What is being copied and where it goes.
 struct CopyUp<'a> {
@@ -153,15 +164,42 @@ impl OverlayFs {
     }
 
     fn build_and_link(&self, c: &CopyUp<'_>) -> Result<()> {
-        let built = self.build(c);
-        if let Err(e) = built {
-            let _ = sys::unlinkat(c.work, &c.tmp, c.st.st_mode & libc::S_IFMT == libc::S_IFDIR);
-            return Err(e);
-        }
+        let is_dir = c.st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let built = match self.build(c) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = sys::unlinkat(c.work, &c.tmp, is_dir);
+                return Err(e);
+            }
+        };
         let parent_st = sys::fstat(c.dest).ctx(|| "stat upper parent".into())?;
-        if let Err(e) = sys::renameat2(c.work, &c.tmp, c.dest, c.name, sys::RENAME_NOREPLACE) {
-            let _ = sys::unlinkat(c.work, &c.tmp, c.st.st_mode & libc::S_IFMT == libc::S_IFDIR);
-            return Err(e).ctx(|| format!("copy-up rename {:?} into place", c.name));
+        match built {
+            Built::Named => {
+                if let Err(e) =
+                    sys::renameat2(c.work, &c.tmp, c.dest, c.name, sys::RENAME_NOREPLACE)
+                {
+                    let _ = sys::unlinkat(c.work, &c.tmp, is_dir);
+                    return Err(e).ctx(|| format!("copy-up rename {:?} into place", c.name));
+                }
+            }
+            Built::Unnamed(fd) => {
+                // Nothing to clean up on failure: an unnamed file goes with
+                // its last descriptor.
+                match sys::linkat(fd.as_fd(), c"", c.dest, c.name) {
+                    Ok(()) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOENT)) => {
+                        // Linking an unnamed file refused (an older kernel,
+                        // no CAP_DAC_READ_SEARCH and no /proc): named
+                        // copies from now on.
+                        debug!("copy-up: cannot link an O_TMPFILE copy ({e}): named copies");
+                        self.tmpfile_ok.store(false, Ordering::Relaxed);
+                        return self.build_and_link(c);
+                    }
+                    Err(e) => {
+                        return Err(e).ctx(|| format!("copy-up link {:?} into place", c.name));
+                    }
+                }
+            }
         }
         let impure = self.stack.xname("impure");
         let _ = xattr::set(xattr::Target::Fd(c.dest), &impure, b"y", 0);
@@ -169,20 +207,28 @@ impl OverlayFs {
         Ok(())
     }
 
-    /// Builds the copy in the work directory under `c.tmp`.
-    fn build(&self, c: &CopyUp<'_>) -> Result<()> {
+    /// Builds the copy in the work directory: a regular file unnamed
+    /// (`O_TMPFILE`, as the kernel does) where the filesystem allows it,
+    /// anything else under `c.tmp`.
+    fn build(&self, c: &CopyUp<'_>) -> Result<Built> {
         let fmt = c.st.st_mode & libc::S_IFMT;
         let perm = c.st.st_mode & 0o7777;
         let what = || format!("copy-up {:?}", c.name);
         match fmt {
             libc::S_IFREG => {
-                let dst = sys::openat(
-                    c.work,
-                    &c.tmp,
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-                    0o600,
-                )
-                .ctx(what)?;
+                let (dst, named) = match self.open_unnamed(c.work).ctx(what)? {
+                    Some(fd) => (fd, false),
+                    None => {
+                        let fd = sys::openat(
+                            c.work,
+                            &c.tmp,
+                            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                            0o600,
+                        )
+                        .ctx(what)?;
+                        (fd, true)
+                    }
+                };
                 if !c.skip_data && c.st.st_size > 0 {
                     let src = sys::openat(c.src_dir, c.name, libc::O_RDONLY, 0).ctx(what)?;
                     copy_data(src.as_fd(), dst.as_fd(), c.st.st_size as u64).ctx(what)?;
@@ -192,6 +238,11 @@ impl OverlayFs {
                     sys::fsync(dst.as_fd(), false).ctx(what)?;
                 }
                 sys::utimensat(dst.as_fd(), c"", &timespecs(&c.st)).ctx(what)?;
+                return Ok(if named {
+                    Built::Named
+                } else {
+                    Built::Unnamed(dst)
+                });
             }
             libc::S_IFDIR => {
                 sys::mkdirat(c.work, &c.tmp, 0o700).ctx(what)?;
@@ -211,7 +262,29 @@ impl OverlayFs {
                 self.finish_at(c)?;
             }
         }
-        Ok(())
+        Ok(Built::Named)
+    }
+
+    /// An unnamed file in the work directory, or `None` where its filesystem
+    /// cannot make one (no `O_TMPFILE`: named copies from then on).
+    fn open_unnamed(&self, work: BorrowedFd<'_>) -> std::io::Result<Option<OwnedFd>> {
+        if !self.tmpfile_ok.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        match sys::openat(work, c".", libc::O_TMPFILE | libc::O_WRONLY, 0o600) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                ) =>
+            {
+                debug!("copy-up: no O_TMPFILE in the work dir ({e}): named copies");
+                self.tmpfile_ok.store(false, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Owner, mode, xattrs and origin of a copy open as `fd`.

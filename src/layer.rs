@@ -33,7 +33,7 @@ pub struct Layer {
 
 pub struct Stack {
     pub layers: Vec<Layer>,
-    /// `W/work`: where copy-ups and whiteouts are built before being renamed in.
+    /// `W/work`: where copy-ups and whiteouts are built before being linked or renamed in.
     pub work: Option<OwnedFd>,
     pub private: Private,
 }

@@ -88,6 +88,9 @@ pub struct OverlayFs {
     pub(crate) opts: Options,
     pub(crate) invalidator: OnceLock<Box<dyn Invalidator>>,
     tmp_counter: std::sync::atomic::AtomicU64,
+    /// Copies of regular files are built unnamed (`O_TMPFILE`) until the
+    /// work directory's filesystem refuses it.
+    pub(crate) tmpfile_ok: std::sync::atomic::AtomicBool,
     /// This process's umask (0 in the daemon; a library user's may not be).
     pub(crate) proc_umask: u32,
     forgets: std::sync::atomic::AtomicU64,
@@ -197,6 +200,7 @@ impl OverlayFs {
             opts,
             invalidator: OnceLock::new(),
             tmp_counter: std::sync::atomic::AtomicU64::new(0),
+            tmpfile_ok: std::sync::atomic::AtomicBool::new(true),
             proc_umask: process_umask(),
             forgets: std::sync::atomic::AtomicU64::new(0),
         })

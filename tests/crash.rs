@@ -877,6 +877,12 @@ fn crash_during_copy_up_of_large_file_being_appended() {
         thread::sleep(Duration::from_secs_f64(delay));
         m.kill9();
         join_within(h, Duration::from_secs(60), "appender");
+        // The copy is built unnamed (O_TMPFILE, as the kernel does): a
+        // killed daemon leaves no partial file taking space in the work dir.
+        let left = regular_files_below(&w);
+        if !left.is_empty() {
+            problems.push(format!("kill {i}: files left in the work dir: {left:?}"));
+        }
         let opened = sh.opened.load(Ordering::SeqCst);
         let acked = sh.acked.load(Ordering::SeqCst);
         if let Some(e) = sh.err.lock().unwrap().take() {
@@ -934,6 +940,18 @@ fn crash_during_copy_up_of_large_file_being_appended() {
         "crash copy-up:\n{}",
         problems.join("\n")
     );
+}
+
+fn regular_files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        match e.file_type() {
+            Ok(t) if t.is_dir() => out.extend(regular_files_below(&e.path())),
+            Ok(t) if t.is_file() => out.push(e.path()),
+            _ => {}
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------

@@ -139,28 +139,32 @@ pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<
     cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
 }
 
+/// `linkat(2)`, never following a final symlink. An empty `oname` links
+/// the file open as `odir` itself (an `O_TMPFILE` file): with
+/// `AT_EMPTY_PATH`, which older kernels allow only with
+/// `CAP_DAC_READ_SEARCH`, else through its `/proc/self/fd` link, which needs
+/// only write access to `ndir`. Fails with `EEXIST` if the name exists.
 pub fn linkat(
     odir: BorrowedFd<'_>,
     oname: &CStr,
     ndir: BorrowedFd<'_>,
     nname: &CStr,
 ) -> io::Result<()> {
-    let flags = if oname.is_empty() {
-        libc::AT_EMPTY_PATH
-    } else {
-        0
+    let raw = |od: RawFd, on: &CStr, flags| {
+        // SAFETY: valid fds and C strings.
+        cvt(unsafe { libc::linkat(od, on.as_ptr(), ndir.as_raw_fd(), nname.as_ptr(), flags) })
+            .map(drop)
     };
-    // SAFETY: valid fds and C strings; linkat never follows a final symlink without AT_SYMLINK_FOLLOW.
-    cvt(unsafe {
-        libc::linkat(
-            odir.as_raw_fd(),
-            oname.as_ptr(),
-            ndir.as_raw_fd(),
-            nname.as_ptr(),
-            flags,
-        )
-    })
-    .map(drop)
+    if !oname.is_empty() {
+        return raw(odir.as_raw_fd(), oname, 0);
+    }
+    match raw(odir.as_raw_fd(), oname, libc::AT_EMPTY_PATH) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOENT)) => {
+            let p = CString::new(format!("/proc/self/fd/{}", odir.as_raw_fd())).expect("no NUL");
+            raw(libc::AT_FDCWD, &p, libc::AT_SYMLINK_FOLLOW)
+        }
+        r => r,
+    }
 }
 
 pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr, is_dir: bool) -> io::Result<()> {
