@@ -36,6 +36,37 @@ impl SetTime {
     }
 }
 
+/// Whether the caller of a request is in a group (an on-disk gid); asked
+/// only for a setgid file without group execute permission.
+pub type InGroup<'a> = &'a dyn Fn(u32) -> bool;
+
+/// The caller of a request that changes a file's data, for clearing the
+/// file's setuid/setgid bits as the kernel does when the caller lacks
+/// `CAP_FSETID`; both questions are asked only of a setuid/setgid file.
+#[derive(Clone, Copy)]
+pub struct Writer<'a> {
+    /// The caller has `CAP_FSETID` (the kernel says when it has not, for
+    /// writes and truncations).
+    pub keeps_setid: &'a dyn Fn() -> bool,
+    pub in_group: InGroup<'a>,
+}
+
+/// The permission bits left after a write or truncation by a caller
+/// without `CAP_FSETID`, by the kernel's rule (`setattr_should_drop_suidgid`):
+/// setuid always goes, setgid when the group may execute the file or the
+/// caller is not in its group. `None`: nothing to clear.
+pub fn killed_mode(st: &sys::Stat, in_group: InGroup<'_>) -> Option<u32> {
+    let mode = st.st_mode & 0o7777;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return None;
+    }
+    let mut new = mode & !libc::S_ISUID;
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !in_group(st.st_gid)) {
+        new &= !libc::S_ISGID;
+    }
+    (new != mode).then_some(new)
+}
+
 /// The changes of one setattr call.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SetAttr {
@@ -49,7 +80,9 @@ pub struct SetAttr {
 }
 
 impl OverlayFs {
-    pub fn setattr(&self, ino: u64, a: SetAttr) -> Result<Attr> {
+    /// `writer`: the setuid/setgid bits are to be cleared as for its write
+    /// (the kernel asks, for a truncation by a caller without `CAP_FSETID`).
+    pub fn setattr(&self, ino: u64, a: SetAttr, writer: Option<Writer<'_>>) -> Result<Attr> {
         self.writable()?;
         let node = self.node(ino)?;
         let truncating_to_zero =
@@ -68,6 +101,10 @@ impl OverlayFs {
         }
         if let Some(size) = a.size {
             self.truncate(a.fh, dir, name, size)?;
+        }
+        if let Some(w) = writer {
+            let o = sys::openat(dir, name, libc::O_PATH, 0).ctx(what)?;
+            self.kill_suidgid(&node, o.as_fd(), w)?;
         }
         if a.atime.is_some() || a.mtime.is_some() {
             let t = [
@@ -134,14 +171,41 @@ impl OverlayFs {
         }
     }
 
-    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
-        let (_h, fd) = self.file_fd(fh)?;
+    /// `writer`: the file's setuid and setgid bits are cleared first as for
+    /// its write (the kernel asks when the writer lacks `CAP_FSETID`).
+    pub fn write(&self, fh: u64, off: u64, data: &[u8], writer: Option<Writer<'_>>) -> Result<u32> {
+        let (h, fd) = self.file_fd(fh)?;
+        if let Some(w) = writer {
+            self.kill_suidgid(&h.node, fd.as_fd(), w)?;
+        }
         let mut done = 0;
         while done < data.len() {
             done +=
                 sys::pwrite(fd.as_fd(), &data[done..], off + done as u64).ctx(|| "write".into())?;
         }
         Ok(done as u32)
+    }
+
+    /// Clears what `killed_mode` says of the upper file open as `fd` unless
+    /// the writer may keep it, and the kernel's cached attributes of `node`
+    /// with it.
+    fn kill_suidgid(
+        &self,
+        node: &crate::inode::Node,
+        fd: std::os::fd::BorrowedFd<'_>,
+        w: Writer<'_>,
+    ) -> Result<()> {
+        let st = sys::fstat(fd).ctx(|| "stat to clear setuid/setgid".into())?;
+        if st.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0 || (w.keeps_setid)() {
+            return Ok(());
+        }
+        if let Some(mode) = killed_mode(&st, w.in_group) {
+            sys::fchmod_fd(fd, mode).ctx(|| "clear setuid/setgid".into())?;
+            if let Some(inv) = self.invalidator.get() {
+                inv.inval_attr(node.ino);
+            }
+        }
+        Ok(())
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
@@ -159,8 +223,18 @@ impl OverlayFs {
         Ok(())
     }
 
-    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<()> {
-        let (_h, fd) = self.file_fd(fh)?;
+    /// `writer`: as for `write` (asked of the caller here: the kernel leaves
+    /// it to layerfs).
+    pub fn fallocate(
+        &self,
+        fh: u64,
+        off: u64,
+        len: u64,
+        mode: i32,
+        writer: Writer<'_>,
+    ) -> Result<()> {
+        let (h, fd) = self.file_fd(fh)?;
+        self.kill_suidgid(&h.node, fd.as_fd(), writer)?;
         sys::fallocate(fd.as_fd(), mode, off, len).ctx(|| "fallocate".into())
     }
 
@@ -178,9 +252,11 @@ impl OverlayFs {
         fh_out: u64,
         off_out: u64,
         len: u64,
+        writer: Writer<'_>,
     ) -> Result<u32> {
         let (_a, src) = self.file_fd(fh_in)?;
-        let (_b, dst) = self.file_fd(fh_out)?;
+        let (b, dst) = self.file_fd(fh_out)?;
+        self.kill_suidgid(&b.node, dst.as_fd(), writer)?;
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
         let n = sys::copy_file_range(src.as_fd(), off_in, dst.as_fd(), off_out, len)
             .ctx(|| "copy_file_range".into())?;

@@ -565,6 +565,14 @@ impl OverlayFs {
             .top_layer()
             .is_some_and(|l| self.stack.is_upper(l));
         let frozen = self.stack.upper().is_none();
+        // A write to a setuid/setgid file must be seen by layerfs, which
+        // clears those bits when the writer may not keep them (the kernel
+        // leaves that to the filesystem: FUSE_HANDLE_KILLPRIV_V2); a
+        // passthrough write would never reach it.
+        let setid = opens_for_write(flags)
+            && sys::fstat(fd.as_fd())
+                .is_ok_and(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0);
+        let register = register.filter(|_| !setid);
         let fd = Arc::new(fd);
         // Decided and registered under the node's lock: two opens racing
         // must never hand the kernel two backing files, or a cached open

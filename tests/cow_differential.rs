@@ -1953,6 +1953,127 @@ fn user<F: FnOnce() -> R>(f: F) -> R {
     as_user(NOBODY, NOGROUP, f)
 }
 
+/// A write or truncation by a caller without CAP_FSETID clears setuid and
+/// setgid bits (setgid without group execute only for a caller outside the
+/// file's group) and security.capability; root's keep the bits. layerfs does
+/// this itself (FUSE_HANDLE_KILLPRIV_V2): through the daemon for
+/// setuid/setgid files, through the backing filesystem for a file made
+/// setuid while open (passthrough).
+#[test]
+fn setid_bits_cleared_by_writes() {
+    const CAP: &[u8] =
+        b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+    let mut l = Layer::new().dir("d").mode(0o777);
+    for n in ["suid", "trunc", "otrunc", "falloc", "cfr", "ftrunc"] {
+        l = l.file(format!("d/{n}"), "abc").mode(0o4777);
+    }
+    let l = l
+        .file("d/sgidx", "abc")
+        .mode(0o2777)
+        .file("d/sgidnx", "abc")
+        .mode(0o2767)
+        .owner(0, 1234)
+        .file("d/sgidnx_member", "abc")
+        .mode(0o2767)
+        .owner(0, NOGROUP)
+        .file("d/root", "abc")
+        .mode(0o4755)
+        .file("d/cap", "abc")
+        .mode(0o777)
+        .xattr("security.capability", CAP)
+        .file("d/late", "abc")
+        .mode(0o644)
+        .owner(NOBODY, NOGROUP)
+        .file("d/src", "0123456789");
+    fn append(f: &Path) -> R {
+        write_file(f, libc::O_WRONLY | libc::O_APPEND, b"x")
+    }
+    fn after(f: &Path, r: R) -> R {
+        seq(vec![("op", r), ("after", describe(f))])
+    }
+    let mut sc = Scenario::new("setid_bits_cleared_by_writes", vec![l]);
+    for n in ["suid", "sgidx", "sgidnx", "cap"] {
+        sc = sc.step(&format!("user writes lower {n}"), move |m| {
+            let f = p(m, &format!("d/{n}"));
+            let r = user(|| append(&f));
+            after(&f, r)
+        });
+    }
+    sc.step("group member writes lower 2767 file", |m| {
+        let f = p(m, "d/sgidnx_member");
+        let r = user(|| append(&f));
+        after(&f, r)
+    })
+    .step("root writes lower 4755 file", |m| {
+        let f = p(m, "d/root");
+        after(&f, append(&f))
+    })
+    .step("user truncates 4777 file", |m| {
+        let f = p(m, "d/trunc");
+        let r = user(|| truncate(&f, 1));
+        after(&f, r)
+    })
+    .step("user opens 4777 file O_TRUNC", |m| {
+        let f = p(m, "d/otrunc");
+        let r = user(|| write_file(&f, libc::O_WRONLY | libc::O_TRUNC, b""));
+        after(&f, r)
+    })
+    .step("user ftruncates an open 4777 file", |m| {
+        let f = p(m, "d/ftrunc");
+        let r = user(|| {
+            let fd = open(&f, libc::O_WRONLY, 0)?;
+            // SAFETY: plain syscall on our fd.
+            chk(unsafe { libc::ftruncate(fd.0, 2) })
+        });
+        after(&f, r)
+    })
+    .step("user fallocates in a 4777 file", |m| {
+        let f = p(m, "d/falloc");
+        let r = user(|| {
+            let fd = open(&f, libc::O_WRONLY, 0)?;
+            // SAFETY: plain syscall on our fd.
+            chk(unsafe { libc::fallocate(fd.0, 0, 0, 8192) })
+        });
+        after(&f, r)
+    })
+    .step("user copy_file_range into a 4777 file", |m| {
+        let (src, f) = (p(m, "d/src"), p(m, "d/cfr"));
+        let r = user(|| {
+            let (i, o) = (open(&src, libc::O_RDONLY, 0)?, open(&f, libc::O_WRONLY, 0)?);
+            // SAFETY: plain syscall on our fds.
+            let n = unsafe {
+                libc::copy_file_range(i.0, std::ptr::null_mut(), o.0, std::ptr::null_mut(), 5, 0)
+            };
+            if n < 0 {
+                Err(errno())
+            } else {
+                Ok(format!("{n}"))
+            }
+        });
+        after(&f, r)
+    })
+    .step("user makes its open file setuid, then writes", |m| {
+        let f = p(m, "d/late");
+        let r = user(|| {
+            let fd = open(&f, libc::O_WRONLY | libc::O_APPEND, 0)?;
+            fd.write(b"1")?;
+            chmod(&f, 0o4755)?;
+            let mid = describe(&f)?;
+            fd.write(b"2")?;
+            Ok(mid)
+        });
+        after(&f, r)
+    })
+    .step("root creates a 4777 upper file, user writes it", |m| {
+        let f = p(m, "d/new");
+        write_file(&f, libc::O_WRONLY | libc::O_CREAT, b"abc")?;
+        chmod(&f, 0o4777)?;
+        let r = user(|| append(&f));
+        after(&f, r)
+    })
+    .run();
+}
+
 #[test]
 fn non_root_permission_errors() {
     Scenario::new("non_root_permission_errors", perm_layers())

@@ -125,3 +125,80 @@ pub fn kill(pid: u32, sig: i32) {
     // SAFETY: kill has no memory effects.
     unsafe { libc::kill(pid as libc::pid_t, sig) };
 }
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+const CAP_FSETID: u32 = 4;
+
+/// Runs `f` with `CAP_FSETID` out of the calling thread's effective set
+/// (other threads keep theirs), and puts it back. Credentials captured
+/// meanwhile (a FUSE passthrough backing file's) then write as a caller
+/// without it: the filesystem clears setuid/setgid bits on each write.
+pub fn without_fsetid<T>(f: impl FnOnce() -> T) -> T {
+    let mut hdr = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget(2) with a v3 header (pid 0: this thread) and room for
+    // the two data words v3 uses.
+    let got = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) } == 0;
+    if !got || data[0].effective & (1 << CAP_FSETID) == 0 {
+        return f();
+    }
+    let mut without = data;
+    without[0].effective &= !(1 << CAP_FSETID);
+    // SAFETY: capset(2) of this thread (pid 0) with sets it already has,
+    // minus one effective capability.
+    let dropped = unsafe { libc::syscall(libc::SYS_capset, &mut hdr, without.as_ptr()) } == 0;
+    let r = f();
+    if dropped {
+        // SAFETY: as above; the effective set back to what capget gave,
+        // within the unchanged permitted set.
+        unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) };
+    }
+    r
+}
+
+/// The supplementary group ids of process `pid` (`Groups:` of its
+/// `/proc/PID/status`); empty if it cannot be read.
+pub fn supplementary_groups(pid: u32) -> Vec<u32> {
+    status_field(pid, "Groups:")
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether process `pid` has capability `cap` in its effective set
+/// (`CapEff:` of its `/proc/PID/status`); false if it cannot be read.
+pub fn has_cap(pid: u32, cap: u32) -> bool {
+    status_field(pid, "CapEff:")
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << cap) != 0)
+}
+
+fn status_field(pid: u32, key: &str) -> Option<String> {
+    if pid == 0 {
+        return None;
+    }
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::to_owned)
+}

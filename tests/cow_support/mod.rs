@@ -48,7 +48,7 @@ fn cs(p: &Path) -> CString {
     cpath(p)
 }
 
-fn chk(r: libc::c_int) -> R {
+pub fn chk(r: libc::c_int) -> R {
     if r == 0 {
         Ok(String::new())
     } else {

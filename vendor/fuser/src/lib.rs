@@ -443,7 +443,10 @@ pub trait Filesystem: Send + Sync + 'static {
         reply.error(Errno::ENOSYS);
     }
 
-    /// Set file attributes.
+    /// Set file attributes. layerfs patch: `kill_suidgid` is the kernel's
+    /// `FATTR_KILL_SUIDGID` (with `FUSE_HANDLE_KILLPRIV_V2`: a truncation by
+    /// a caller without `CAP_FSETID`, whose setuid/setgid bits the filesystem
+    /// clears).
     fn setattr(
         &self,
         _req: &Request,
@@ -460,6 +463,7 @@ pub trait Filesystem: Send + Sync + 'static {
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         flags: Option<BsdFileFlags>,
+        _kill_suidgid: bool,
         reply: ReplyAttr,
     ) {
         warn!(

@@ -472,6 +472,10 @@ mod op {
             #[cfg(not(target_os = "macos"))]
             None
         }
+        /// layerfs patch: `FATTR_KILL_SUIDGID`.
+        pub(crate) fn kill_suidgid(&self) -> bool {
+            self.valid().contains(FattrFlags::FATTR_KILL_SUIDGID)
+        }
         pub(crate) fn flags(&self) -> Option<BsdFileFlags> {
             #[cfg(target_os = "macos")]
             if self.valid().contains(FattrFlags::FATTR_FLAGS) {

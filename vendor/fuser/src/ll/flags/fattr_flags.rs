@@ -17,6 +17,10 @@ bitflags! {
         const FATTR_MTIME_NOW = 1 << 8;
         const FATTR_LOCKOWNER = 1 << 9;
         const FATTR_CTIME = 1 << 10;
+        /// layerfs patch: the caller may not keep setuid/setgid bits
+        /// (`FUSE_HANDLE_KILLPRIV_V2`, truncation by a caller without
+        /// `CAP_FSETID`).
+        const FATTR_KILL_SUIDGID = 1 << 11;
         #[cfg(target_os = "macos")]
         const FATTR_CRTIME = 1 << 28;
         #[cfg(target_os = "macos")]
