@@ -77,13 +77,13 @@ done
 if [ "$QUICK" = 1 ]; then
     MODE=quick
     : "${REPS:=1}" "${TMO:=90}"
-    TREE_FILES=5000 TREE_DIRS=500 BIG_MIB=128 RR_MIB=32 COPYUP=200 CREATE=2000
+    TREE_FILES=5000 TREE_DIRS=500 BIG_MIB=128 RR_MIB=32 SMALLW=20000 COPYUP=200 CREATE=2000
     RM_FILES=1000 CONC_READ=50 CONC_N=200 SRC_COPIES=1 REPO_COPIES=1
     DIFF_FILES=20000 DIFF_CHANGES=2000 MEM_FILES=10000 FORGET_WAIT=1
 else
     MODE=full
     : "${REPS:=3}" "${TMO:=900}"
-    TREE_FILES=60000 TREE_DIRS=6000 BIG_MIB=1024 RR_MIB=256 COPYUP=1000 CREATE=10000
+    TREE_FILES=60000 TREE_DIRS=6000 BIG_MIB=1024 RR_MIB=256 SMALLW=100000 COPYUP=1000 CREATE=10000
     RM_FILES=5000 CONC_READ=500 CONC_N=2000 SRC_COPIES=8 REPO_COPIES=8
     DIFF_FILES=100000 DIFF_CHANGES=10000 MEM_FILES=1000000 FORGET_WAIT=3
 fi
@@ -92,7 +92,7 @@ fi
 
 # Workload groups, in run order; each emits the results listed.
 GROUPS_ALL=(walk_find_cold walk_find_warm walk_stat_cold walk_stat_warm walk_lsR_cold walk_lsR_warm
-    read_tar_cold read_tar_warm fio_seqread fio_seqwrite fio_randread copyup_small copyup_big
+    read_tar_cold read_tar_warm fio_seqread fio_seqwrite fio_randread small_writes copyup_small copyup_big
     create_files rm_lower_tree build conc_1 conc_sep_2 conc_sep_4 conc_one_2 conc_one_4 memory diff)
 declare -A RESULTS=([build]="build_untar build_grep build_git_status build_total"
     [memory]="mem_walk mem_peak mem_rss_walk mem_rss_forget" [diff]="diff")
@@ -104,6 +104,7 @@ walk_{find,stat,lsR}_{cold,warm}  find . / find -printf (lstat all) / ls -lR ove
 read_tar_{cold,warm}              tar -cf - . | wc -c: read every small file
 fio_seqread fio_seqwrite          fio 1 MiB blocks, ${BIG_MIB} MiB, --direct=0 (read: a lower file)
 fio_randread                      fio 4 KiB random reads of the lower file, ${RR_MIB} MiB
+small_writes                      ${SMALLW} write(2) calls of 100 bytes to a new file
 copyup_small copyup_big           append a byte to $COPYUP small lower files / the ${BIG_MIB} MiB file
 create_files rm_lower_tree        create $CREATE files in lower dirs / rm -rf a ${RM_FILES}-file lower tree
 build                             untar a source tarball, grep -r it, git status in a lower repo
@@ -479,6 +480,14 @@ w_fio_randread() {
         --io_size=${RR_MIB}M --randrepeat=1 --norandommap
 }
 
+w_small_writes() {  # the writes' own time, without the interpreter's start-up
+    timed '"$PY" "$BENCHDIR/smallwrites.py" "$MNT/bench/small-writes.bin" '"$SMALLW"
+    [ "$RC" -eq 0 ] || { emit_timed small_writes; return 1; }
+    local secs bytes
+    read -r secs bytes <"$RUN/out"
+    emit small_writes "$secs" s ok "$bytes bytes"
+}
+
 w_copyup_small() {
     timed 'cd "$MNT" && while IFS= read -r f; do printf x >>"$f"; done <"$TREE/copyup.txt"'
     emit_timed copyup_small "$(find "$RUN/u" -type f | wc -l) files up"
@@ -636,6 +645,7 @@ if selected diff && [ "$LAYERFS_READY" = 0 ]; then ensure_layerfs; fi
 
 # layer sets
 if selected_like 'walk_*' || selected_like 'read_*' || selected_like 'fio_*' || selected_like 'copyup_*' \
+    || selected small_writes \
     || selected_like 'conc_*' || selected create_files || selected rm_lower_tree || selected build; then
     log "Debian-package layers (scripts/debian-layers.sh)"
     DEB_LOWER=$("$REPO/scripts/debian-layers.sh" "$DATA/debian" 2>>"$LOG") || die "scripts/debian-layers.sh failed (see $LOG)"

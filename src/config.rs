@@ -353,6 +353,14 @@ impl MountConfig {
             if lowers[..i].contains(l) {
                 return Err(err("lowerdir", &self.lowers[i], "is given twice"));
             }
+            // One lower inside another: the kernel refuses it too (ELOOP).
+            if let Some((j, _)) = lowers[..i].iter().enumerate().find(|(_, o)| nested(l, o)) {
+                return Err(err(
+                    "lowerdir",
+                    &self.lowers[i],
+                    &format!("overlaps lowerdir '{}'", self.lowers[j].display()),
+                ));
+            }
             for (opt, p) in &seen {
                 if nested(l, p) {
                     return Err(err(
@@ -512,5 +520,11 @@ mod tests {
         c.upper = Some(t.path().join("w"));
         let e = c.validate().unwrap_err();
         assert!(e.contains("workdir"), "{e}");
+        // One lower inside another, in either order.
+        std::fs::create_dir(l.join("in")).unwrap();
+        for lowers in [vec![l.clone(), l.join("in")], vec![l.join("in"), l.clone()]] {
+            let e = MountConfig::new(lowers).validate().unwrap_err();
+            assert!(e.contains("overlaps lowerdir"), "{e}");
+        }
     }
 }

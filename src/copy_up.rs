@@ -230,7 +230,7 @@ impl OverlayFs {
                     }
                 };
                 if !c.skip_data && c.st.st_size > 0 {
-                    let src = sys::openat(c.src_dir, c.name, libc::O_RDONLY, 0).ctx(what)?;
+                    let src = sys::openat_noatime(c.src_dir, c.name, libc::O_RDONLY).ctx(what)?;
                     copy_data(src.as_fd(), dst.as_fd(), c.st.st_size as u64).ctx(what)?;
                 }
                 self.finish_fd(c, &dst, perm)?;

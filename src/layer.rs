@@ -49,7 +49,11 @@ impl Stack {
         let mut devs: Vec<u64> = Vec::new();
         let mut layers = Vec::new();
         for (index, (path, writable)) in paths.into_iter().enumerate() {
-            let root = sys::open_path_dir(&path)?;
+            let root = if writable {
+                sys::open_path_dir(&path)
+            } else {
+                sys::open_lower_root(&path)
+            }?;
             let dev = sys::fstat(root.as_fd())?.st_dev;
             let fs_index = match devs.iter().position(|&d| d == dev) {
                 Some(i) => i,
@@ -139,7 +143,10 @@ impl Stack {
 }
 
 /// Opens (creating if needed) `W/work` and empties it: leftovers there are
-/// unfinished copy-ups or whiteouts of an earlier, interrupted mount.
+/// unfinished copy-ups or whiteouts of an earlier, interrupted mount. Its
+/// POSIX ACLs go, as the kernel removes them: a default ACL inherited from
+/// `W` would otherwise give the objects built there (new directories and
+/// files over whiteouts, copied-up directories) modes and ACLs of its own.
 fn open_workdir(w: &std::path::Path) -> io::Result<OwnedFd> {
     let wfd = sys::open_path_dir(w)?;
     match sys::mkdirat(wfd.as_fd(), c"work", 0o700) {
@@ -147,6 +154,14 @@ fn open_workdir(w: &std::path::Path) -> io::Result<OwnedFd> {
         _ => {}
     }
     let work = sys::open_dir_at(wfd.as_fd(), c"work")?;
+    for acl in [c"system.posix_acl_default", c"system.posix_acl_access"] {
+        match sys::xattr::remove(sys::xattr::Target::Fd(work.as_fd()), acl) {
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => {
+                return Err(e);
+            }
+            _ => {}
+        }
+    }
     clean_dir(work.as_fd())?;
     Ok(work)
 }

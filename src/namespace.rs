@@ -151,7 +151,7 @@ impl OverlayFs {
             (p.upper.fd.as_fd(), name.to_owned())
         };
         let pst = sys::fstat(p.upper.fd.as_fd()).ctx(|| "stat parent".into())?;
-        let fd = self.make(dir, &target, mode, &obj, caller, &pst)?;
+        let fd = self.make(dir, &target, mode, &obj, caller, &pst, !over_whiteout)?;
         if over_whiteout
             && let Err(e) = self.swap_in(&p, &target, name, matches!(obj, NewObject::Dir))
         {
@@ -163,7 +163,10 @@ impl OverlayFs {
         Ok((attr, fd))
     }
 
-    /// Makes the object itself in `dir` and gives it the caller's ownership.
+    /// Makes the object itself in `dir` and gives it the caller's ownership
+    /// and what a setgid `parent` passes on. `in_parent`: `dir` is the
+    /// parent (else the work dir, whose filesystem passes nothing on).
+    #[allow(clippy::too_many_arguments)]
     fn make(
         &self,
         dir: std::os::fd::BorrowedFd<'_>,
@@ -172,6 +175,7 @@ impl OverlayFs {
         obj: &NewObject<'_>,
         caller: Caller,
         parent: &sys::Stat,
+        in_parent: bool,
     ) -> Result<Option<std::os::fd::OwnedFd>> {
         let what = || format!("create {name:?}");
         // A default ACL on the parent replaces the umask (the upper's
@@ -211,10 +215,14 @@ impl OverlayFs {
         } else {
             caller.gid
         };
-        let (cur_uid, cur_gid) = (0, if setgid_dir { parent.st_gid } else { 0 });
-        if caller.uid != cur_uid || gid != cur_gid {
+        let inherited = setgid_dir && in_parent;
+        let (cur_uid, cur_gid) = (0, if inherited { parent.st_gid } else { 0 });
+        // A directory made in the work dir lacks the S_ISGID a setgid
+        // parent would have given it.
+        let add_sgid = setgid_dir && !in_parent && matches!(obj, NewObject::Dir);
+        if caller.uid != cur_uid || gid != cur_gid || add_sgid {
             sys::fchownat(dir, name, caller.uid, gid).ctx(what)?;
-            if perm & (libc::S_ISUID | libc::S_ISGID) != 0
+            if (perm & (libc::S_ISUID | libc::S_ISGID) != 0 || add_sgid)
                 && !matches!(obj, NewObject::Symlink { .. })
             {
                 let o = sys::openat(dir, name, libc::O_PATH, 0).ctx(what)?;
@@ -414,6 +422,11 @@ impl OverlayFs {
     ) -> Result<()> {
         Self::check_name(newname)?;
         self.writable()?;
+        if flags & !(sys::RENAME_EXCHANGE | sys::RENAME_NOREPLACE) != 0 {
+            // RENAME_WHITEOUT among them: refused, as the kernel's overlay
+            // refuses it.
+            return Err(Error::new(libc::EINVAL, "unsupported rename flags"));
+        }
         let exchange = flags & sys::RENAME_EXCHANGE != 0;
         let op = self.node(oldp)?;
         let np = self.node(newp)?;
@@ -534,7 +547,15 @@ impl OverlayFs {
             (Resolved::NonDir { .. }, Resolved::Dir { .. }) => {
                 Err(Error::new(libc::EISDIR, "non-dir over dir"))
             }
-            (Resolved::Dir { .. }, Resolved::Dir { dirs, .. }) => {
+            (Resolved::Dir { dirs: from, .. }, Resolved::Dir { dirs, .. }) => {
+                // A directory that cannot move is refused before the target
+                // is looked at, in the kernel's order (EXDEV, then ENOTEMPTY).
+                if from.iter().any(|d| self.stack.is_lower(d.layer)) {
+                    return Err(Error::new(
+                        libc::EXDEV,
+                        "renaming a directory with lower contents",
+                    ));
+                }
                 if readdir::list(&self.stack, dirs)?.is_empty() {
                     Ok(())
                 } else {

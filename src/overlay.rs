@@ -464,7 +464,12 @@ impl OverlayFs {
             .loc
             .as_ref()
             .ok_or_else(|| Error::new(libc::ENOENT, "deleted"))?;
-        match sys::openat(loc.dir.as_fd(), &loc.name, flags, 0) {
+        let opened = if self.stack.is_lower(loc.layer) {
+            sys::openat_noatime(loc.dir.as_fd(), &loc.name, flags)
+        } else {
+            sys::openat(loc.dir.as_fd(), &loc.name, flags, 0)
+        };
+        match opened {
             // A whiteout took the name meanwhile (concurrent delete/rename).
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Err(Error::new(
                 libc::ENOENT,
@@ -487,8 +492,18 @@ impl OverlayFs {
         let fd = if opens_for_write(flags) {
             self.writable()?;
             let loc = self.copy_up(&node, flags & libc::O_TRUNC != 0)?;
+            // Without O_APPEND: writes come with their offsets (the kernel
+            // keeps the position), which pwrite on an O_APPEND fd ignores;
+            // but an append-only (chattr +a) file opens only with it.
             let f = flags & !(libc::O_APPEND | libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
-            sys::openat(loc.dir.as_fd(), &loc.name, f, 0).ctx(|| format!("open {:?}", loc.name))?
+            let (dir, name) = (loc.dir.as_fd(), loc.name.as_c_str());
+            match sys::openat(dir, name, f, 0) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_APPEND != 0 => {
+                    sys::openat(dir, name, f | libc::O_APPEND, 0)
+                }
+                r => r,
+            }
+            .ctx(|| format!("open {name:?}"))?
         } else {
             self.open_loc(&node.snapshot(), flags & !libc::O_APPEND)?
         };

@@ -84,8 +84,12 @@ pub fn list(stack: &Stack, dirs: &[DirLayer]) -> Result<Vec<DirEntry>> {
     for dl in dirs {
         let lower = stack.is_lower(dl.layer);
         let mut hidden_below = Vec::new();
-        let entries =
-            sys::read_dir(dl.fd.as_fd()).ctx(|| format!("read dir in layer {}", dl.layer))?;
+        let entries = if lower {
+            sys::read_lower_dir(dl.fd.as_fd())
+        } else {
+            sys::read_dir(dl.fd.as_fd())
+        }
+        .ctx(|| format!("read dir in layer {}", dl.layer))?;
         if lower {
             // Spares lookups in this directory their own scan for markers.
             dl.oci_markers

@@ -92,7 +92,7 @@ fn has_oci_markers(dl: &DirLayer) -> Result<bool> {
     if let Some(&v) = dl.oci_markers.get() {
         return Ok(v);
     }
-    let entries = sys::read_dir(dl.fd.as_fd()).ctx(|| "scan dir for .wh. markers".into())?;
+    let entries = sys::read_lower_dir(dl.fd.as_fd()).ctx(|| "scan dir for .wh. markers".into())?;
     let any = entries.iter().any(|(n, _, _)| whiteout::is_oci_marker(n));
     Ok(*dl.oci_markers.get_or_init(|| any))
 }
@@ -139,7 +139,12 @@ pub fn open_dir_layer(
     parent: &DirLayer,
     name: &CStr,
 ) -> Result<FoundDir> {
-    let fd = sys::open_dir_at(parent.fd.as_fd(), name).ctx(|| format!("open dir {name:?}"))?;
+    let fd = if stack.is_lower(layer) {
+        sys::open_lower_dir_at(parent.fd.as_fd(), name)
+    } else {
+        sys::open_dir_at(parent.fd.as_fd(), name)
+    }
+    .ctx(|| format!("open dir {name:?}"))?;
     let (opaque, redirect) = dir_xattrs(stack, layer, &fd)?;
     Ok(FoundDir {
         dir: DirLayer::new(layer, Arc::new(fd), opaque),

@@ -2074,6 +2074,77 @@ fn setid_bits_cleared_by_writes() {
     .run();
 }
 
+/// Objects made over whiteouts are built in the work dir and swapped in:
+/// in a setgid directory they still get its group, and directories its
+/// setgid bit, as the kernel gives them.
+#[test]
+fn creating_over_whiteouts_in_a_setgid_dir() {
+    Scenario::new(
+        "creating_over_whiteouts_in_a_setgid_dir",
+        vec![
+            Layer::new()
+                .dir("sg")
+                .mode(0o2775)
+                .owner(0, 1234)
+                .file("sg/f", "f")
+                .file("sg/d/x", "x")
+                .file("sg/n", "n"),
+        ],
+    )
+    .step("rm f, mkdir f", |m| {
+        let f = p(m, "sg/f");
+        seq(vec![
+            ("rm", unlink(&f)),
+            ("mkdir", mkdir(&f, 0o755)),
+            ("it", describe(&f)),
+        ])
+    })
+    .step("rm -r d, create file d", |m| {
+        let d = p(m, "sg/d");
+        seq(vec![
+            ("rm x", unlink(&p(m, "sg/d/x"))),
+            ("rmdir", rmdir(&d)),
+            (
+                "create",
+                write_file(&d, libc::O_WRONLY | libc::O_CREAT, b"new"),
+            ),
+            ("it", describe(&d)),
+        ])
+    })
+    .step("rm n, mkfifo n", |m| {
+        let n = p(m, "sg/n");
+        seq(vec![
+            ("rm", unlink(&n)),
+            ("mkfifo", mknod(&n, libc::S_IFIFO | 0o644, 0, 0)),
+            ("it", describe(&n)),
+        ])
+    })
+    .run();
+}
+
+/// rename(2) errors come in the kernel's order: unsupported flags
+/// (RENAME_WHITEOUT) are EINVAL; a directory with lower contents is EXDEV
+/// before its target is found non-empty.
+#[test]
+fn rename_errors_in_the_kernels_order() {
+    Scenario::new(
+        "rename_errors_in_the_kernels_order",
+        vec![
+            Layer::new()
+                .file("a", "a")
+                .file("src/x", "x")
+                .file("dst/y", "y"),
+        ],
+    )
+    .step("RENAME_WHITEOUT", |m| {
+        rename2(&p(m, "a"), &p(m, "b"), libc::RENAME_WHITEOUT)
+    })
+    .step("lower dir over a non-empty dir", |m| {
+        rename(&p(m, "src"), &p(m, "dst"))
+    })
+    .run();
+}
+
 #[test]
 fn non_root_permission_errors() {
     Scenario::new("non_root_permission_errors", perm_layers())
@@ -3503,4 +3574,111 @@ fn hardlink_attr_coherence() {
     })
     .reverse()
     .run();
+}
+
+/// Two things only an unusual upper/work set-up shows, each done the same
+/// way on the kernel and on layerfs: a default ACL on the work dir (the
+/// kernel strips ACLs from `W/work`, or objects built there — files over
+/// whiteouts, copied-up directories — would get its modes and ACLs), and an
+/// append-only (`chattr +a`) file in the upper, which opens for appending.
+#[test]
+fn work_dir_default_acl_and_append_only_upper_file() {
+    // u::rwx g::r-x o::rwx, in the kernel's xattr format (version 2).
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm) in [(1u16, 7u16), (4, 5), (0x20, 7)] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    let run = |kernel: bool| -> String {
+        let base = scenario_base(if kernel { "acl-k" } else { "acl-l" });
+        let b = base.path();
+        let [l, u, w, m] = ["l", "u", "w", "m"].map(|d| b.join(d));
+        for d in [&l, &u, &w, &m] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(l.join("wf"), "lower").unwrap();
+        std::fs::create_dir(l.join("cd")).unwrap();
+        std::fs::write(u.join("app"), "x").unwrap();
+        let c = cpath(&w);
+        // SAFETY: valid path, name and buffer.
+        let r = unsafe {
+            libc::setxattr(
+                c.as_ptr(),
+                c"system.posix_acl_default".as_ptr(),
+                acl.as_ptr().cast(),
+                acl.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "set a default ACL on the work dir");
+        assert!(
+            std::process::Command::new("chattr")
+                .arg("+a")
+                .arg(u.join("app"))
+                .status()
+                .unwrap()
+                .success()
+        );
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            l.display(),
+            u.display(),
+            w.display()
+        );
+        let st = if kernel {
+            std::process::Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", &opts])
+                .arg(&m)
+                .status()
+        } else {
+            std::process::Command::new(layerfs_binary())
+                .args(["-o", &opts])
+                .arg(&m)
+                .status()
+        };
+        assert!(
+            st.unwrap().success(),
+            "mount ({})",
+            if kernel { "kernel" } else { "layerfs" }
+        );
+        let out = seq(vec![
+            (
+                "W/work default ACL",
+                lgetxattr(&w.join("work"), "system.posix_acl_default"),
+            ),
+            ("rm wf", unlink(&m.join("wf"))),
+            (
+                "new wf",
+                write_file(&m.join("wf"), libc::O_WRONLY | libc::O_CREAT, b"n"),
+            ),
+            ("wf", describe(&m.join("wf"))),
+            (
+                "new cd/x",
+                write_file(&m.join("cd/x"), libc::O_WRONLY | libc::O_CREAT, b"n"),
+            ),
+            ("cd/x", describe(&m.join("cd/x"))),
+            (
+                "cd default ACL",
+                lgetxattr(&m.join("cd"), "system.posix_acl_default"),
+            ),
+            (
+                "append to +a file",
+                write_file(&m.join("app"), libc::O_WRONLY | libc::O_APPEND, b"y"),
+            ),
+            (
+                "write +a file",
+                write_file(&m.join("app"), libc::O_WRONLY, b"z"),
+            ),
+            ("app", read_file(&m.join("app"))),
+        ]);
+        let _ = std::process::Command::new("umount").arg(&m).status();
+        let _ = std::process::Command::new("chattr")
+            .arg("-a")
+            .arg(u.join("app"))
+            .status();
+        show_r(&out)
+    };
+    let (k, t) = (run(true), run(false));
+    assert_eq!(k, t, "kernel (left) vs layerfs (right)");
 }

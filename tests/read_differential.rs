@@ -2034,3 +2034,61 @@ fn concurrent_walks_agree() {
     }
     report("concurrent walks", problems);
 }
+
+/// Listing a directory, reading a file and copying another up through the
+/// overlay leave the lower layer's access times alone, as on the kernel's
+/// overlay (which opens what it reads in the layers `O_NOATIME`): the lowers
+/// are never written, their inodes' times included. Except one documented
+/// case: on a read-only overlay layerfs passes lower files through, and the
+/// kernel reads those backing files with the reader's open flags.
+#[test]
+fn lower_access_times_stay() {
+    const OLD: i64 = 1_577_836_800; // 2020-01-01
+    let stack = Stack::build(vec![
+        Layer::new()
+            .dir("d")
+            .mtime(OLD, 0)
+            .file("d/f", "data\n")
+            .mtime(OLD, 0)
+            .file("g", "g\n")
+            .mtime(OLD, 0),
+    ]);
+    let atime = |rel: &str| -> i64 {
+        fs::symlink_metadata(stack.lowers[0].join(rel))
+            .expect("lower entry")
+            .atime()
+    };
+    let exercise = |m: &Path, rw: bool| {
+        fs::read_dir(m.join("d")).expect("list d").for_each(drop);
+        fs::read(m.join("d/f")).expect("read d/f");
+        if rw {
+            let mut g = fs::OpenOptions::new()
+                .append(true)
+                .open(m.join("g"))
+                .expect("open g");
+            std::io::Write::write_all(&mut g, b"more\n").expect("append to g (copy-up)");
+        }
+    };
+    let mut problems = Vec::new();
+    for v in Variant::ALL {
+        for label in ["kernel", "layerfs"] {
+            for rel in ["d", "d/f", "g"] {
+                set_mtime(&stack.lowers[0].join(rel), (OLD, 0)).expect("reset times");
+            }
+            if label == "kernel" {
+                let k = stack.kernel(v.rw());
+                exercise(k.path(), v.rw());
+            } else {
+                let t = stack.under_test(v.rw());
+                exercise(t.path(), v.rw());
+            }
+            let passthrough = label == "layerfs" && v == Variant::ReadOnly;
+            for rel in ["d", "d/f", "g"] {
+                if atime(rel) != OLD && !(passthrough && rel == "d/f") {
+                    problems.push(format!("[{v:?}] {label}: lower {rel}: atime changed"));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

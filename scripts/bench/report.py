@@ -25,6 +25,7 @@ DESC = {
     "fio_seqread": "fio 1 MiB sequential read of a lower file (lower page cache warm)",
     "fio_seqwrite": "fio 1 MiB sequential write of a new file (no fsync)",
     "fio_randread": "fio 4 KiB random read of a lower file (lower page cache warm)",
+    "small_writes": "N write(2) calls of 100 bytes to a new file (passthrough; the writes' own time)",
     "copyup_small": "append 1 byte to each of N small lower files (copy-up)",
     "copyup_big": "append 1 byte to the big lower file (copy-up of the whole file)",
     "create_files": "create N empty files in 100 lower-backed dirs",

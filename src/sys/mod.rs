@@ -60,25 +60,66 @@ pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Re
 
 /// Opens a path given by the user (a layer root); symlinks in it are followed.
 pub fn open_path_dir(path: &std::path::Path) -> io::Result<OwnedFd> {
+    open_path_dir_with(path, false)
+}
+
+/// `open_path_dir` for a lower layer's root, whose listing leaves its access
+/// time alone (where this process may ask for that: `openat_noatime`).
+pub fn open_lower_root(path: &std::path::Path) -> io::Result<OwnedFd> {
+    open_path_dir_with(path, true)
+}
+
+fn open_path_dir_with(path: &std::path::Path, noatime: bool) -> io::Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    let fd = cvt(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: `fd` is fresh and owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let open = |extra: i32| -> io::Result<OwnedFd> {
+        // SAFETY: `c` is a valid NUL-terminated string.
+        let fd = cvt(unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | extra,
+            )
+        })?;
+        // SAFETY: `fd` is fresh and owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    match open(if noatime { libc::O_NOATIME } else { 0 }) {
+        Err(e) if noatime && e.raw_os_error() == Some(libc::EPERM) => open(0),
+        r => r,
+    }
 }
 
 /// Opens a directory below `dir` for reading and xattr access, never following
 /// a symlink; falls back to an `O_PATH` fd when the directory is not readable.
 pub fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
-    match openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
+    open_dir_with(dir, name, |f| openat(dir, name, f, 0))
+}
+
+/// `open_dir_at` for a lower layer's directory: reading it (`getdents`)
+/// leaves its access time alone, as the kernel's overlay does.
+pub fn open_lower_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+    open_dir_with(dir, name, |f| openat_noatime(dir, name, f))
+}
+
+fn open_dir_with(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    open: impl Fn(i32) -> io::Result<OwnedFd>,
+) -> io::Result<OwnedFd> {
+    match open(libc::O_RDONLY | libc::O_DIRECTORY) {
         Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
             openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0)
         }
+        r => r,
+    }
+}
+
+/// `openat` for reading a lower layer: with `O_NOATIME` (the lowers are
+/// never written, their access times included, as with the kernel's
+/// overlay), or without it where this process may not use it (`EPERM`: not
+/// the owner and no `CAP_FOWNER`, e.g. rootless).
+pub fn openat_noatime(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Result<OwnedFd> {
+    match openat(dir, name, flags | libc::O_NOATIME, 0) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => openat(dir, name, flags, 0),
         r => r,
     }
 }
@@ -363,7 +404,20 @@ pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<(i32, Vec<u8>)> {
 /// Reads all entries of a directory (`.` and `..` excluded) as raw names,
 /// with their `d_ino` and `d_type`.
 pub fn read_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
-    let dir = openat(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    read_dir_from(openat(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?)
+}
+
+/// `read_dir` of a lower layer's directory, leaving its access time alone
+/// (`openat_noatime`).
+pub fn read_lower_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
+    read_dir_from(openat_noatime(
+        fd,
+        c".",
+        libc::O_RDONLY | libc::O_DIRECTORY,
+    )?)
+}
+
+fn read_dir_from(dir: OwnedFd) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 32 * 1024];
     loop {
