@@ -361,6 +361,39 @@ impl OverlayFs {
             .ok_or_else(|| Error::new(libc::EIO, "lookup not recorded"))
     }
 
+    /// An upper directory takes the inode number of its origin; a second
+    /// upper directory with the same origin (a copied-up or redirected
+    /// directory duplicated outside the overlay, xattrs and all) would share
+    /// the first one's node and show its entries: `ESTALE` for it, as the
+    /// kernel answers.
+    fn check_unique_dir(&self, ino: u64, state: &NodeState) -> Result<()> {
+        let upper_top = |s: &NodeState| {
+            s.dirs
+                .first()
+                .filter(|d| self.stack.is_upper(d.layer))
+                .and_then(|d| sys::fstat(d.fd.as_fd()).ok())
+                .map(|st| (st.st_dev, st.st_ino))
+        };
+        let Some(old) = self.nodes.get(ino).filter(|n| n.is_dir()) else {
+            return Ok(());
+        };
+        if state
+            .dirs
+            .first()
+            .is_none_or(|d| !self.stack.is_upper(d.layer))
+        {
+            return Ok(());
+        }
+        let s = old.snapshot();
+        match (s.unlinked, upper_top(&s), upper_top(state)) {
+            (false, Some(a), Some(b)) if a != b => Err(Error::new(
+                libc::ESTALE,
+                "two upper directories with one origin (duplicated outside the overlay)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Enters a resolved object in the node table (one kernel lookup);
     /// None when `fresh` shows the result went stale.
     fn record_as(
@@ -395,6 +428,7 @@ impl OverlayFs {
         };
         let merged = state.dirs.len() > 1;
         let fmt = st.st_mode & libc::S_IFMT;
+        self.check_unique_dir(ino, &state)?;
         let node = if fmt != libc::S_IFDIR && st.st_nlink > 1 {
             let name = state
                 .loc
@@ -840,8 +874,11 @@ impl OverlayFs {
     }
 }
 
-/// Gives a new (empty) upper the random `overlay.uuid` the kernel writes on
-/// the first mount of an upper, so both leave the same format behind.
+/// Gives a new upper the random `overlay.uuid` the kernel writes on the
+/// first mount of an upper, so both leave the same format behind. New, by
+/// the kernel's rule: no uuid yet and the root not marked impure (an upper
+/// used before uuids existed, which the kernel leaves without one), whatever
+/// the root holds.
 fn mark_new_upper(stack: &Stack) -> Result<()> {
     let Some(upper) = stack.upper() else {
         return Ok(());
@@ -851,9 +888,9 @@ fn mark_new_upper(stack: &Stack) -> Result<()> {
     if xattr::get(root, &name)
         .ctx(|| "read upper uuid".into())?
         .is_some()
-        || !sys::read_dir(upper.root.as_fd())
-            .ctx(|| "list upper".into())?
-            .is_empty()
+        || xattr::get(root, &stack.xname("impure"))
+            .ctx(|| "read upper impure".into())?
+            .is_some()
     {
         return Ok(());
     }

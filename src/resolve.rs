@@ -333,14 +333,17 @@ pub fn ino_of(stack: &Stack, r: &Resolved) -> Result<u64> {
             Ok(stack.map_ino(loc.layer, st.st_ino))
         }
         Resolved::Dir { loc, dirs, st } => {
-            if stack.is_upper(loc.layer)
-                && let Some(o) = origin_at(stack, loc)?
-            {
+            if stack.is_upper(loc.layer) {
+                // A merged directory reports the directory below it, with
+                // or without an origin: the kernel records a missing one at
+                // lookup (an upper dir made outside the overlay).
                 if let Some(below) = dirs.get(1) {
                     let bst = sys::fstat(below.fd.as_fd()).ctx(|| "stat lower dir".into())?;
                     return Ok(stack.map_ino(below.layer, bst.st_ino));
                 }
-                if let Some(ino) = stack.origin_ino(&o, true) {
+                if let Some(o) = origin_at(stack, loc)?
+                    && let Some(ino) = stack.origin_ino(&o, true)
+                {
                     return Ok(ino);
                 }
             }

@@ -3682,3 +3682,62 @@ fn work_dir_default_acl_and_append_only_upper_file() {
     let (k, t) = (run(true), run(false));
     assert_eq!(k, t, "kernel (left) vs layerfs (right)");
 }
+
+/// Uppers shaped outside the overlay, mounted by the kernel and by layerfs
+/// the same way: a redirected directory duplicated with `cp -a` (the copy
+/// shares the original's origin: ESTALE, never the other's entries), a
+/// directory already in both upper and lower (reports the lower's inode
+/// number), an upper used before (root impure) without a uuid (keeps none)
+/// and a new upper with contents (gets one).
+#[test]
+fn uppers_shaped_outside_the_overlay() {
+    const SCRIPT: &str = r#"
+set -u
+B=$1; MNT_CMD=$2
+L=$B/l U=$B/u W=$B/w M=$B/m
+mkdir -p $L/origin $L/pre $U/pre $W $M $B/t
+echo lower > $L/origin/file
+mount -t overlay overlay -o lowerdir=$L,upperdir=$U,workdir=$W,redirect_dir=on $B/t
+touch $B/t/origin/file && mv $B/t/origin $B/t/redirect1
+umount $B/t
+setfattr -x trusted.overlay.uuid $U
+cp -a $U/redirect1 $U/redirect2
+echo right >> $U/redirect1/file; echo wrong >> $U/redirect2/file
+rm -rf $W/work
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+for r in redirect1 redirect2; do
+  echo "$r: $(ls $M/$r 2>&1 | tr '\n' ' ') / $(cat $M/$r/file 2>&1 | tr '\n' ' ')" | sed 's/^.*: \(.*Stale file handle\).*$/'$r': ESTALE/'
+done
+[ "$(stat -c %i $M/pre)" = "$(stat -c %i $L/pre)" ] && echo "pre: the lower's st_ino" || echo "pre: another st_ino"
+umount $M
+getfattr --absolute-names -n trusted.overlay.uuid $U >/dev/null 2>&1 && echo "uuid: set" || echo "uuid: none"
+mkdir -p $B/u2/x $B/w2
+$MNT_CMD lowerdir=$L,upperdir=$B/u2,workdir=$B/w2 $M && umount $M
+getfattr --absolute-names -n trusted.overlay.uuid $B/u2 >/dev/null 2>&1 && echo "new upper, not empty: uuid set" || echo "new upper, not empty: no uuid"
+"#;
+    let run = |kernel: bool| -> String {
+        let base = scenario_base(if kernel { "outside-k" } else { "outside-l" });
+        let mnt = if kernel {
+            "mount -t overlay overlay -o".to_string()
+        } else {
+            format!("{} -o", layerfs_binary().display())
+        };
+        let out = std::process::Command::new("bash")
+            .args(["-c", SCRIPT, "script"])
+            .arg(base.path())
+            .arg(&mnt)
+            .output()
+            .expect("run bash");
+        let _ = std::process::Command::new("umount")
+            .arg(base.path().join("m"))
+            .stderr(std::process::Stdio::null())
+            .status();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (k, t) = (run(true), run(false));
+    assert!(
+        k.contains("redirect2: ESTALE"),
+        "the kernel's side of the test changed:\n{k}"
+    );
+    assert_eq!(k, t, "kernel (left) vs layerfs (right)");
+}

@@ -707,6 +707,22 @@ fn fsx_kernel_overlay_file_from_lower_layer() {
 /// the kernel's ETXTBSY check destroys the running program's text.
 #[test]
 fn o_trunc_of_running_executable_keeps_data() {
+    // A file just written may still be open for writing in a child that
+    // another test thread forked meanwhile (until that child execs and its
+    // close-on-exec fds go): exec then fails with ETXTBSY for a moment, on
+    // any filesystem. Retried, as Go's os/exec does.
+    fn spawn_retrying_etxtbsy(exe: &Path) -> std::process::Child {
+        let mut tries = 0;
+        loop {
+            match std::process::Command::new(exe).arg("30").spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => return r.unwrap(),
+            }
+        }
+    }
     let sleep = ["/usr/bin/sleep", "/bin/sleep"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -739,7 +755,7 @@ fn o_trunc_of_running_executable_keeps_data() {
             fs::write(&new, &original).unwrap();
             chmod(&new, 0o755);
             for exe in [new, root.join(format!("bin/lower-exe{flags}"))] {
-                let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
+                let mut child = spawn_retrying_etxtbsy(&exe);
                 let c = cpath(&exe);
                 // SAFETY: open(2) on a NUL-terminated path.
                 let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
