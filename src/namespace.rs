@@ -192,7 +192,11 @@ impl OverlayFs {
         let mut fd = None;
         match obj {
             NewObject::File { flags } => {
-                let f = (flags & !(libc::O_APPEND | libc::O_TRUNC | libc::O_NOFOLLOW))
+                let f = (flags
+                    & !(libc::O_APPEND
+                        | libc::O_TRUNC
+                        | libc::O_NOFOLLOW
+                        | crate::overlay::DAEMON_IO_ONLY))
                     | libc::O_CREAT
                     | libc::O_EXCL;
                 fd = Some(sys::openat(dir, name, f, perm).ctx(what)?);

@@ -152,6 +152,13 @@ pub const RACED_ABSENCE: &str = "no such entry (while the directory changed)";
 const LOOKUP_TRIES: u32 = 64;
 
 /// `O_ACCMODE` and flags that make an open modify the file.
+/// Open flags that concern the caller's I/O, not the daemon's: `O_DIRECT`
+/// asks the kernel to bypass its caches for the caller (FUSE does so, and
+/// a passed-through backing file gets the caller's flags); on layerfs's own
+/// fd it would make every read or write into an unaligned request buffer
+/// fail with EINVAL.
+pub(crate) const DAEMON_IO_ONLY: i32 = libc::O_DIRECT;
+
 fn opens_for_write(flags: i32) -> bool {
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
@@ -480,7 +487,7 @@ impl OverlayFs {
 
     /// Opens the topmost entry of a non-directory (`O_PATH`-free, real open).
     pub(crate) fn open_loc(&self, s: &NodeState, flags: i32) -> Result<OwnedFd> {
-        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | DAEMON_IO_ONLY);
         if opens_for_write(flags)
             && !s.top_layer().is_some_and(|l| self.stack.is_upper(l))
             && s.detached.is_none()
@@ -529,7 +536,12 @@ impl OverlayFs {
             // Without O_APPEND: writes come with their offsets (the kernel
             // keeps the position), which pwrite on an O_APPEND fd ignores;
             // but an append-only (chattr +a) file opens only with it.
-            let f = flags & !(libc::O_APPEND | libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+            let f = flags
+                & !(libc::O_APPEND
+                    | libc::O_CREAT
+                    | libc::O_EXCL
+                    | libc::O_NOCTTY
+                    | DAEMON_IO_ONLY);
             let (dir, name) = (loc.dir.as_fd(), loc.name.as_c_str());
             match sys::openat(dir, name, f, 0) {
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_APPEND != 0 => {

@@ -2145,6 +2145,70 @@ fn rename_errors_in_the_kernels_order() {
     .run();
 }
 
+/// O_DIRECT reads and writes (aligned buffers, as O_DIRECT asks of the
+/// caller) of lower files, copied-up and new files work as on the kernel;
+/// layerfs's own reads into its request buffers are not O_DIRECT.
+#[test]
+fn o_direct_io() {
+    /// Reads or writes `len` bytes at 0 through a 4096-aligned buffer;
+    /// the content read (or `fill` written).
+    fn direct(path: &Path, flags: i32, len: usize, fill: Option<u8>) -> R {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+        // SAFETY: a non-zero size; freed below with the same layout.
+        let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+        let fd = open(path, flags | libc::O_DIRECT, 0o644)?;
+        // SAFETY: `buf` is valid for `len` bytes.
+        let n = unsafe {
+            if let Some(b) = fill {
+                std::ptr::write_bytes(buf, b, len);
+                libc::pwrite(fd.0, buf.cast(), len, 0)
+            } else {
+                libc::pread(fd.0, buf.cast(), len, 0)
+            }
+        };
+        let r = if n < 0 {
+            Err(errno())
+        } else {
+            // SAFETY: `n` bytes of `buf` were read or written.
+            Ok(content_obs(unsafe {
+                std::slice::from_raw_parts(buf, n as usize)
+            }))
+        };
+        // SAFETY: allocated above with this layout.
+        unsafe { std::alloc::dealloc(buf, layout) };
+        r
+    }
+    Scenario::new(
+        "o_direct_io",
+        vec![
+            Layer::new()
+                .large_file("big", 65536, 7)
+                .large_file("w", 16384, 8),
+        ],
+    )
+    .step("O_DIRECT read of a lower file, 512 B", |m| {
+        direct(&p(m, "big"), libc::O_RDONLY, 512, None)
+    })
+    .step("O_DIRECT read of a lower file, 64 KiB", |m| {
+        direct(&p(m, "big"), libc::O_RDONLY, 65536, None)
+    })
+    .step("O_DIRECT write into a lower file", |m| {
+        direct(&p(m, "w"), libc::O_WRONLY, 4096, Some(b'd'))
+    })
+    .step("O_DIRECT read it back", |m| {
+        direct(&p(m, "w"), libc::O_RDONLY, 8192, None)
+    })
+    .step("O_DIRECT write to a new file", |m| {
+        direct(
+            &p(m, "new"),
+            libc::O_WRONLY | libc::O_CREAT,
+            8192,
+            Some(b'n'),
+        )
+    })
+    .run();
+}
+
 #[test]
 fn non_root_permission_errors() {
     Scenario::new("non_root_permission_errors", perm_layers())
