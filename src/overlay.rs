@@ -368,34 +368,30 @@ impl OverlayFs {
             .ok_or_else(|| Error::new(libc::EIO, "lookup not recorded"))
     }
 
-    /// An upper directory takes the inode number of its origin; a second
-    /// upper directory with the same origin (a copied-up or redirected
-    /// directory duplicated outside the overlay, xattrs and all) would share
-    /// the first one's node and show its entries: `ESTALE` for it, as the
+    /// An upper object can take the inode number of another (a copied-up
+    /// file or directory its origin's, a merged directory the one below
+    /// it). A second upper object borrowing the same number (one duplicated
+    /// outside the overlay, xattrs and all, e.g. with `cp -a`) would share
+    /// the first one's node and show its data: `ESTALE` for it, as the
     /// kernel answers.
-    fn check_unique_dir(&self, ino: u64, state: &NodeState) -> Result<()> {
-        let upper_top = |s: &NodeState| {
-            s.dirs
-                .first()
-                .filter(|d| self.stack.is_upper(d.layer))
-                .and_then(|d| sys::fstat(d.fd.as_fd()).ok())
-                .map(|st| (st.st_dev, st.st_ino))
-        };
-        let Some(old) = self.nodes.get(ino).filter(|n| n.is_dir()) else {
+    fn check_borrowed_ino(&self, ino: u64, state: &NodeState, st: &Stat) -> Result<()> {
+        let Some(top) = state.top_layer().filter(|&l| self.stack.is_upper(l)) else {
             return Ok(());
         };
-        if state
-            .dirs
-            .first()
-            .is_none_or(|d| !self.stack.is_upper(d.layer))
-        {
+        if self.stack.map_ino(top, st.st_ino) == ino {
             return Ok(());
         }
+        let Some(old) = self.nodes.get(ino) else {
+            return Ok(());
+        };
         let s = old.snapshot();
-        match (s.unlinked, upper_top(&s), upper_top(state)) {
-            (false, Some(a), Some(b)) if a != b => Err(Error::new(
+        if s.unlinked || !s.top_layer().is_some_and(|l| self.stack.is_upper(l)) {
+            return Ok(());
+        }
+        match self.stat_state(&s) {
+            Ok(o) if (o.st_dev, o.st_ino) != (st.st_dev, st.st_ino) => Err(Error::new(
                 libc::ESTALE,
-                "two upper directories with one origin (duplicated outside the overlay)",
+                "two upper objects with one origin (duplicated outside the overlay)",
             )),
             _ => Ok(()),
         }
@@ -435,7 +431,9 @@ impl OverlayFs {
         };
         let merged = state.dirs.len() > 1;
         let fmt = st.st_mode & libc::S_IFMT;
-        self.check_unique_dir(ino, &state)?;
+        if fmt == libc::S_IFDIR || st.st_nlink == 1 {
+            self.check_borrowed_ino(ino, &state, &st)?;
+        }
         let node = if fmt != libc::S_IFDIR && st.st_nlink > 1 {
             let name = state
                 .loc

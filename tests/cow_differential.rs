@@ -3748,8 +3748,9 @@ fn work_dir_default_acl_and_append_only_upper_file() {
 }
 
 /// Uppers shaped outside the overlay, mounted by the kernel and by layerfs
-/// the same way: a redirected directory duplicated with `cp -a` (the copy
-/// shares the original's origin: ESTALE, never the other's entries), a
+/// the same way: a redirected directory and a renamed copied-up file
+/// duplicated with `cp -a` (each copy shares the original's origin: ESTALE,
+/// never the other's entries or data), a
 /// directory already in both upper and lower (reports the lower's inode
 /// number), an upper used before (root impure) without a uuid (keeps none)
 /// and a new upper with contents (gets one).
@@ -3760,17 +3761,21 @@ set -u
 B=$1; MNT_CMD=$2
 L=$B/l U=$B/u W=$B/w M=$B/m
 mkdir -p $L/origin $L/pre $U/pre $W $M $B/t
-echo lower > $L/origin/file
+echo lower > $L/origin/file; echo lower > $L/f
 mount -t overlay overlay -o lowerdir=$L,upperdir=$U,workdir=$W,redirect_dir=on $B/t
-touch $B/t/origin/file && mv $B/t/origin $B/t/redirect1
+touch $B/t/origin/file && mv $B/t/origin $B/t/redirect1 && mv $B/t/f $B/t/ref1
 umount $B/t
 setfattr -x trusted.overlay.uuid $U
-cp -a $U/redirect1 $U/redirect2
+cp -a $U/redirect1 $U/redirect2; cp -a $U/ref1 $U/ref2
 echo right >> $U/redirect1/file; echo wrong >> $U/redirect2/file
+echo right >> $U/ref1; echo wrong >> $U/ref2
 rm -rf $W/work
 $MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
 for r in redirect1 redirect2; do
   echo "$r: $(ls $M/$r 2>&1 | tr '\n' ' ') / $(cat $M/$r/file 2>&1 | tr '\n' ' ')" | sed 's/^.*: \(.*Stale file handle\).*$/'$r': ESTALE/'
+done
+for r in ref1 ref2; do
+  echo "$r: $(cat $M/$r 2>&1 | tr '\n' ' ')" | sed 's/^.*Stale file handle.*$/'$r': ESTALE/'
 done
 [ "$(stat -c %i $M/pre)" = "$(stat -c %i $L/pre)" ] && echo "pre: the lower's st_ino" || echo "pre: another st_ino"
 umount $M
@@ -3800,7 +3805,7 @@ getfattr --absolute-names -n trusted.overlay.uuid $B/u2 >/dev/null 2>&1 && echo 
     };
     let (k, t) = (run(true), run(false));
     assert!(
-        k.contains("redirect2: ESTALE"),
+        k.contains("redirect2: ESTALE") && k.contains("ref2: ESTALE"),
         "the kernel's side of the test changed:\n{k}"
     );
     assert_eq!(k, t, "kernel (left) vs layerfs (right)");
