@@ -137,14 +137,23 @@ pub fn split_options(s: &[u8]) -> Vec<Vec<u8>> {
 }
 
 /// Splits a `lowerdir=` value at unescaped `:` and removes the escapes
-/// (`\:`, `\,`, `\\`).
+/// (`\:`, `\,`, `\\`). Layers after an unescaped `::` are the kernel's
+/// data-only layers, which only metacopy files point into (layerfs refuses
+/// metacopy uppers): they are not part of the merged view and are left out.
 pub fn split_lowerdirs(s: &[u8]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut cur = Vec::new();
-    let mut iter = s.iter().copied();
+    let mut iter = s.iter().copied().peekable();
     while let Some(b) = iter.next() {
         match b {
             b'\\' => cur.push(iter.next().unwrap_or(b'\\')),
+            b':' if iter.peek() == Some(&b':') => {
+                if !cur.is_empty() {
+                    out.push(PathBuf::from(OsString::from_vec(cur)));
+                }
+                log::info!("data-only lower layers (after '::') left out: nothing refers to them");
+                return out;
+            }
             b':' => {
                 if !cur.is_empty() {
                     out.push(PathBuf::from(OsString::from_vec(std::mem::take(&mut cur))));
@@ -189,6 +198,11 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
     let o = &mut cfg.options;
     match (key.as_str(), val) {
         ("lowerdir", Some(v)) => cfg.lowers = split_lowerdirs(v),
+        // The kernel's newer form: one layer per option, no escapes.
+        ("lowerdir+", Some(v)) => cfg.lowers.push(PathBuf::from(OsStr::from_bytes(v))),
+        ("datadir+", Some(_)) => {
+            log::info!("data-only layer (datadir+=) left out: nothing refers to it")
+        }
         ("upperdir", Some(v)) => cfg.upper = Some(unescape_path(v)),
         ("workdir", Some(v)) => cfg.work = Some(unescape_path(v)),
         ("ro", None) => o.read_only = true,
@@ -444,15 +458,33 @@ mod tests {
 
     #[test]
     fn splits_lowerdirs_with_escapes() {
-        let v = split_lowerdirs(br"/a\:b:/c\,d::/e\\f");
+        let v = split_lowerdirs(br"/a\:b:/c\,d:/e\\f:/g\:\:h");
         assert_eq!(
             v,
             vec![
                 PathBuf::from("/a:b"),
                 PathBuf::from("/c,d"),
-                PathBuf::from(r"/e\f")
+                PathBuf::from(r"/e\f"),
+                PathBuf::from("/g::h")
             ]
         );
+        // Data-only layers after `::` are left out.
+        assert_eq!(
+            split_lowerdirs(b"/a:/b::/d1:/d2"),
+            vec![PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+    }
+
+    #[test]
+    fn lowerdir_plus_appends_one_layer_each() {
+        let mut c = MountConfig::new(Vec::new());
+        apply_option_string(
+            &mut c,
+            OsStr::new("lowerdir+=/a:b,lowerdir+=/c,datadir+=/d"),
+        )
+        .unwrap();
+        assert_eq!(c.lowers, vec![PathBuf::from("/a:b"), PathBuf::from("/c")]);
+        assert!(c.options.ignored.is_empty());
     }
 
     #[test]
