@@ -99,9 +99,19 @@ impl OverlayFs {
         Ok(resolve::lookup(&self.stack, &p.lowers, name)?.exists())
     }
 
-    /// Is there a whiteout at `name` in the upper parent?
+    /// Is there a whiteout at `name` in the upper parent? A 0/0 character
+    /// device, or an xattr whiteout (a file marked `overlay.whiteout`, meant
+    /// for lower layers but hiding the name here too), which a new object
+    /// replaces as the kernel's does.
     fn upper_whiteout(&self, p: &Parent, name: &CStr) -> Result<bool> {
         match sys::fstatat(p.upper.fd.as_fd(), name) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => Ok(matches!(
+                xattr::get(
+                    xattr::Target::At(p.upper.fd.as_fd(), name),
+                    &self.stack.xname("whiteout")
+                ),
+                Ok(Some(_))
+            )),
             Ok(st) => Ok(crate::whiteout::is_whiteout_stat(&st)),
             Err(e) if crate::error::is_enoent(&e) => Ok(false),
             Err(e) => Err(e).ctx(|| format!("stat {name:?}")),

@@ -3752,7 +3752,8 @@ fn work_dir_default_acl_and_append_only_upper_file() {
 /// duplicated with `cp -a` (each copy shares the original's origin: ESTALE,
 /// never the other's entries or data), a
 /// directory already in both upper and lower (reports the lower's inode
-/// number), an upper used before (root impure) without a uuid (keeps none)
+/// number), a file made over an xattr whiteout in the upper (replaces it),
+/// an upper used before (root impure) without a uuid (keeps none)
 /// and a new upper with contents (gets one).
 #[test]
 fn uppers_shaped_outside_the_overlay() {
@@ -3769,6 +3770,8 @@ setfattr -x trusted.overlay.uuid $U
 cp -a $U/redirect1 $U/redirect2; cp -a $U/ref1 $U/ref2
 echo right >> $U/redirect1/file; echo wrong >> $U/redirect2/file
 echo right >> $U/ref1; echo wrong >> $U/ref2
+mkdir -p $L/xw $U/xw; echo lower > $L/xw/hidden; touch $U/xw/hidden
+setfattr -n trusted.overlay.opaque -v x $U/xw; setfattr -n trusted.overlay.whiteout -v y $U/xw/hidden
 rm -rf $W/work
 $MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
 for r in redirect1 redirect2; do
@@ -3777,6 +3780,8 @@ done
 for r in ref1 ref2; do
   echo "$r: $(cat $M/$r 2>&1 | tr '\n' ' ')" | sed 's/^.*Stale file handle.*$/'$r': ESTALE/'
 done
+stat $M/xw/hidden >/dev/null 2>&1 && echo "xwhiteout: visible" || echo "xwhiteout: hides"
+echo new > $M/xw/hidden && echo "over the xwhiteout: $(cat $M/xw/hidden)" || echo "over the xwhiteout: failed"
 [ "$(stat -c %i $M/pre)" = "$(stat -c %i $L/pre)" ] && echo "pre: the lower's st_ino" || echo "pre: another st_ino"
 umount $M
 getfattr --absolute-names -n trusted.overlay.uuid $U >/dev/null 2>&1 && echo "uuid: set" || echo "uuid: none"
