@@ -140,7 +140,6 @@ impl LayerFs {
         fuse_attr(&a)
     }
 
-    /// The caller's credentials as stored on disk (through the id mappings).
     /// Whether the caller of `req` is in a group (an on-disk gid): its
     /// gid, or one of its supplementary groups (`/proc/PID/status`, read
     /// only when asked).
@@ -154,6 +153,7 @@ impl LayerFs {
         }
     }
 
+    /// The caller's credentials as stored on disk (through the id mappings).
     fn caller(&self, req: &Request, umask: u32) -> Caller {
         let c = caller(req, umask);
         Caller {
@@ -975,18 +975,18 @@ fn cache_flags(keep_cache: bool) -> FopenFlags {
     }
 }
 
-/// Registers `fd` as a passthrough backing file with the kernel; `None`
-/// (the open then continues cached) when the kernel refuses, e.g. for a
-/// backing file on a stacked filesystem or without CAP_SYS_ADMIN.
 /// Whether the caller of `req` has `CAP_FSETID` (may keep setuid/setgid
 /// bits when it changes a file's data): the kernel says so for writes and
 /// truncations, not for fallocate and copy_file_range. Read from
 /// `/proc/PID/status` when asked; unreadable counts as not.
 fn keeps_setid(req: &Request) -> impl Fn() -> bool {
     let pid = req.pid();
-    move || crate::sys::process::has_cap(pid, 4)
+    move || crate::sys::process::has_cap(pid, crate::sys::process::CAP_FSETID)
 }
 
+/// Registers `fd` as a passthrough backing file with the kernel; `None`
+/// (the open then continues cached) when the kernel refuses, e.g. for a
+/// backing file on a stacked filesystem or without CAP_SYS_ADMIN.
 fn register_backing(
     fd: std::os::fd::BorrowedFd<'_>,
     open: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>,

@@ -155,19 +155,35 @@ impl OverlayFs {
             return Err(Error::new(libc::EEXIST, format!("{name:?} exists")));
         }
         let over_whiteout = self.upper_whiteout(&p, name)?;
-        let (dir, target) = if over_whiteout {
-            (self.stack.work_fd()?, self.tmp_name())
+        let is_dir = matches!(obj, NewObject::Dir);
+        // Over a whiteout the object is made in the work dir and swapped
+        // in; under a parent with a default ACL, in a staging dir that
+        // carries the same ACL, so that the filesystem gives it the ACL and
+        // mode it would get in the parent (as the kernel does).
+        let stage = if over_whiteout {
+            self.acl_stage(&p)?
         } else {
-            (p.upper.fd.as_fd(), name.to_owned())
+            None
+        };
+        let (dir, target) = match (&stage, over_whiteout) {
+            (Some((_, fd)), _) => (fd.as_fd(), self.tmp_name()),
+            (None, true) => (self.stack.work_fd()?, self.tmp_name()),
+            (None, false) => (p.upper.fd.as_fd(), name.to_owned()),
         };
         let pst = sys::fstat(p.upper.fd.as_fd()).ctx(|| "stat parent".into())?;
-        let fd = self.make(dir, &target, mode, &obj, caller, &pst, !over_whiteout)?;
-        if over_whiteout
-            && let Err(e) = self.swap_in(&p, &target, name, matches!(obj, NewObject::Dir))
-        {
-            let _ = sys::unlinkat(dir, &target, matches!(obj, NewObject::Dir));
-            return Err(e);
+        let made = self
+            .make(dir, &target, mode, &obj, caller, &pst, !over_whiteout)
+            .and_then(|fd| match over_whiteout {
+                true => self.swap_in(dir, &p, &target, name, is_dir).map(|()| fd),
+                false => Ok(fd),
+            });
+        if made.is_err() && over_whiteout {
+            let _ = sys::unlinkat(dir, &target, is_dir);
         }
+        if let Some((stage, _)) = &stage {
+            let _ = sys::unlinkat(self.stack.work_fd()?, stage, true);
+        }
+        let fd = made?;
         let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, name)?;
         let (_, attr) = self.record(&p.node, r)?;
         Ok((attr, fd))
@@ -250,10 +266,39 @@ impl OverlayFs {
         Ok(fd)
     }
 
-    /// Puts the object built as `tmp` in the work dir in place of the
-    /// whiteout at `name`; a directory put there becomes opaque.
-    fn swap_in(&self, p: &Parent, tmp: &CStr, name: &CStr, is_dir: bool) -> Result<()> {
+    /// A directory in the work dir with the default ACL of the upper parent
+    /// `p` (and its name), if it has one: objects made there get the ACL and
+    /// mode they would get in `p`.
+    fn acl_stage(&self, p: &Parent) -> Result<Option<(CString, std::os::fd::OwnedFd)>> {
+        let name = c"system.posix_acl_default";
+        let Ok(Some(acl)) = xattr::get(xattr::Target::Fd(p.upper.fd.as_fd()), name) else {
+            return Ok(None);
+        };
         let work = self.stack.work_fd()?;
+        let stage = self.tmp_name();
+        sys::mkdirat(work, &stage, 0o700).ctx(|| "make ACL staging dir".into())?;
+        let made = xattr::set(xattr::Target::At(work, &stage), name, &acl, 0)
+            .and_then(|()| sys::open_dir_at(work, &stage));
+        match made {
+            Ok(fd) => Ok(Some((stage, fd))),
+            Err(e) => {
+                let _ = sys::unlinkat(work, &stage, true);
+                Err(e).ctx(|| "give the staging dir the parent's default ACL".into())
+            }
+        }
+    }
+
+    /// Puts the object built as `tmp` in `work` (the work dir or a staging
+    /// dir in it) in place of the whiteout at `name`; a directory put there
+    /// becomes opaque.
+    fn swap_in(
+        &self,
+        work: std::os::fd::BorrowedFd<'_>,
+        p: &Parent,
+        tmp: &CStr,
+        name: &CStr,
+        is_dir: bool,
+    ) -> Result<()> {
         if is_dir {
             xattr::set(
                 xattr::Target::At(work, tmp),
@@ -753,7 +798,7 @@ impl OverlayFs {
             let tmp = self.tmp_name();
             sys::linkat(src.dir.as_fd(), &src.name, self.stack.work_fd()?, &tmp)
                 .ctx(|| "link".into())?;
-            self.swap_in(&p, &tmp, newname, false)?;
+            self.swap_in(self.stack.work_fd()?, &p, &tmp, newname, false)?;
         } else {
             sys::linkat(src.dir.as_fd(), &src.name, p.upper.fd.as_fd(), newname)
                 .ctx(|| "link".into())?;

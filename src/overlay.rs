@@ -151,7 +151,6 @@ pub const RACED_ABSENCE: &str = "no such entry (while the directory changed)";
 /// directory keep racing it.
 const LOOKUP_TRIES: u32 = 64;
 
-/// `O_ACCMODE` and flags that make an open modify the file.
 /// Open flags that concern the caller's I/O, not the daemon's: `O_DIRECT`
 /// asks the kernel to bypass its caches for the caller (FUSE does so, and
 /// a passed-through backing file gets the caller's flags); on layerfs's own
@@ -159,6 +158,7 @@ const LOOKUP_TRIES: u32 = 64;
 /// fail with EINVAL.
 pub(crate) const DAEMON_IO_ONLY: i32 = libc::O_DIRECT;
 
+/// `O_ACCMODE` and flags that make an open modify the file.
 fn opens_for_write(flags: i32) -> bool {
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }

@@ -3397,6 +3397,8 @@ fn posix_acl_copy_up() {
                 .xattr("system.posix_acl_access", &file_acl)
                 .file("acl/other", "no acl\n")
                 .mode(0o640)
+                .file("acl/dir/old", "old\n")
+                .file("acl/dir/olddir/x", "x")
                 .dir("acl/dir")
                 .mode(0o755)
                 .xattr("system.posix_acl_access", &dir_access)
@@ -3440,6 +3442,33 @@ fn posix_acl_copy_up() {
             (
                 "default",
                 lgetxattr(&p(m, "acl/dir/sub"), "system.posix_acl_default"),
+            ),
+        ])
+    })
+    .step("create over a whiteout in a dir with a default ACL", |m| {
+        unlink(&p(m, "acl/dir/old"))?;
+        write_file(&p(m, "acl/dir/old"), libc::O_WRONLY | libc::O_CREAT, b"new")?;
+        seq(vec![
+            ("st", st(m, "acl/dir/old")),
+            (
+                "acl",
+                lgetxattr(&p(m, "acl/dir/old"), "system.posix_acl_access"),
+            ),
+        ])
+    })
+    .step("mkdir over a whiteout inherits the default ACL", |m| {
+        unlink(&p(m, "acl/dir/olddir/x"))?;
+        rmdir(&p(m, "acl/dir/olddir"))?;
+        mkdir(&p(m, "acl/dir/olddir"), 0o777)?;
+        seq(vec![
+            ("st", st(m, "acl/dir/olddir")),
+            (
+                "default",
+                lgetxattr(&p(m, "acl/dir/olddir"), "system.posix_acl_default"),
+            ),
+            (
+                "access",
+                lgetxattr(&p(m, "acl/dir/olddir"), "system.posix_acl_access"),
             ),
         ])
     })

@@ -141,7 +141,7 @@ struct CapData {
 }
 
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-const CAP_FSETID: u32 = 4;
+pub const CAP_FSETID: u32 = 4;
 
 /// Runs `f` with `CAP_FSETID` out of the calling thread's effective set
 /// (other threads keep theirs), and puts it back. Credentials captured
