@@ -187,10 +187,13 @@ impl OverlayFs {
                 // its last descriptor.
                 match sys::linkat(fd.as_fd(), c"", c.dest, c.name) {
                     Ok(()) => {}
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOENT)) => {
+                    Err(e)
+                        if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOENT))
+                            && !sys::fstat(c.dest).is_ok_and(|st| st.st_nlink == 0) =>
+                    {
                         // Linking an unnamed file refused (an older kernel,
-                        // no CAP_DAC_READ_SEARCH and no /proc): named
-                        // copies from now on.
+                        // no CAP_DAC_READ_SEARCH and no /proc), not a parent
+                        // removed meanwhile: named copies from now on.
                         debug!("copy-up: cannot link an O_TMPFILE copy ({e}): named copies");
                         self.tmpfile_ok.store(false, Ordering::Relaxed);
                         return self.build_and_link(c);
