@@ -139,9 +139,13 @@ impl OverlayFs {
         }
         // The kernel's cached attributes describe the lower object: the copy
         // has its own st_blocks (the origin xattr may take a block), a merged
-        // directory reports st_nlink 1, a broken hard link a new st_ino.
+        // directory reports st_nlink 1, a broken hard link a new st_ino. The
+        // parent's too: its upper directory got an entry, and its restored
+        // times a new ctime (a stale one made `tar` report the directory as
+        // changed while it read it, when the next stat saw the new one).
         if let Some(inv) = self.invalidator.get() {
             inv.inval_attr(node.ino);
+            inv.inval_attr(parent.ino);
         }
         node.generation.fetch_add(1, Ordering::Release);
         Ok(loc)
