@@ -16,6 +16,7 @@ use clap::{Args, Parser, Subcommand};
 ///
 /// Options understood in -o:
 ///   lowerdir=L1:L2 upperdir=U workdir=W   layers (escape ':' ',' '\' with '\')
+///   lowerdir+=DIR                         one more lower layer (repeatable)
 ///   ro, rw                                read-only even with an upper
 ///   userxattr                             private xattrs as user.overlay.* (rootless)
 ///   volatile, fsync=0                     no fsync of copied-up files
