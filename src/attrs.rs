@@ -36,26 +36,41 @@ impl SetTime {
     }
 }
 
-/// Whether the caller of a request is in a group (an on-disk gid); asked
-/// only for a setgid file without group execute permission.
-pub type InGroup<'a> = &'a dyn Fn(u32) -> bool;
-
 /// The caller of a request that changes a file's data, for clearing the
 /// file's setuid/setgid bits as the kernel does when the caller lacks
-/// `CAP_FSETID`; both questions are asked only of a setuid/setgid file.
+/// `CAP_FSETID`. Its capabilities and groups are read from `/proc` only for
+/// a setuid/setgid file.
 #[derive(Clone, Copy)]
 pub struct Writer<'a> {
-    /// The caller has `CAP_FSETID` (the kernel says when it has not, for
-    /// writes and truncations).
-    pub keeps_setid: &'a dyn Fn() -> bool,
-    pub in_group: InGroup<'a>,
+    pub pid: u32,
+    /// Its gid, on disk.
+    pub gid: u32,
+    /// Maps the supplementary groups `/proc` shows to on-disk ids.
+    pub view: &'a crate::idmap::View,
+    /// The kernel said it lacks `CAP_FSETID` (it says so for writes and
+    /// truncations; for fallocate and copy_file_range layerfs asks).
+    pub lacks_fsetid: bool,
+}
+
+impl Writer<'_> {
+    fn keeps_setid(&self) -> bool {
+        use crate::sys::process;
+        !self.lacks_fsetid && process::has_cap(self.pid, process::CAP_FSETID)
+    }
+
+    fn in_group(&self, gid: u32) -> bool {
+        gid == self.gid
+            || crate::sys::process::supplementary_groups(self.pid)
+                .into_iter()
+                .any(|g| self.view.gid_to_disk(g) == gid)
+    }
 }
 
 /// The permission bits left after a write or truncation by a caller
 /// without `CAP_FSETID`, by the kernel's rule (`setattr_should_drop_suidgid`):
 /// setuid always goes, setgid when the group may execute the file or the
 /// caller is not in its group. `None`: nothing to clear.
-pub fn killed_mode(st: &sys::Stat, in_group: InGroup<'_>) -> Option<u32> {
+pub fn killed_mode(st: &sys::Stat, in_group: impl Fn(u32) -> bool) -> Option<u32> {
     let mode = st.st_mode & 0o7777;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return None;
@@ -196,10 +211,10 @@ impl OverlayFs {
         w: Writer<'_>,
     ) -> Result<()> {
         let st = sys::fstat(fd).ctx(|| "stat to clear setuid/setgid".into())?;
-        if st.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0 || (w.keeps_setid)() {
+        if st.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0 || w.keeps_setid() {
             return Ok(());
         }
-        if let Some(mode) = killed_mode(&st, w.in_group) {
+        if let Some(mode) = killed_mode(&st, |g| w.in_group(g)) {
             sys::fchmod_fd(fd, mode).ctx(|| "clear setuid/setgid".into())?;
             if let Some(inv) = self.invalidator.get() {
                 inv.inval_attr(node.ino);

@@ -140,16 +140,14 @@ impl LayerFs {
         fuse_attr(&a)
     }
 
-    /// Whether the caller of `req` is in a group (an on-disk gid): its
-    /// gid, or one of its supplementary groups (`/proc/PID/status`, read
-    /// only when asked).
-    fn in_group(&self, req: &Request) -> impl Fn(u32) -> bool + '_ {
-        let (gid, pid) = (self.view.gid_to_disk(req.gid()), req.pid());
-        move |g| {
-            g == gid
-                || crate::sys::process::supplementary_groups(pid)
-                    .into_iter()
-                    .any(|s| self.view.gid_to_disk(s) == g)
+    /// The caller of `req` as a writer; `lacks_fsetid`: the kernel says it
+    /// has no `CAP_FSETID` (else it is asked when it matters).
+    fn writer(&self, req: &Request, lacks_fsetid: bool) -> Writer<'_> {
+        Writer {
+            pid: req.pid(),
+            gid: self.view.gid_to_disk(req.gid()),
+            view: &self.view,
+            lacks_fsetid,
         }
     }
 
@@ -322,11 +320,7 @@ impl Filesystem for LayerFs {
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
         };
-        let in_group = self.in_group(req);
-        let kill = kill_suidgid.then_some(Writer {
-            keeps_setid: &|| false,
-            in_group: &in_group,
-        });
+        let kill = kill_suidgid.then(|| self.writer(req, true));
         match guard("setattr", || self.ov.setattr(ino.0, a, kill)) {
             Ok(a) => reply.attr(&self.attr_ttl(&a), &self.to_fuse(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -517,13 +511,9 @@ impl Filesystem for LayerFs {
         reply: ReplyWrite,
     ) {
         debug!("write({ino}, {fh}, {offset}, {})", data.len());
-        let in_group = self.in_group(req);
         let kill = write_flags
             .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
-            .then_some(Writer {
-                keeps_setid: &|| false,
-                in_group: &in_group,
-            });
+            .then(|| self.writer(req, true));
         match guard("write", || self.ov.write(fh.0, offset, data, kill)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
@@ -849,11 +839,7 @@ impl Filesystem for LayerFs {
         Self::empty(
             reply,
             guard("fallocate", || {
-                let (in_group, keeps) = (self.in_group(req), keeps_setid(req));
-                let w = Writer {
-                    keeps_setid: &keeps,
-                    in_group: &in_group,
-                };
+                let w = self.writer(req, false);
                 self.ov.fallocate(fh.0, offset, length, mode, w)
             }),
         )
@@ -890,11 +876,7 @@ impl Filesystem for LayerFs {
     ) {
         debug!("copy_file_range({ino_in}, {fh_in}, {offset_in}, {fh_out}, {offset_out}, {len})");
         match guard("copy_file_range", || {
-            let (in_group, keeps) = (self.in_group(req), keeps_setid(req));
-            let w = Writer {
-                keeps_setid: &keeps,
-                in_group: &in_group,
-            };
+            let w = self.writer(req, false);
             self.ov
                 .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len, w)
         }) {
@@ -973,15 +955,6 @@ fn cache_flags(keep_cache: bool) -> FopenFlags {
     } else {
         FopenFlags::empty()
     }
-}
-
-/// Whether the caller of `req` has `CAP_FSETID` (may keep setuid/setgid
-/// bits when it changes a file's data): the kernel says so for writes and
-/// truncations, not for fallocate and copy_file_range. Read from
-/// `/proc/PID/status` when asked; unreadable counts as not.
-fn keeps_setid(req: &Request) -> impl Fn() -> bool {
-    let pid = req.pid();
-    move || crate::sys::process::has_cap(pid, crate::sys::process::CAP_FSETID)
 }
 
 /// Registers `fd` as a passthrough backing file with the kernel; `None`

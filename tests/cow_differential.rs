@@ -3818,26 +3818,7 @@ mkdir -p $B/u2/x $B/w2
 $MNT_CMD lowerdir=$L,upperdir=$B/u2,workdir=$B/w2 $M && umount $M
 getfattr --absolute-names -n trusted.overlay.uuid $B/u2 >/dev/null 2>&1 && echo "new upper, not empty: uuid set" || echo "new upper, not empty: no uuid"
 "#;
-    let run = |kernel: bool| -> String {
-        let base = scenario_base(if kernel { "outside-k" } else { "outside-l" });
-        let mnt = if kernel {
-            "mount -t overlay overlay -o".to_string()
-        } else {
-            format!("{} -o", layerfs_binary().display())
-        };
-        let out = std::process::Command::new("bash")
-            .args(["-c", SCRIPT, "script"])
-            .arg(base.path())
-            .arg(&mnt)
-            .output()
-            .expect("run bash");
-        let _ = std::process::Command::new("umount")
-            .arg(base.path().join("m"))
-            .stderr(std::process::Stdio::null())
-            .status();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let (k, t) = (run(true), run(false));
+    let (k, t) = script_on_kernel_and_layerfs("outside", SCRIPT);
     assert!(
         k.contains("redirect2: ESTALE") && k.contains("ref2: ESTALE"),
         "the kernel's side of the test changed:\n{k}"
@@ -3873,29 +3854,37 @@ echo x >> $M/d/sub/g; check "append d/sub/g"
 tar -cf /dev/null -C $M d && echo "tar: ok" || echo "tar: failed"
 umount $M
 "#;
+    let (k, t) = script_on_kernel_and_layerfs("ctime", SCRIPT);
+    assert!(
+        k.contains("tar: ok") && !k.contains("stale"),
+        "the kernel's side of the test changed:\n{k}"
+    );
+    assert_eq!(k, t, "kernel (left) vs layerfs (right)");
+}
+
+/// Runs a bash script (args: a fresh base dir with `m/` for the mount
+/// point, and the mount command to which `-o OPTS MNT` are appended) once
+/// with the kernel's overlay and once with layerfs; their standard outputs.
+fn script_on_kernel_and_layerfs(tag: &str, script: &str) -> (String, String) {
     let run = |kernel: bool| -> String {
-        let base = scenario_base(if kernel { "ctime-k" } else { "ctime-l" });
+        let base = scenario_base(&format!("{tag}-{}", if kernel { "k" } else { "l" }));
         let mnt = if kernel {
             "mount -t overlay overlay -o".to_string()
         } else {
             format!("{} -o", layerfs_binary().display())
         };
         let out = std::process::Command::new("bash")
-            .args(["-c", SCRIPT, "script"])
+            .args(["-c", script, "script"])
             .arg(base.path())
             .arg(&mnt)
             .output()
             .expect("run bash");
+        // In case the script stopped before its own umount.
         let _ = std::process::Command::new("umount")
             .arg(base.path().join("m"))
             .stderr(std::process::Stdio::null())
             .status();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let (k, t) = (run(true), run(false));
-    assert!(
-        k.contains("tar: ok") && !k.contains("stale"),
-        "the kernel's side of the test changed:\n{k}"
-    );
-    assert_eq!(k, t, "kernel (left) vs layerfs (right)");
+    (run(true), run(false))
 }
