@@ -3787,9 +3787,6 @@ fn work_dir_default_acl_and_append_only_upper_file() {
 #[test]
 fn uppers_shaped_outside_the_overlay() {
     const SCRIPT: &str = r#"
-set -u
-B=$1; MNT_CMD=$2
-L=$B/l U=$B/u W=$B/w M=$B/m
 mkdir -p $L/origin $L/pre $U/pre $W $M $B/t
 echo lower > $L/origin/file; echo lower > $L/f
 mount -t overlay overlay -o lowerdir=$L,upperdir=$U,workdir=$W,redirect_dir=on $B/t
@@ -3834,9 +3831,6 @@ getfattr --absolute-names -n trusted.overlay.uuid $B/u2 >/dev/null 2>&1 && echo 
 #[test]
 fn directory_ctime_current_after_copy_ups_inside() {
     const SCRIPT: &str = r#"
-set -u
-B=$1; MNT_CMD=$2
-L=$B/l U=$B/u W=$B/w M=$B/m
 mkdir -p $L/d/sub $U $W $M
 echo a > $L/d/f; echo g > $L/d/sub/g
 $MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
@@ -3862,10 +3856,12 @@ umount $M
     assert_eq!(k, t, "kernel (left) vs layerfs (right)");
 }
 
-/// Runs a bash script (args: a fresh base dir with `m/` for the mount
-/// point, and the mount command to which `-o OPTS MNT` are appended) once
-/// with the kernel's overlay and once with layerfs; their standard outputs.
+/// Runs a bash script once with the kernel's overlay and once with layerfs;
+/// their standard outputs. The script gets `$B` (a fresh dir), `$L $U $W
+/// $M` (lower, upper, work and mount point paths in it, to create) and
+/// `$MNT_CMD`, the mount command to which `OPTS MNT` are appended.
 fn script_on_kernel_and_layerfs(tag: &str, script: &str) -> (String, String) {
+    let script = format!("set -u\nB=$1; MNT_CMD=$2\nL=$B/l U=$B/u W=$B/w M=$B/m\n{script}");
     let run = |kernel: bool| -> String {
         let base = scenario_base(&format!("{tag}-{}", if kernel { "k" } else { "l" }));
         let mnt = if kernel {
@@ -3874,7 +3870,7 @@ fn script_on_kernel_and_layerfs(tag: &str, script: &str) -> (String, String) {
             format!("{} -o", layerfs_binary().display())
         };
         let out = std::process::Command::new("bash")
-            .args(["-c", script, "script"])
+            .args(["-c", &script, "script"])
             .arg(base.path())
             .arg(&mnt)
             .output()
