@@ -3,9 +3,11 @@
 //! the object up first, then acts on the upper copy only.
 
 use std::ffi::CStr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use crate::error::{Context, Error, Result};
+use crate::inode::{Loc, Name, Node};
 use crate::overlay::{Attr, OverlayFs};
 use crate::sys::{self, xattr};
 
@@ -54,8 +56,12 @@ pub struct Writer<'a> {
 
 impl Writer<'_> {
     fn keeps_setid(&self) -> bool {
+        !self.lacks_fsetid && self.has_fsetid()
+    }
+
+    fn has_fsetid(&self) -> bool {
         use crate::sys::process;
-        !self.lacks_fsetid && process::has_cap(self.pid, process::CAP_FSETID)
+        process::has_cap(self.pid, process::CAP_FSETID)
     }
 
     fn in_group(&self, gid: u32) -> bool {
@@ -94,31 +100,76 @@ pub struct SetAttr {
     pub fh: Option<u64>,
 }
 
+impl SetAttr {
+    /// Nothing to set: what `chown(f, -1, -1)` sends (the kernel keeps the
+    /// ctime update to itself without the writeback cache).
+    fn is_empty(&self) -> bool {
+        self.mode.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.size.is_none()
+            && self.atime.is_none()
+            && self.mtime.is_none()
+    }
+}
+
+/// `name` in `dir` opened with `flags`, or, for an empty name (a location
+/// given by an open file), `dir` itself reopened.
+fn open_at(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> std::io::Result<OwnedFd> {
+    if name.is_empty() {
+        sys::reopen(dir, flags)
+    } else {
+        sys::openat(dir, name, flags, 0)
+    }
+}
+
 impl OverlayFs {
-    /// `writer`: the setuid/setgid bits are to be cleared as for its write
-    /// (the kernel asks, for a truncation by a caller without `CAP_FSETID`).
-    pub fn setattr(&self, ino: u64, a: SetAttr, writer: Option<Writer<'_>>) -> Result<Attr> {
+    /// `caller`: who asks; `kill`: the kernel asks to clear the setuid and
+    /// setgid bits as for a write (for a truncation by a caller without
+    /// `CAP_FSETID`, and for every chown, which follows its own rule).
+    pub fn setattr(&self, ino: u64, a: SetAttr, caller: Writer<'_>, kill: bool) -> Result<Attr> {
         self.writable()?;
         let node = self.node(ino)?;
         let truncating_to_zero =
             a.size == Some(0) && a.mode.is_none() && a.uid.is_none() && a.gid.is_none();
-        let loc = self.copy_up(&node, truncating_to_zero)?;
+        let loc = self.change_loc(&node, a.fh, truncating_to_zero)?;
         let (dir, name) = (loc.dir.as_fd(), loc.name.as_c_str());
         let what = || format!("setattr {name:?}");
-        if a.uid.is_some() || a.gid.is_some() {
+        let chown = a.uid.is_some() || a.gid.is_some() || a.is_empty();
+        if chown {
+            let o = open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW).ctx(what)?;
+            let before = sys::fstat(o.as_fd()).ctx(what)?;
             let uid = a.uid.unwrap_or(u32::MAX);
             let gid = a.gid.unwrap_or(u32::MAX);
-            sys::fchownat(dir, name, uid, gid).ctx(what)?;
+            sys::fchownat(o.as_fd(), c"", uid, gid).ctx(what)?;
+            // The daemon's chown dropped setuid and, if the group may
+            // execute the file, setgid (the kernel's rule for a caller
+            // with CAP_FSETID); the kernel also drops setgid when the
+            // caller is neither in the file's group nor has CAP_FSETID
+            // (`setattr_should_drop_sgid`).
+            let sgid_only = libc::S_ISGID | libc::S_IXGRP;
+            if before.st_mode & libc::S_IFMT == libc::S_IFREG
+                && before.st_mode & sgid_only == libc::S_ISGID
+                && !caller.in_group(before.st_gid)
+                && !caller.has_fsetid()
+            {
+                let st = sys::fstat(o.as_fd()).ctx(what)?;
+                sys::fchmod_fd(o.as_fd(), st.st_mode & 0o7777 & !libc::S_ISGID).ctx(what)?;
+            }
         }
         if let Some(mode) = a.mode {
-            let o = sys::openat(dir, name, libc::O_PATH, 0).ctx(what)?;
+            let o = open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW).ctx(what)?;
             sys::fchmod_fd(o.as_fd(), mode & 0o7777).ctx(what)?;
         }
         if let Some(size) = a.size {
             self.truncate(a.fh, dir, name, size)?;
         }
-        if let Some(w) = writer {
-            let o = sys::openat(dir, name, libc::O_PATH, 0).ctx(what)?;
+        if kill && !chown {
+            let o = open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW).ctx(what)?;
+            let w = Writer {
+                lacks_fsetid: true,
+                ..caller
+            };
             self.kill_suidgid(&node, o.as_fd(), w)?;
         }
         if a.atime.is_some() || a.mtime.is_some() {
@@ -144,8 +195,7 @@ impl OverlayFs {
         {
             return Ok(());
         }
-        let f = sys::openat(dir, name, libc::O_WRONLY, 0)
-            .ctx(|| format!("open {name:?} to truncate"))?;
+        let f = open_at(dir, name, libc::O_WRONLY).ctx(|| format!("open {name:?} to truncate"))?;
         sys::ftruncate(f.as_fd(), size).ctx(|| format!("truncate {name:?}"))
     }
 
@@ -153,7 +203,7 @@ impl OverlayFs {
         self.writable()?;
         let stored = self.stack.private.escape(name);
         let node = self.node(ino)?;
-        let loc = self.copy_up(&node, false)?;
+        let loc = self.change_loc(&node, None, false)?;
         let c = xattr::name(&stored)?;
         self.with_upper_target(&node, &loc, |t| xattr::set(t, &c, value, flags))
             .ctx(|| format!("setxattr {c:?}"))
@@ -166,7 +216,7 @@ impl OverlayFs {
         let c = xattr::name(&stored)?;
         // Nothing to copy up for an xattr that is not there.
         self.getxattr(ino, name)?;
-        let loc = self.copy_up(&node, false)?;
+        let loc = self.change_loc(&node, None, false)?;
         self.with_upper_target(&node, &loc, |t| xattr::remove(t, &c))
             .ctx(|| format!("removexattr {c:?}"))
     }
@@ -182,8 +232,53 @@ impl OverlayFs {
         let s = node.snapshot();
         match s.dirs.first() {
             Some(d) if node.is_dir() => f(xattr::Target::Fd(d.fd.as_fd())),
+            _ if loc.name.is_empty() => f(xattr::Target::Fd(loc.dir.as_fd())),
             _ => f(xattr::Target::At(loc.dir.as_fd(), &loc.name)),
         }
+    }
+
+    /// Where a change of `node` goes: its upper copy (copied up first), or,
+    /// for a file whose name is gone (unlinked, or renamed over, while
+    /// open), an upper file open for it (`fh` first), as a location with an
+    /// empty name: the kernel still changes such a file through its fd.
+    pub(crate) fn change_loc(
+        &self,
+        node: &Arc<Node>,
+        fh: Option<u64>,
+        skip_data: bool,
+    ) -> Result<Loc> {
+        match self.copy_up(node, skip_data) {
+            Err(e) if e.is(libc::ENOENT) => match self.open_upper_file(node, fh) {
+                Some(fd) => Ok(Loc {
+                    layer: 0,
+                    dir: fd,
+                    name: Name::default(),
+                }),
+                None => Err(e),
+            },
+            r => r,
+        }
+    }
+
+    /// An fd of `node`'s upper file from one of its open files (`fh`
+    /// first): those opened for writing (copied up to be opened) or passed
+    /// through (upper files only, on a writable overlay).
+    pub(crate) fn open_upper_file(
+        &self,
+        node: &Arc<Node>,
+        fh: Option<u64>,
+    ) -> Option<Arc<OwnedFd>> {
+        let upper = |h: &crate::handles::Handle| {
+            Arc::ptr_eq(&h.node, node)
+                && (crate::overlay::opens_for_write(h.flags)
+                    || h.passthrough.load(std::sync::atomic::Ordering::Acquire))
+        };
+        let h = fh
+            .and_then(|fh| self.handles.get(fh))
+            .filter(|h| upper(h))
+            .or_else(|| self.handles.find(upper))?;
+        let fd = h.fd.read().unwrap_or_else(|e| e.into_inner()).0.clone();
+        Some(fd)
     }
 
     /// `writer`: the file's setuid and setgid bits are cleared first as for

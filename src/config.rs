@@ -61,6 +61,17 @@ pub struct Options {
     pub ignored: Vec<String>,
 }
 
+impl Options {
+    /// Whether the mount is `noatime` (the last of `noatime`/`atime` wins).
+    pub fn noatime(&self) -> bool {
+        self.kernel_flags
+            .iter()
+            .rev()
+            .find(|f| *f == "noatime" || *f == "atime")
+            .is_some_and(|f| f == "noatime")
+    }
+}
+
 impl Default for Options {
     fn default() -> Options {
         Options {

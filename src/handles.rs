@@ -63,4 +63,15 @@ impl Handles {
     pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
         self.shard(fh).remove(&fh)
     }
+
+    /// Some open file `pred` accepts (a walk over all of them).
+    pub fn find(&self, pred: impl Fn(&Handle) -> bool) -> Option<Arc<Handle>> {
+        self.shards.iter().find_map(|s| {
+            s.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .find(|h| pred(h))
+                .cloned()
+        })
+    }
 }

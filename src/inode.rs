@@ -197,6 +197,10 @@ pub struct Node {
     pub uncached: std::sync::atomic::AtomicBool,
     /// The kernel was given this lower file's content (`OverlayFs::prefill`).
     pub prefilled: std::sync::atomic::AtomicBool,
+    /// Open files of this node passed through for writing: the kernel then
+    /// writes the upper file itself (mmap writes change its times without
+    /// a request), so its attributes are not cached meanwhile.
+    pub passthrough_writers: AtomicU32,
     /// `S_IFMT` bits; an object never changes type.
     pub fmt: u32,
     lookups: AtomicU64,
@@ -209,11 +213,19 @@ pub struct Node {
 }
 
 impl Node {
+    /// Whether the kernel may cache this node's attributes (see `uncached`,
+    /// `passthrough_writers`).
+    pub fn cacheable(&self) -> bool {
+        !self.uncached.load(Ordering::Relaxed)
+            && self.passthrough_writers.load(Ordering::Relaxed) == 0
+    }
+
     pub fn new(ino: u64, fmt: u32, state: NodeState) -> Node {
         Node {
             ino,
             uncached: std::sync::atomic::AtomicBool::new(false),
             prefilled: std::sync::atomic::AtomicBool::new(false),
+            passthrough_writers: AtomicU32::new(0),
             fmt,
             lookups: AtomicU64::new(0),
             state: RwLock::new(state),

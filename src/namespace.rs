@@ -206,10 +206,7 @@ impl OverlayFs {
         let what = || format!("create {name:?}");
         // A default ACL on the parent replaces the umask (the upper's
         // filesystem then applies the ACL itself).
-        let default_acl = matches!(
-            xattr::get(xattr::Target::Fd(dir), c"system.posix_acl_default"),
-            Ok(Some(_))
-        );
+        let default_acl = has_default_acl(dir);
         let perm = if default_acl {
             mode & 0o7777
         } else {
@@ -233,12 +230,6 @@ impl OverlayFs {
             }
             NewObject::Symlink { target } => sys::symlinkat(target, dir, name).ctx(what)?,
         }
-        // In a library mount the process umask may still apply: undo it.
-        if !default_acl && perm & self.proc_umask != 0 && !matches!(obj, NewObject::Symlink { .. })
-        {
-            let o = sys::openat(dir, name, libc::O_PATH, 0).ctx(what)?;
-            sys::fchmod_fd(o.as_fd(), perm).ctx(what)?;
-        }
         let setgid_dir = parent.st_mode & libc::S_ISGID != 0;
         let gid = if setgid_dir {
             parent.st_gid
@@ -250,19 +241,30 @@ impl OverlayFs {
         // A directory made in the work dir lacks the S_ISGID a setgid
         // parent would have given it.
         let add_sgid = setgid_dir && !in_parent && matches!(obj, NewObject::Dir);
-        if caller.uid != cur_uid || gid != cur_gid || add_sgid {
-            sys::fchownat(dir, name, caller.uid, gid).ctx(what)?;
-            if (perm & (libc::S_ISUID | libc::S_ISGID) != 0 || add_sgid)
-                && !matches!(obj, NewObject::Symlink { .. })
-            {
-                let o = sys::openat(dir, name, libc::O_PATH, 0).ctx(what)?;
-                let mut m = perm;
-                if matches!(obj, NewObject::Dir) && setgid_dir {
-                    m |= libc::S_ISGID;
-                }
-                sys::fchmod_fd(o.as_fd(), m).ctx(what)?;
+        let chown = caller.uid != cur_uid || gid != cur_gid;
+        if matches!(obj, NewObject::Symlink { .. }) {
+            if chown {
+                sys::fchownat(dir, name, caller.uid, gid).ctx(what)?;
             }
+            return Ok(fd);
         }
+        let path;
+        let o = match &fd {
+            Some(f) => f.as_fd(),
+            None => {
+                path = sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0).ctx(what)?;
+                path.as_fd()
+            }
+        };
+        finish_mode(
+            o,
+            perm,
+            default_acl,
+            self.proc_umask,
+            add_sgid,
+            chown.then_some((caller.uid, gid)),
+        )
+        .ctx(what)?;
         Ok(fd)
     }
 
@@ -820,6 +822,51 @@ impl OverlayFs {
     }
 }
 
+/// Whether directory `dir` has a default ACL (which then replaces the
+/// umask of objects made in it, and gives them its own mode bits).
+fn has_default_acl(dir: std::os::fd::BorrowedFd<'_>) -> bool {
+    matches!(
+        xattr::get(xattr::Target::Fd(dir), c"system.posix_acl_default"),
+        Ok(Some(_))
+    )
+}
+
+/// Gives a new object (open as `o`, also `O_PATH`) its owner and keeps the
+/// mode its filesystem gave it: the bits a default ACL left, and its
+/// setuid/setgid bits, which the daemon's chown clears. `perm`: the mode it
+/// was made with (the process umask, applied in a library mount, is
+/// undone unless a default ACL took the umask's place); `add_sgid`: a
+/// directory made outside a setgid parent gets its S_ISGID; `chown`: the
+/// owner to give it.
+fn finish_mode(
+    o: std::os::fd::BorrowedFd<'_>,
+    perm: u32,
+    default_acl: bool,
+    proc_umask: u32,
+    add_sgid: bool,
+    chown: Option<(u32, u32)>,
+) -> std::io::Result<()> {
+    let made = sys::fstat(o)?.st_mode & 0o7777;
+    let mut want = if !default_acl && perm & proc_umask != 0 {
+        perm
+    } else {
+        made
+    };
+    if add_sgid {
+        want |= libc::S_ISGID;
+    }
+    if let Some((uid, gid)) = chown {
+        sys::fchownat(o, c"", uid, gid)?;
+    }
+    if chown.is_some() || want != made {
+        let now = sys::fstat(o)?.st_mode & 0o7777;
+        if now != want {
+            sys::fchmod_fd(o, want)?;
+        }
+    }
+    Ok(())
+}
+
 impl OverlayFs {
     /// O_TMPFILE: an unnamed file in the upper copy of `parent`, opened; a
     /// later `link` gives it a name.
@@ -833,7 +880,12 @@ impl OverlayFs {
     ) -> Result<(Attr, u64, OpenIo)> {
         let p = self.prepare_parent(parent)?;
         let pst = sys::fstat(p.upper.fd.as_fd()).ctx(|| "stat parent".into())?;
-        let perm = mode & 0o7777 & !(caller.umask & 0o777);
+        let default_acl = has_default_acl(p.upper.fd.as_fd());
+        let perm = if default_acl {
+            mode & 0o7777
+        } else {
+            mode & 0o7777 & !(caller.umask & 0o777)
+        };
         let acc = flags & libc::O_ACCMODE;
         let acc = if acc == libc::O_RDONLY {
             libc::O_RDWR
@@ -847,9 +899,14 @@ impl OverlayFs {
         } else {
             caller.gid
         };
-        if caller.uid != 0 || gid != 0 {
-            sys::fchownat(fd.as_fd(), c"", caller.uid, gid).ctx(|| "chown tmpfile".into())?;
-        }
+        let inherited = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            0
+        };
+        let chown = (caller.uid != 0 || gid != inherited).then_some((caller.uid, gid));
+        finish_mode(fd.as_fd(), perm, default_acl, self.proc_umask, false, chown)
+            .ctx(|| "O_TMPFILE mode and owner".into())?;
         let st = sys::fstat(fd.as_fd()).ctx(|| "stat tmpfile".into())?;
         let ino = self.stack.map_ino(p.upper.layer, st.st_ino);
         let path = fd.try_clone().ctx(|| "dup tmpfile".into())?;

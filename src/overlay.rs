@@ -93,6 +93,8 @@ pub struct OverlayFs {
     pub(crate) tmpfile_ok: std::sync::atomic::AtomicBool,
     /// This process's umask (0 in the daemon; a library user's may not be).
     pub(crate) proc_umask: u32,
+    /// Mounted `noatime`: reads never update an upper file's atime.
+    pub(crate) noatime: bool,
     forgets: std::sync::atomic::AtomicU64,
 }
 
@@ -159,12 +161,13 @@ const LOOKUP_TRIES: u32 = 64;
 pub(crate) const DAEMON_IO_ONLY: i32 = libc::O_DIRECT;
 
 /// `O_ACCMODE` and flags that make an open modify the file.
-fn opens_for_write(flags: i32) -> bool {
+pub(crate) fn opens_for_write(flags: i32) -> bool {
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
 impl OverlayFs {
     pub fn new(stack: Stack, opts: Options) -> Result<OverlayFs> {
+        let noatime = opts.noatime();
         if let Err(e) = mark_new_upper(&stack) {
             log::warn!("{e}");
         }
@@ -209,6 +212,7 @@ impl OverlayFs {
             tmp_counter: std::sync::atomic::AtomicU64::new(0),
             tmpfile_ok: std::sync::atomic::AtomicBool::new(true),
             proc_umask: process_umask(),
+            noatime,
             forgets: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -277,7 +281,7 @@ impl OverlayFs {
         Ok(Attr {
             ino: node.ino,
             st,
-            cache: !node.uncached.load(Ordering::Relaxed),
+            cache: node.cacheable(),
         })
     }
 
@@ -297,7 +301,7 @@ impl OverlayFs {
             return Ok(Attr {
                 ino,
                 st,
-                cache: !node.uncached.load(Ordering::Relaxed),
+                cache: node.cacheable(),
             });
         }
         self.attr_of(&node, &node.snapshot())
@@ -452,7 +456,7 @@ impl OverlayFs {
             st.st_nlink = 1;
         }
         st.st_ino = self.nodes.st_ino(&node);
-        let cache = !node.uncached.load(Ordering::Relaxed);
+        let cache = node.cacheable();
         Ok(Some((
             node.clone(),
             Attr {
@@ -503,7 +507,7 @@ impl OverlayFs {
             .loc
             .as_ref()
             .ok_or_else(|| Error::new(libc::ENOENT, "deleted"))?;
-        let opened = if self.stack.is_lower(loc.layer) {
+        let opened = if self.stack.is_lower(loc.layer) || self.noatime {
             sys::openat_noatime(loc.dir.as_fd(), &loc.name, flags)
         } else {
             sys::openat(loc.dir.as_fd(), &loc.name, flags, 0)
@@ -541,9 +545,13 @@ impl OverlayFs {
                     | libc::O_NOCTTY
                     | DAEMON_IO_ONLY);
             let (dir, name) = (loc.dir.as_fd(), loc.name.as_c_str());
-            match sys::openat(dir, name, f, 0) {
+            let open = |f| match self.noatime {
+                true => sys::openat_noatime(dir, name, f),
+                false => sys::openat(dir, name, f, 0),
+            };
+            match open(f) {
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_APPEND != 0 => {
-                    sys::openat(dir, name, f | libc::O_APPEND, 0)
+                    open(f | libc::O_APPEND)
                 }
                 r => r,
             }
@@ -631,7 +639,12 @@ impl OverlayFs {
         let setid = opens_for_write(flags)
             && sys::fstat(fd.as_fd())
                 .is_ok_and(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0);
-        let register = register.filter(|_| !setid);
+        // On a `noatime` mount reads must not update the upper file's atime:
+        // layerfs reads it with O_NOATIME, which a backing file (opened by
+        // the kernel with the caller's flags) would not have.
+        let reads = flags & libc::O_ACCMODE != libc::O_WRONLY;
+        let no_passthrough = setid || (reads && self.noatime);
+        let register = register.filter(|_| !no_passthrough);
         let fd = Arc::new(fd);
         // Decided and registered under the node's lock: two opens racing
         // must never hand the kernel two backing files, or a cached open
@@ -663,6 +676,14 @@ impl OverlayFs {
             OpenIo::Passthrough(b) => Some(b.clone()),
             OpenIo::Cached { .. } => None,
         };
+        if backing.is_some()
+            && opens_for_write(flags)
+            && node.passthrough_writers.fetch_add(1, Ordering::AcqRel) == 0
+            && let Some(inv) = self.invalidator.get()
+        {
+            // Attributes the kernel cached before are dropped too.
+            inv.inval_attr(node.ino);
+        }
         let fh = self.handles.insert(FileHandle {
             node,
             fd: std::sync::RwLock::new((fd, generation)),
@@ -709,6 +730,9 @@ impl OverlayFs {
 
     pub fn release(&self, fh: u64) {
         if let Some(f) = self.handles.remove(fh) {
+            if f.passthrough.load(Ordering::Acquire) && opens_for_write(f.flags) {
+                f.node.passthrough_writers.fetch_sub(1, Ordering::AcqRel);
+            }
             self.io.with(f.node.ino, |io| {
                 if f.passthrough.load(Ordering::Acquire) {
                     io.passthrough = io.passthrough.saturating_sub(1);
@@ -857,28 +881,57 @@ impl OverlayFs {
         Ok(xattr::Target::At(loc.dir.as_fd(), &loc.name))
     }
 
+    /// Runs an xattr read on `node`, or, for a file whose name is gone,
+    /// on an upper file open for it (see `change_loc`).
+    fn read_xattrs<T>(
+        &self,
+        node: &Arc<Node>,
+        what: impl Fn() -> String,
+        f: impl Fn(xattr::Target<'_>) -> std::io::Result<T>,
+    ) -> Result<T> {
+        let s = node.snapshot();
+        match Self::xattr_target(&s) {
+            Ok(t) => f(t).ctx(what),
+            Err(e) if e.is(libc::ENOENT) => match self.open_upper_file(node, None) {
+                Some(fd) => f(xattr::Target::Fd(fd.as_fd())).ctx(what),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         let stored = self.stack.private.escape(name);
         if self.stack.private.unescape(&stored).is_none() {
             return Err(Error::new(libc::ENODATA, "private xattr"));
         }
-        let s = self.node(ino)?.snapshot();
+        let node = self.node(ino)?;
         let c = xattr::name(&stored)?;
-        xattr::get(Self::xattr_target(&s)?, &c)
-            .ctx(|| format!("getxattr {c:?}"))?
+        self.read_xattrs(&node, || format!("getxattr {c:?}"), |t| xattr::get(t, &c))?
             .ok_or_else(|| Error::new(libc::ENODATA, "no such xattr"))
     }
 
-    /// Names as the caller sees them: private ones hidden, escaped ones unescaped.
-    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
-        let s = self.node(ino)?.snapshot();
-        let names = xattr::list(Self::xattr_target(&s)?).ctx(|| "listxattr".into())?;
+    /// Names as the caller sees them: private ones hidden, escaped ones
+    /// unescaped, `trusted.*` ones only if `sees_trusted` says the caller
+    /// may see them (asked only if there are any; the kernel lists them to
+    /// callers with CAP_SYS_ADMIN, though the daemon's own list has them).
+    pub fn listxattr(&self, ino: u64, sees_trusted: impl FnOnce() -> bool) -> Result<Vec<u8>> {
+        let node = self.node(ino)?;
+        let names = self.read_xattrs(&node, || "listxattr".into(), xattr::list)?;
+        let mut sees_trusted = Some(sees_trusted);
+        let mut trusted = None;
         let mut out = Vec::new();
         for n in names {
-            if let Some(u) = self.stack.private.unescape(&n) {
-                out.extend_from_slice(&u);
-                out.push(0);
+            let Some(u) = self.stack.private.unescape(&n) else {
+                continue;
+            };
+            if u.starts_with(b"trusted.")
+                && !*trusted.get_or_insert_with(|| sees_trusted.take().is_some_and(|f| f()))
+            {
+                continue;
             }
+            out.extend_from_slice(&u);
+            out.push(0);
         }
         Ok(out)
     }

@@ -193,6 +193,22 @@ pub fn has_cap(pid: u32, cap: u32) -> bool {
         .is_some_and(|caps| caps & (1 << cap) != 0)
 }
 
+pub const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether process `pid` has CAP_SYS_ADMIN in the initial user namespace
+/// (the kernel's `capable(CAP_SYS_ADMIN)`, e.g. to list `trusted.*`
+/// xattrs): in its effective set, and in the user namespace of process 1
+/// (assumed when that one cannot be read).
+pub fn is_host_admin(pid: u32) -> bool {
+    let ns = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/user")).ok();
+    has_cap(pid, CAP_SYS_ADMIN)
+        && match (ns(pid), ns(1)) {
+            (Some(a), Some(b)) => a == b,
+            (None, _) => false,
+            (Some(_), None) => true,
+        }
+}
+
 fn status_field(pid: u32, key: &str) -> Option<String> {
     if pid == 0 {
         return None;

@@ -36,14 +36,16 @@ pub(crate) fn time_from_system_time(system_time: &SystemTime) -> (i64, u32) {
 
 /// Converts a tuple of (seconds, nanoseconds) since the Unix epoch to a `SystemTime`.
 ///
-/// This handles negative seconds (times before the Unix epoch).
+/// This handles negative seconds (times before the Unix epoch): as in a
+/// `timespec`, the nanoseconds count forward from the seconds, so (-2,
+/// 500_000_000) is 1.5 s before the epoch. (layerfs patch 8: fuser
+/// subtracted them, 2.5 s.)
 pub(crate) fn system_time_from_time(secs: i64, nsecs: u32) -> SystemTime {
     if secs >= 0 {
         SystemTime::UNIX_EPOCH + Duration::new(secs as u64, nsecs)
     } else {
-        // TODO: overflow
-        // TODO: 1_000_000_000 - nsec
-        SystemTime::UNIX_EPOCH - Duration::new((-secs) as u64, nsecs)
+        SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+            + Duration::from_nanos(u64::from(nsecs))
     }
 }
 
@@ -59,6 +61,19 @@ mod test {
         let before_epoch = UNIX_EPOCH - Duration::new(1, 200_000_000);
         let (secs, nanos) = time_from_system_time(&before_epoch);
         assert_eq!((-2, 800_000_000), (secs, nanos));
+    }
+
+    #[test]
+    fn test_system_time_from_time_negative() {
+        use crate::time::system_time_from_time;
+        assert_eq!(
+            system_time_from_time(-2, 500_000_000),
+            UNIX_EPOCH - Duration::new(1, 500_000_000)
+        );
+        assert_eq!(system_time_from_time(-1, 0), UNIX_EPOCH - Duration::new(1, 0));
+        let t = UNIX_EPOCH - Duration::new(1, 250_000_000);
+        let (s, ns) = time_from_system_time(&t);
+        assert_eq!(system_time_from_time(s, ns), t);
     }
 
     #[test]
