@@ -26,9 +26,11 @@ use clap::{Args, Parser, Subcommand};
 ///   passthrough=off                       no FUSE passthrough for upper files
 ///   uring=off                             no FUSE-over-io-uring (used when the
 ///                                         kernel offers it: fuse enable_uring=Y)
+///   uring=idle                            ring threads in the idle sched class,
+///                                         moved out while starved (default)
+///   uring=normal                          ring threads in the normal class
 ///   uring=idle-commit                     ring threads in the idle sched class
 ///                                         while they commit a reply and wait
-///   uring=idle                            ring threads always in the idle class
 ///   uidmapping=ID:MAPPED:LEN[:...]        show on-disk ids ID.. as MAPPED..
 ///   gidmapping=ID:MAPPED:LEN[:...]        (and store them back mapped)
 ///   squash_to_root, squash_to_uid=U, squash_to_gid=G   show every owner as given

@@ -84,7 +84,7 @@ impl Default for Options {
             acl: true,
             passthrough: true,
             uring: true,
-            uring_class: fuser::RingClass::Normal,
+            uring_class: fuser::RingClass::Idle,
             view: crate::idmap::View::default(),
             kernel_flags: Vec::new(),
             ignored: Vec::new(),
@@ -267,8 +267,8 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
         ("uring", Some(b"off" | b"0" | b"no")) | ("nouring", None) => o.uring = false,
         ("uring", v) => {
             o.uring_class = match v {
-                None | Some(b"on" | b"1" | b"yes" | b"normal") => fuser::RingClass::Normal,
-                Some(b"idle") => fuser::RingClass::Idle,
+                None | Some(b"on" | b"1" | b"yes" | b"idle") => fuser::RingClass::Idle,
+                Some(b"normal") => fuser::RingClass::Normal,
                 Some(b"idle-commit") => fuser::RingClass::IdleOnReply,
                 Some(_) => {
                     o.ignored.push(String::from_utf8_lossy(item).into_owned());
@@ -516,16 +516,17 @@ mod tests {
     fn uring_is_on_unless_turned_off() {
         let mut c = MountConfig::new(vec![]);
         use fuser::RingClass::*;
-        assert!(c.options.uring && c.options.uring_class == Normal);
+        assert!(c.options.uring && c.options.uring_class == Idle);
         for (opt, on, class) in [
-            ("uring=off", false, Normal),
-            ("uring=idle", true, Idle),
-            ("nouring", false, Idle),
-            ("uring", true, Normal),
+            ("uring=off", false, Idle),
+            ("uring=normal", true, Normal),
+            ("nouring", false, Normal),
+            ("uring", true, Idle),
             ("uring=idle-commit", true, IdleOnReply),
             ("uring=0", false, IdleOnReply),
+            ("uring=idle", true, Idle),
             ("uring=normal", true, Normal),
-            ("uring=on", true, Normal),
+            ("uring=on", true, Idle),
         ] {
             apply_option_string(&mut c, OsStr::new(opt)).unwrap();
             assert_eq!(
@@ -537,7 +538,7 @@ mod tests {
         assert!(c.options.ignored.is_empty());
         // An unknown value is warned about and changes nothing.
         apply_option_string(&mut c, OsStr::new("uring=idel")).unwrap();
-        assert_eq!((c.options.uring, c.options.uring_class), (true, Normal));
+        assert_eq!((c.options.uring, c.options.uring_class), (true, Idle));
         assert_eq!(c.options.ignored, vec!["uring=idel".to_string()]);
     }
 

@@ -31,17 +31,21 @@
 //! caller that makes them back to back (`ls -l`: a GETXATTR per entry). A
 //! CPU whose only running task is SCHED_IDLE counts as idle, so with the
 //! ring thread in the idle class the caller is woken where it was and runs
-//! as soon as the thread sleeps. `RingClass::Idle` keeps the threads there
-//! for good (a thread woken there waits behind every normal task of its
-//! CPU: under heavy load a daemon once took over 5 s to exit after its
-//! unmount); `RingClass::IdleOnReply` enters the idle class only to commit
-//! and for the first 5 ms of the wait that follows, serves in the normal
-//! class, and stays normal while other CPUs are busy or for a while after
-//! its requests were held up (see `IdleOnReply`); it keeps the caller on
-//! one CPU, which wins for back-to-back requests and loses where caller and
-//! daemon gained from two CPUs (README), so layerfs does not make it the
-//! default. In both, the I/O priority is set to best-effort explicitly, or
-//! it would follow the CPU class into the idle I/O class.
+//! as soon as the thread sleeps. `RingClass::Idle` keeps the threads
+//! there, watched by an `IdleGuard`: a thread woken there waits behind
+//! every normal task of its CPU (unwatched, under heavy load a daemon once
+//! took over 5 s to exit after its unmount), so threads that starve are
+//! moved to the normal class for a while; a request its caller does not
+//! wait for (a release after a close) is served when the caller next
+//! waits, on the same CPU, which costs less than waking another.
+//! `RingClass::IdleOnReply` enters the idle class only to commit and for
+//! the first 5 ms of the wait that follows, serves in the normal class,
+//! and stays normal while other CPUs are busy or for a while after its
+//! requests were held up (see `IdleOnReply`); its class changes cost two
+//! system calls and its checks three reads per request (measured slower
+//! than `Idle` on every workload of layerfs's benchmark). In both, the
+//! I/O priority is set to best-effort explicitly, or it would follow the
+//! CPU class into the idle I/O class.
 //!
 //! Once the kernel has granted the rings, every request waits until each
 //! queue has an entry registered; whatever keeps a queue from registering
@@ -380,7 +384,7 @@ pub(crate) fn start<FS: Filesystem>(
     let queues = possible_cpus();
     let per_queue = threads_per_queue.max(2);
     let mut params = params;
-    if params.class == RingClass::IdleOnReply && !can_leave_idle() {
+    if params.class != RingClass::Normal && !can_leave_idle() {
         info!(
             "FUSE ring threads in the normal scheduling class only: this process may not \
              return a thread from SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE below 20)"
@@ -401,13 +405,16 @@ pub(crate) fn start<FS: Filesystem>(
         }
     }
     let mut handles = Vec::new();
+    let guard = (params.class == RingClass::Idle)
+        .then(|| Arc::new(IdleGuard::new(prepared.iter().map(|p| p.qid))));
     for (i, p) in prepared.into_iter().enumerate() {
         let name = format!("fuser-q{}.{}", p.qid, i % per_queue);
         let event_loop = make_loop(name.clone());
         let ch2 = ch.clone();
+        let watched = guard.as_ref().map(|g| (g.clone(), i));
         match std::thread::Builder::new()
             .name(name)
-            .spawn(move || serve(p, ch2, event_loop, params.class))
+            .spawn(move || serve(p, ch2, event_loop, params.class, watched))
         {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -415,6 +422,20 @@ pub(crate) fn start<FS: Filesystem>(
                 warn!("FUSE ring thread not started: {e}");
                 break;
             }
+        }
+    }
+    if let Some(g) = guard {
+        // Started threads end with the connection; those never started
+        // (the fallback above) count as ended.
+        for t in &g.threads[handles.len()..] {
+            t.ended.store(true, Ordering::Release);
+        }
+        match std::thread::Builder::new()
+            .name("fuser-idle-guard".into())
+            .spawn(move || g.watch())
+        {
+            Ok(h) => handles.push(h),
+            Err(e) => warn!("FUSE ring threads unguarded in the idle class: {e}"),
         }
     }
     Ok(handles)
@@ -444,21 +465,37 @@ fn cmd_req(commit_id: u64, qid: usize) -> [u8; 80] {
     cmd
 }
 
-fn serve<FS: Filesystem>(p: Prepared, ch: Channel, se: SessionEventLoop<FS>, class: RingClass) {
+fn serve<FS: Filesystem>(
+    p: Prepared,
+    ch: Channel,
+    se: SessionEventLoop<FS>,
+    class: RingClass,
+    watched: Option<(Arc<IdleGuard>, usize)>,
+) {
     pin_to(p.qid);
+    let watched = watched.map(|(g, i)| Watched {
+        guard: g,
+        index: i,
+    });
+    let mut guarded = None;
     let mut lend = match class {
         RingClass::Normal => None,
         // The I/O priority first: left unset, it would follow the CPU class
         // into the idle I/O class (served last by I/O schedulers).
         _ if !best_effort_io() => None,
         RingClass::Idle => {
-            set_idle(true);
+            if let Some(w) = &watched {
+                w.thread().start(set_idle(true));
+                guarded = Some(w.thread());
+            }
             None
         }
         RingClass::IdleOnReply => IdleOnReply::new(),
     };
     let Prepared { qid, ring, buf } = p;
-    match serve_ring(qid, ring, &buf, &ch, &se, &mut lend) {
+    let served = serve_ring(qid, ring, &buf, &ch, &se, &mut lend, guarded);
+    drop(watched);
+    match served {
         // Torn down: the kernel no longer uses the buffers.
         Ok(()) => drop(buf),
         Err(e) => {
@@ -725,6 +762,284 @@ fn proc_field<T>(
     parse(s.split_ascii_whitespace().nth(n)?)
 }
 
+/// layerfs patch 6: keeps the threads of `RingClass::Idle` from starving.
+///
+/// A ring thread is pinned to its CPU, and in the idle class it runs only
+/// when no normal task of that CPU wants to: on a CPU kept busy by other
+/// work, a request would wait for it however long its caller waits. A
+/// watcher thread (normal class) looks at the ring threads every 2 ms
+/// while requests flow (every 20 ms once none was served for 100 ms, every
+/// 200 ms after 10 s). A thread that was runnable at two looks in a row
+/// without running in between (its CPU time unchanged), or that waited
+/// over 1 ms since the last look at over 500 µs per run (it runs now and
+/// then, between a busy CPU's normal tasks), has its CPU's ring threads
+/// moved to the normal class, for 100 ms, doubling up to 5 s when it
+/// happens again within 5 s of their last return (the watcher moves them
+/// both ways: a starving thread cannot run to do it itself). Short
+/// waits are what the class is for: a thread woken for a request its
+/// caller does not wait for (a release) runs when the caller next waits.
+#[derive(Debug)]
+pub(crate) struct IdleGuard {
+    threads: Vec<GuardedThread>,
+    /// Wakes the watcher when a ring thread ends.
+    ended: (Mutex<()>, Condvar),
+}
+
+/// What a ring thread shares with the watcher.
+#[derive(Debug, Default)]
+pub(crate) struct GuardedThread {
+    /// The queue (CPU) it serves.
+    qid: usize,
+    /// Its thread id; 0 until it started.
+    tid: std::sync::atomic::AtomicI32,
+    /// Requests served.
+    served: std::sync::atomic::AtomicU64,
+    /// In the idle class (as the watcher last set it).
+    idle: std::sync::atomic::AtomicBool,
+    ended: std::sync::atomic::AtomicBool,
+}
+
+use std::sync::atomic::Ordering;
+
+/// Run delay since the last look that means starving: over 1 ms in all,
+/// and over 500 µs per run on average.
+const GUARD_WAITED_NS: u64 = 1_000_000;
+const GUARD_WAIT_PER_RUN_NS: u64 = 500_000;
+/// The watcher's period while requests flow, and once quiet for a while.
+const GUARD_LOOKS: [(std::time::Duration, std::time::Duration); 3] = [
+    (std::time::Duration::ZERO, std::time::Duration::from_millis(2)),
+    (std::time::Duration::from_millis(100), std::time::Duration::from_millis(20)),
+    (std::time::Duration::from_secs(10), std::time::Duration::from_millis(200)),
+];
+
+impl GuardedThread {
+    /// Called by the thread once, in the idle class if `idle`.
+    fn start(&self, idle: bool) {
+        // SAFETY: plain syscall.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+        self.idle.store(idle, Ordering::Release);
+        self.tid.store(tid, Ordering::Release);
+    }
+
+    /// Called by the thread for each request it gets.
+    fn served(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A ring thread's place in the guard; marks it ended when dropped.
+struct Watched {
+    guard: Arc<IdleGuard>,
+    index: usize,
+}
+
+impl Watched {
+    fn thread(&self) -> &GuardedThread {
+        &self.guard.threads[self.index]
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.thread().ended.store(true, Ordering::Release);
+        let (lock, cv) = &self.guard.ended;
+        let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        cv.notify_all();
+    }
+}
+
+/// The watcher's own notes on one ring thread.
+#[derive(Debug, Default)]
+struct Look {
+    served: u64,
+    /// CPU time at the last look, if it was runnable then.
+    runnable_at: Option<u64>,
+    stat: Option<std::fs::File>,
+    /// Run delay (time runnable but not running) and times run, at the
+    /// last look.
+    delay: Option<(u64, u64)>,
+    schedstat: Option<std::fs::File>,
+}
+
+/// The watcher's notes on one queue's threads.
+#[derive(Debug, Default)]
+struct QueuePause {
+    normal_until: Option<std::time::Instant>,
+    returned: Option<std::time::Instant>,
+    pause: std::time::Duration,
+}
+
+impl IdleGuard {
+    /// A guard for threads serving the queues `qids`, in order.
+    fn new(qids: impl Iterator<Item = usize>) -> IdleGuard {
+        IdleGuard {
+            threads: qids
+                .map(|qid| GuardedThread {
+                    qid,
+                    ..Default::default()
+                })
+                .collect(),
+            ended: (Mutex::new(()), Condvar::new()),
+        }
+    }
+
+    /// The watcher's loop; returns once every ring thread has ended.
+    fn watch(&self) {
+        let mut looks: Vec<Look> = self.threads.iter().map(|_| Look::default()).collect();
+        let queues = self.threads.iter().map(|t| t.qid + 1).max().unwrap_or(0);
+        let mut pauses: Vec<QueuePause> = (0..queues).map(|_| QueuePause::default()).collect();
+        let mut last_served = std::time::Instant::now();
+        loop {
+            let quiet = last_served.elapsed();
+            let period = GUARD_LOOKS
+                .iter()
+                .rev()
+                .find(|(after, _)| quiet >= *after)
+                .map_or(GUARD_LOOKS[0].1, |(_, p)| *p);
+            {
+                let (lock, cv) = &self.ended;
+                let g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                if self.threads.iter().all(|t| t.ended.load(Ordering::Acquire)) {
+                    return;
+                }
+                drop(cv.wait_timeout(g, period));
+            }
+            let now = std::time::Instant::now();
+            let mut starved = vec![false; queues];
+            for (t, l) in self.threads.iter().zip(looks.iter_mut()) {
+                let tid = t.tid.load(Ordering::Acquire);
+                if tid == 0 || t.ended.load(Ordering::Acquire) {
+                    continue;
+                }
+                let served = t.served.load(Ordering::Relaxed);
+                if served != l.served {
+                    l.served = served;
+                    last_served = now;
+                }
+                if !t.idle.load(Ordering::Acquire) {
+                    l.runnable_at = None;
+                    l.delay = None;
+                    continue;
+                }
+                let cpu = thread_cpu_ns(tid);
+                let same = cpu.is_some() && l.runnable_at == cpu;
+                l.runnable_at = cpu.filter(|_| runnable(tid, &mut l.stat));
+                // Not run at all since the last look, or run only now and
+                // then, after long waits (an idle-class thread woken while
+                // its CPU's caller keeps running waits for it a few µs at a
+                // time, which is the point of the class).
+                let delay = run_delay(tid, &mut l.schedstat);
+                let (waited, runs) = delay
+                    .zip(l.delay)
+                    .map_or((0, 0), |((d, n), (d0, n0))| (d.saturating_sub(d0), n.saturating_sub(n0)));
+                l.delay = delay;
+                if (same && l.runnable_at.is_some())
+                    || (waited > GUARD_WAITED_NS && waited / runs.max(1) > GUARD_WAIT_PER_RUN_NS)
+                {
+                    starved[t.qid] = true;
+                }
+            }
+            for (qid, q) in pauses.iter_mut().enumerate() {
+                if let Some(until) = q.normal_until
+                    && now >= until
+                {
+                    q.normal_until = None;
+                    q.returned = Some(now);
+                    for t in self.threads.iter().filter(|t| t.qid == qid) {
+                        let tid = t.tid.load(Ordering::Acquire);
+                        if tid != 0 && !t.idle.load(Ordering::Acquire) && set_class(tid, true) {
+                            t.idle.store(true, Ordering::Release);
+                        }
+                    }
+                }
+                if !starved[qid] {
+                    continue;
+                }
+                // Again soon after the last return: a longer pause.
+                let again = q.returned.is_some_and(|r| now.duration_since(r) < IDLE_PAUSE_MAX);
+                q.pause = if again {
+                    (q.pause * 2).clamp(IDLE_PAUSE_MIN, IDLE_PAUSE_MAX)
+                } else {
+                    IDLE_PAUSE_MIN
+                };
+                debug!("ring threads of CPU {qid} starved in the idle class: normal class for {:?}", q.pause);
+                q.normal_until = Some(now + q.pause);
+                let on_queue = self.threads.iter().zip(looks.iter_mut());
+                for (t, l) in on_queue.filter(|(t, _)| t.qid == qid) {
+                    let tid = t.tid.load(Ordering::Acquire);
+                    if tid != 0 && t.idle.load(Ordering::Acquire) && set_class(tid, false) {
+                        t.idle.store(false, Ordering::Release);
+                        l.runnable_at = None;
+                        l.delay = None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// CPU time of thread `tid` of this process, in ns (exact also while it
+/// runs, unlike `/proc/.../schedstat`).
+fn thread_cpu_ns(tid: i32) -> Option<u64> {
+    // The per-thread CPUCLOCK_SCHED clock id (MAKE_THREAD_CPUCLOCK).
+    let clock = ((!tid) << 3) | 6;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: plain syscall writing into `ts`.
+    let r = unsafe { libc::clock_gettime(clock as libc::clockid_t, &mut ts) };
+    (r == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// The run delay of thread `tid` of this process (ns spent runnable but
+/// not running, up to its last run) and the number of times it ran, from
+/// its `schedstat`, kept open in `file`.
+fn run_delay(tid: i32, file: &mut Option<std::fs::File>) -> Option<(u64, u64)> {
+    if file.is_none() {
+        *file = std::fs::File::open(format!("/proc/self/task/{tid}/schedstat")).ok();
+    }
+    let f = file.as_ref()?;
+    Some((
+        proc_field(f, 1, |f| f.parse().ok())?,
+        proc_field(f, 2, |f| f.parse().ok())?,
+    ))
+}
+
+/// Whether thread `tid` of this process is runnable (state R in its
+/// `stat`, kept open in `file`).
+fn runnable(tid: i32, file: &mut Option<std::fs::File>) -> bool {
+    use std::os::unix::fs::FileExt;
+    if file.is_none() {
+        *file = std::fs::File::open(format!("/proc/self/task/{tid}/stat")).ok();
+    }
+    let Some(f) = file else {
+        return false;
+    };
+    let mut b = [0u8; 512];
+    let Ok(n) = f.read_at(&mut b, 0) else {
+        return false;
+    };
+    // "tid (comm) S ...": the state follows the last ')'.
+    let line = &b[..n];
+    line.iter()
+        .rposition(|&c| c == b')')
+        .and_then(|i| line.get(i + 2))
+        .is_some_and(|&c| c == b'R')
+}
+
+/// Moves thread `tid` of this process to the idle (`true`) or normal class.
+fn set_class(tid: i32, idle: bool) -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = if idle { libc::SCHED_IDLE } else { libc::SCHED_OTHER };
+    // SAFETY: plain libc call.
+    let ok = unsafe { libc::sched_setscheduler(tid, policy, &param) } == 0;
+    if !ok {
+        debug!("ring thread {tid} not moved to policy {policy}: {}", io::Error::last_os_error());
+    }
+    ok
+}
+
 /// Consecutive unexpected errors on one entry before its thread gives up.
 const MAX_ENTRY_ERRORS: u32 = 8;
 
@@ -735,6 +1050,7 @@ fn serve_ring<FS: Filesystem>(
     ch: &Channel,
     se: &SessionEventLoop<FS>,
     lend: &mut Option<IdleOnReply>,
+    guarded: Option<&GuardedThread>,
 ) -> io::Result<()> {
     let dev = types::Fd(ch.as_fd().as_raw_fd());
     let iov: Box<[libc::iovec; 2]> = Box::new([
@@ -854,6 +1170,9 @@ fn serve_ring<FS: Filesystem>(
         }
         served_any = true;
         errors = 0;
+        if let Some(g) = guarded {
+            g.served();
+        }
         if let Some(l) = lend.as_mut() {
             // SAFETY: the opcode of the request now in the header buffer.
             let opcode = unsafe { buf.header().add(IN_OUT + 4).cast::<u32>().read_unaligned() };

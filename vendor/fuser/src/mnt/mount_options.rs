@@ -27,7 +27,7 @@ pub struct Config {
 /// (see `uring.rs`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum RingClass {
-    /// Always the normal class.
+    /// Always the normal class (fuser's default; layerfs's is `Idle`).
     #[default]
     Normal,
     /// The idle class (`SCHED_IDLE`) while committing a reply and for the
@@ -35,7 +35,8 @@ pub enum RingClass {
     /// otherwise, and for a while after idle-class waits that held up
     /// requests.
     IdleOnReply,
-    /// Always the idle class.
+    /// The idle class, watched: threads that starve there (their CPU kept
+    /// busy by normal tasks) are moved to the normal class for a while.
     Idle,
 }
 
