@@ -7,7 +7,7 @@
 
 use std::ffi::{CStr, CString};
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
@@ -107,6 +107,28 @@ fn read_at(fd: &OwnedFd, off: u64, size: u32) -> Result<Vec<u8>> {
 }
 
 /// Fills `buf` from `off` on, short only at the end of the file.
+/// I/O of `len` bytes at `off` through a file opened O_DIRECT: the offset
+/// and length the file's filesystem asks of direct I/O (EINVAL otherwise,
+/// as the kernel's overlay answers through it). layerfs's own fd is not
+/// O_DIRECT (its buffers are not aligned), so it checks for the caller.
+pub(crate) fn check_direct_io(
+    h: &FileHandle,
+    fd: BorrowedFd<'_>,
+    off: u64,
+    len: usize,
+) -> Result<()> {
+    if h.flags & libc::O_DIRECT == 0 {
+        return Ok(());
+    }
+    match sys::dio_offset_align(fd).map(u64::from) {
+        Some(a) if off % a != 0 || len as u64 % a != 0 => Err(Error::new(
+            libc::EINVAL,
+            format!("O_DIRECT I/O of {len} bytes at {off}, not {a}-aligned"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn read_into(fd: &OwnedFd, off: u64, buf: &mut [u8]) -> Result<usize> {
     let mut done = 0;
     while done < buf.len() {
@@ -724,7 +746,8 @@ impl OverlayFs {
 
     /// Reads into `buf` (the reply's own buffer); the byte count.
     pub fn read_into(&self, fh: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
-        let (_h, fd) = self.file_fd(fh)?;
+        let (h, fd) = self.file_fd(fh)?;
+        check_direct_io(&h, fd.as_fd(), off, buf.len())?;
         read_into(&fd, off, buf)
     }
 

@@ -2153,6 +2153,9 @@ fn o_direct_io() {
     /// Reads or writes `len` bytes at 0 through a 4096-aligned buffer;
     /// the content read (or `fill` written).
     fn direct(path: &Path, flags: i32, len: usize, fill: Option<u8>) -> R {
+        direct_at(path, flags, 0, len, fill)
+    }
+    fn direct_at(path: &Path, flags: i32, off: i64, len: usize, fill: Option<u8>) -> R {
         let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
         // SAFETY: a non-zero size; freed below with the same layout.
         let buf = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -2161,9 +2164,9 @@ fn o_direct_io() {
         let n = unsafe {
             if let Some(b) = fill {
                 std::ptr::write_bytes(buf, b, len);
-                libc::pwrite(fd.0, buf.cast(), len, 0)
+                libc::pwrite(fd.0, buf.cast(), len, off)
             } else {
-                libc::pread(fd.0, buf.cast(), len, 0)
+                libc::pread(fd.0, buf.cast(), len, off)
             }
         };
         let r = if n < 0 {
@@ -2205,6 +2208,17 @@ fn o_direct_io() {
             8192,
             Some(b'n'),
         )
+    })
+    // The filesystem's alignment rule (EINVAL), also for a lower file that
+    // layerfs reads itself.
+    .step("O_DIRECT read of a lower file, unaligned offset", |m| {
+        direct_at(&p(m, "big"), libc::O_RDONLY, 100, 512, None)
+    })
+    .step("O_DIRECT read of a lower file, unaligned length", |m| {
+        direct_at(&p(m, "big"), libc::O_RDONLY, 0, 100, None)
+    })
+    .step("O_DIRECT write to a copied-up file, unaligned", |m| {
+        direct_at(&p(m, "w"), libc::O_WRONLY, 100, 512, Some(b'u'))
     })
     .run();
 }

@@ -124,6 +124,27 @@ pub fn openat_noatime(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Resul
     }
 }
 
+/// The file offset (and length) alignment O_DIRECT I/O on `fd`'s file
+/// needs (`statx` `STATX_DIOALIGN`); `None` where the filesystem does not
+/// say or does not do direct I/O.
+pub fn dio_offset_align(fd: BorrowedFd<'_>) -> Option<u32> {
+    // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, an empty C string with AT_EMPTY_PATH, and a
+    // writable statx buffer.
+    let r = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    (r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0)
+        .then_some(stx.stx_dio_offset_align)
+}
+
 pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
     // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
     let mut st: Stat = unsafe { std::mem::zeroed() };
