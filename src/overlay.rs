@@ -121,7 +121,7 @@ pub(crate) fn check_direct_io(
         return Ok(());
     }
     match sys::dio_offset_align(fd).map(u64::from) {
-        Some(a) if off % a != 0 || len as u64 % a != 0 => Err(Error::new(
+        Some(a) if !off.is_multiple_of(a) || !(len as u64).is_multiple_of(a) => Err(Error::new(
             libc::EINVAL,
             format!("O_DIRECT I/O of {len} bytes at {off}, not {a}-aligned"),
         )),
