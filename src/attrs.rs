@@ -283,9 +283,17 @@ impl OverlayFs {
 
     /// `writer`: the file's setuid and setgid bits are cleared first as for
     /// its write (the kernel asks when the writer lacks `CAP_FSETID`).
-    pub fn write(&self, fh: u64, off: u64, data: &[u8], writer: Option<Writer<'_>>) -> Result<u32> {
+    /// `flags`: the open file's flags now (see `read_into`).
+    pub fn write(
+        &self,
+        fh: u64,
+        off: u64,
+        data: &[u8],
+        writer: Option<Writer<'_>>,
+        flags: i32,
+    ) -> Result<u32> {
         let (h, fd) = self.file_fd(fh)?;
-        crate::overlay::check_direct_io(&h, fd.as_fd(), off, data.len())?;
+        crate::overlay::check_direct_io(flags, fd.as_fd(), off, data.len())?;
         if let Some(w) = writer {
             self.kill_suidgid(&h.node, fd.as_fd(), w)?;
         }

@@ -490,13 +490,13 @@ impl Filesystem for LayerFs {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
         debug!("read({ino}, {fh}, {offset}, {size})");
         reply.data_with(size as usize, |buf| {
-            guard("read", || self.ov.read_into(fh.0, offset, buf)).map_err(|e| errno(&e))
+            guard("read", || self.ov.read_into(fh.0, offset, buf, flags.0)).map_err(|e| errno(&e))
         })
     }
 
@@ -508,7 +508,7 @@ impl Filesystem for LayerFs {
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -516,7 +516,7 @@ impl Filesystem for LayerFs {
         let kill = write_flags
             .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
             .then(|| self.writer(req, true));
-        match guard("write", || self.ov.write(fh.0, offset, data, kill)) {
+        match guard("write", || self.ov.write(fh.0, offset, data, kill, flags.0)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }

@@ -106,18 +106,13 @@ fn read_at(fd: &OwnedFd, off: u64, size: u32) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Fills `buf` from `off` on, short only at the end of the file.
-/// I/O of `len` bytes at `off` through a file opened O_DIRECT: the offset
-/// and length the file's filesystem asks of direct I/O (EINVAL otherwise,
-/// as the kernel's overlay answers through it). layerfs's own fd is not
-/// O_DIRECT (its buffers are not aligned), so it checks for the caller.
-pub(crate) fn check_direct_io(
-    h: &FileHandle,
-    fd: BorrowedFd<'_>,
-    off: u64,
-    len: usize,
-) -> Result<()> {
-    if h.flags & libc::O_DIRECT == 0 {
+/// I/O of `len` bytes at `off` through an open file with O_DIRECT in
+/// `flags`: the offset and length the file's filesystem asks of direct
+/// I/O (EINVAL otherwise, as the kernel's overlay answers through it).
+/// layerfs's own fd is not O_DIRECT (its buffers are not aligned), so it
+/// checks for the caller.
+pub(crate) fn check_direct_io(flags: i32, fd: BorrowedFd<'_>, off: u64, len: usize) -> Result<()> {
+    if flags & libc::O_DIRECT == 0 {
         return Ok(());
     }
     match sys::dio_offset_align(fd).map(u64::from) {
@@ -129,6 +124,7 @@ pub(crate) fn check_direct_io(
     }
 }
 
+/// Fills `buf` from `off` on, short only at the end of the file.
 fn read_into(fd: &OwnedFd, off: u64, buf: &mut [u8]) -> Result<usize> {
     let mut done = 0;
     while done < buf.len() {
@@ -745,9 +741,11 @@ impl OverlayFs {
     }
 
     /// Reads into `buf` (the reply's own buffer); the byte count.
-    pub fn read_into(&self, fh: u64, off: u64, buf: &mut [u8]) -> Result<usize> {
-        let (h, fd) = self.file_fd(fh)?;
-        check_direct_io(&h, fd.as_fd(), off, buf.len())?;
+    /// `flags`: the open file's flags now (the kernel's, which `fcntl`
+    /// may have changed since the open).
+    pub fn read_into(&self, fh: u64, off: u64, buf: &mut [u8], flags: i32) -> Result<usize> {
+        let (_h, fd) = self.file_fd(fh)?;
+        check_direct_io(flags, fd.as_fd(), off, buf.len())?;
         read_into(&fd, off, buf)
     }
 

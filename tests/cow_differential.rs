@@ -2220,6 +2220,22 @@ fn o_direct_io() {
     .step("O_DIRECT write to a copied-up file, unaligned", |m| {
         direct_at(&p(m, "w"), libc::O_WRONLY, 100, 512, Some(b'u'))
     })
+    .step("O_DIRECT set by fcntl, then an unaligned read", |m| {
+        let fd = open(&p(m, "big"), libc::O_RDONLY, 0)?;
+        let mut buf = [0u8; 100];
+        // SAFETY: plain fcntl/pread on an open fd into a local buffer.
+        let n = unsafe {
+            if libc::fcntl(fd.0, libc::F_SETFL, libc::O_DIRECT) != 0 {
+                return Err(errno());
+            }
+            libc::pread(fd.0, buf.as_mut_ptr().cast(), buf.len(), 100)
+        };
+        if n < 0 {
+            Err(errno())
+        } else {
+            Ok(content_obs(&buf[..n as usize]))
+        }
+    })
     .run();
 }
 
