@@ -579,8 +579,20 @@ impl OverlayFs {
         };
         let generation = generation.max(node.generation.load(Ordering::Acquire));
         let (fh, io) = self.insert_file(node.clone(), fd, generation, flags, register);
-        if let OpenIo::Cached { keep_cache: true } = io {
-            self.prefill(&node, fh);
+        match io {
+            OpenIo::Cached { keep_cache: true } => self.prefill(&node, fh),
+            // The first open passed through for writing: the attributes
+            // the kernel cached before are dropped too (see
+            // `Node::passthrough_writers`).
+            OpenIo::Passthrough(_)
+                if opens_for_write(flags)
+                    && node.passthrough_writers.load(Ordering::Acquire) == 1 =>
+            {
+                if let Some(inv) = self.invalidator.get() {
+                    inv.inval_attr(node.ino);
+                }
+            }
+            _ => {}
         }
         Ok((fh, io))
     }
@@ -694,13 +706,8 @@ impl OverlayFs {
             OpenIo::Passthrough(b) => Some(b.clone()),
             OpenIo::Cached { .. } => None,
         };
-        if backing.is_some()
-            && opens_for_write(flags)
-            && node.passthrough_writers.fetch_add(1, Ordering::AcqRel) == 0
-            && let Some(inv) = self.invalidator.get()
-        {
-            // Attributes the kernel cached before are dropped too.
-            inv.inval_attr(node.ino);
+        if backing.is_some() && opens_for_write(flags) {
+            node.passthrough_writers.fetch_add(1, Ordering::AcqRel);
         }
         let fh = self.handles.insert(FileHandle {
             node,

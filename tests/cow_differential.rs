@@ -4080,8 +4080,10 @@ $MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
 cd $M
 python3 - <<'PY'
 import mmap, os
-for f in ("uf", "lf"):
-    fd = os.open(f, os.O_RDWR)
+for f in ("uf", "lf", "nf"):
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    if f == "nf":  # made by this open
+        os.write(fd, b"hello\n"); os.utime(fd, (1000000000, 1000000000))
     before = os.stat(f).st_mtime
     m = mmap.mmap(fd, 6); m[0:1] = b"J"; m.flush()
     print(f, "mtime updated while mapped:", os.stat(f).st_mtime > before)
@@ -4100,6 +4102,7 @@ umount $M
     let (k, t) = script_on_kernel_and_layerfs("mmap-atime", SCRIPT);
     assert!(
         k.contains("uf mtime updated while mapped: True")
+            && k.contains("nf mtime updated while mapped: True")
             && k.contains("noatime: 2000-01-01")
             && k.contains("user lists: user.u"),
         "the kernel's side of the test changed:\n{k}"
