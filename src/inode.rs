@@ -189,6 +189,11 @@ impl NodeState {
     }
 }
 
+/// `Node::lower_xattrs`: not looked at yet, none, some.
+pub const XATTRS_UNKNOWN: u8 = 0;
+pub const XATTRS_NONE: u8 = 1;
+pub const XATTRS_SOME: u8 = 2;
+
 pub struct Node {
     /// The FUSE node id.
     pub ino: u64,
@@ -201,6 +206,11 @@ pub struct Node {
     /// writes the upper file itself (mmap writes change its times without
     /// a request), so its attributes are not cached meanwhile.
     pub passthrough_writers: AtomicU32,
+    /// Whether this object's file in a lower layer has xattrs (`XATTRS_*`):
+    /// lower files never change, so a GETXATTR of one that has none (every
+    /// `ls -l` entry asks for `security.selinux`) is answered without a
+    /// system call.
+    pub lower_xattrs: std::sync::atomic::AtomicU8,
     /// `S_IFMT` bits; an object never changes type.
     pub fmt: u32,
     lookups: AtomicU64,
@@ -226,6 +236,7 @@ impl Node {
             uncached: std::sync::atomic::AtomicBool::new(false),
             prefilled: std::sync::atomic::AtomicBool::new(false),
             passthrough_writers: AtomicU32::new(0),
+            lower_xattrs: std::sync::atomic::AtomicU8::new(XATTRS_UNKNOWN),
             fmt,
             lookups: AtomicU64::new(0),
             state: RwLock::new(state),

@@ -14,7 +14,9 @@ use std::sync::{Arc, OnceLock};
 use crate::config::Options;
 use crate::error::{Context, Error, Result};
 use crate::handles::{FileHandle, Handle, Handles};
-use crate::inode::{Fresh, Node, NodeState, NodeTable, ROOT_INO};
+use crate::inode::{
+    Fresh, Node, NodeState, NodeTable, ROOT_INO, XATTRS_NONE, XATTRS_SOME, XATTRS_UNKNOWN,
+};
 use crate::layer::{self, Stack};
 use crate::readdir::{self, DirEntry};
 use crate::resolve::{self, Resolved};
@@ -934,9 +936,29 @@ impl OverlayFs {
             return Err(Error::new(libc::ENODATA, "private xattr"));
         }
         let node = self.node(ino)?;
+        let none = || Error::new(libc::ENODATA, "no such xattr");
+        // A file in a lower layer (unless layers may change behind the
+        // mount, `timeout=0`) keeps the xattrs it has.
+        let lower = !self.opts.timeout.is_zero()
+            && node
+                .snapshot()
+                .top_layer()
+                .is_some_and(|l| self.stack.is_lower(l));
+        if lower && node.lower_xattrs.load(Ordering::Relaxed) == XATTRS_NONE {
+            return Err(none());
+        }
         let c = xattr::name(&stored)?;
-        self.read_xattrs(&node, || format!("getxattr {c:?}"), |t| xattr::get(t, &c))?
-            .ok_or_else(|| Error::new(libc::ENODATA, "no such xattr"))
+        let v = self.read_xattrs(&node, || format!("getxattr {c:?}"), |t| xattr::get(t, &c))?;
+        if lower && v.is_none() && node.lower_xattrs.load(Ordering::Relaxed) == XATTRS_UNKNOWN {
+            let names = self.read_xattrs(&node, || "listxattr".into(), xattr::list)?;
+            let known = if names.is_empty() {
+                XATTRS_NONE
+            } else {
+                XATTRS_SOME
+            };
+            node.lower_xattrs.store(known, Ordering::Relaxed);
+        }
+        v.ok_or_else(none)
     }
 
     /// Names as the caller sees them: private ones hidden, escaped ones

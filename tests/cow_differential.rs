@@ -4109,3 +4109,32 @@ umount $M
     );
     assert_eq!(k, t, "kernel (left) vs layerfs (right)");
 }
+
+/// GETXATTRs of lower objects are answered from what layerfs learnt of
+/// them (a lower file without xattrs gets ENODATA without a system call),
+/// and what changes through the mount shows at once: xattrs set on a lower
+/// file or directory after it was asked for one it lacks (copy-up), an
+/// xattr asked for twice on a lower file that has others.
+#[test]
+fn xattrs_of_lower_objects_asked_again_after_changes() {
+    const SCRIPT: &str = r#"
+mkdir -p $L/d $U $W $M
+echo n > $L/none; echo s > $L/some; setfattr -n user.b -v 2 $L/some
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+g() { getfattr --absolute-names --only-values -n "$2" "$1" 2>/dev/null || echo "($1 $2: none)"; echo; }
+for f in none some d; do g $f security.selinux; g $f security.selinux; g $f user.a; done
+g some user.b; g some user.b
+setfattr -n user.a -v 1 none; setfattr -n user.a -v 3 d; setfattr -n user.c -v 4 some
+for f in none some d; do g $f user.a; g $f security.selinux; done
+g some user.b; g some user.c
+setfattr -x user.a none; g none user.a
+cd /; umount $M
+"#;
+    let (k, t) = script_on_kernel_and_layerfs("lower-xattrs", SCRIPT);
+    assert!(
+        k.contains("(none security.selinux: none)") && k.contains("\n1\n") && k.contains("\n4\n"),
+        "the kernel's side of the test changed:\n{k}"
+    );
+    assert_eq!(k, t, "kernel (left) vs layerfs (right)");
+}
