@@ -949,8 +949,12 @@ impl OverlayFs {
         }
         let c = xattr::name(&stored)?;
         let v = self.read_xattrs(&node, || format!("getxattr {c:?}"), |t| xattr::get(t, &c))?;
-        if lower && v.is_none() && node.lower_xattrs.load(Ordering::Relaxed) == XATTRS_UNKNOWN {
-            let names = self.read_xattrs(&node, || "listxattr".into(), xattr::list)?;
+        // (A listing that fails leaves it unknown: this answer stands.)
+        if lower
+            && v.is_none()
+            && node.lower_xattrs.load(Ordering::Relaxed) == XATTRS_UNKNOWN
+            && let Ok(names) = self.read_xattrs(&node, || "listxattr".into(), xattr::list)
+        {
             let known = if names.is_empty() {
                 XATTRS_NONE
             } else {
