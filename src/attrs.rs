@@ -136,8 +136,13 @@ impl OverlayFs {
         let (dir, name) = (loc.dir.as_fd(), loc.name.as_c_str());
         let what = || format!("setattr {name:?}");
         let chown = a.uid.is_some() || a.gid.is_some() || a.is_empty();
-        if chown {
-            let o = open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW).ctx(what)?;
+        // One O_PATH fd for the owner, the mode and the bits a truncation
+        // clears.
+        let o = match chown || a.mode.is_some() || kill {
+            true => Some(open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW).ctx(what)?),
+            false => None,
+        };
+        if let Some(o) = o.as_ref().filter(|_| chown) {
             let before = sys::fstat(o.as_fd()).ctx(what)?;
             let uid = a.uid.unwrap_or(u32::MAX);
             let gid = a.gid.unwrap_or(u32::MAX);
@@ -157,15 +162,13 @@ impl OverlayFs {
                 sys::fchmod_fd(o.as_fd(), st.st_mode & 0o7777 & !libc::S_ISGID).ctx(what)?;
             }
         }
-        if let Some(mode) = a.mode {
-            let o = open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW).ctx(what)?;
+        if let (Some(mode), Some(o)) = (a.mode, &o) {
             sys::fchmod_fd(o.as_fd(), mode & 0o7777).ctx(what)?;
         }
         if let Some(size) = a.size {
             self.truncate(a.fh, dir, name, size)?;
         }
-        if kill && !chown {
-            let o = open_at(dir, name, libc::O_PATH | libc::O_NOFOLLOW).ctx(what)?;
+        if let Some(o) = o.as_ref().filter(|_| kill && !chown) {
             let w = Writer {
                 lacks_fsetid: true,
                 ..caller
@@ -250,7 +253,7 @@ impl OverlayFs {
         match self.copy_up(node, skip_data) {
             Err(e) if e.is(libc::ENOENT) => match self.open_upper_file(node, fh) {
                 Some(fd) => Ok(Loc {
-                    layer: 0,
+                    layer: self.stack.upper().map_or(0, |u| u.index),
                     dir: fd,
                     name: Name::default(),
                 }),

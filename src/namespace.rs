@@ -858,7 +858,9 @@ fn finish_mode(
     if let Some((uid, gid)) = chown {
         sys::fchownat(o, c"", uid, gid)?;
     }
-    if chown.is_some() || want != made {
+    // The chown can only have cleared setuid/setgid bits.
+    let cleared = chown.is_some() && made & (libc::S_ISUID | libc::S_ISGID) != 0;
+    if cleared || want != made {
         let now = sys::fstat(o)?.st_mode & 0o7777;
         if now != want {
             sys::fchmod_fd(o, want)?;

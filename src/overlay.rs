@@ -916,11 +916,11 @@ impl OverlayFs {
     fn read_xattrs<T>(
         &self,
         node: &Arc<Node>,
+        s: &NodeState,
         what: impl Fn() -> String,
         f: impl Fn(xattr::Target<'_>) -> std::io::Result<T>,
     ) -> Result<T> {
-        let s = node.snapshot();
-        match Self::xattr_target(&s) {
+        match Self::xattr_target(s) {
             Ok(t) => f(t).ctx(what),
             Err(e) if e.is(libc::ENOENT) => match self.open_upper_file(node, None) {
                 Some(fd) => f(xattr::Target::Fd(fd.as_fd())).ctx(what),
@@ -936,24 +936,27 @@ impl OverlayFs {
             return Err(Error::new(libc::ENODATA, "private xattr"));
         }
         let node = self.node(ino)?;
+        let s = node.snapshot();
         let none = || Error::new(libc::ENODATA, "no such xattr");
         // A file in a lower layer (unless layers may change behind the
         // mount, `timeout=0`) keeps the xattrs it has.
-        let lower = !self.opts.timeout.is_zero()
-            && node
-                .snapshot()
-                .top_layer()
-                .is_some_and(|l| self.stack.is_lower(l));
+        let lower =
+            !self.opts.timeout.is_zero() && s.top_layer().is_some_and(|l| self.stack.is_lower(l));
         if lower && node.lower_xattrs.load(Ordering::Relaxed) == XATTRS_NONE {
             return Err(none());
         }
         let c = xattr::name(&stored)?;
-        let v = self.read_xattrs(&node, || format!("getxattr {c:?}"), |t| xattr::get(t, &c))?;
+        let v = self.read_xattrs(
+            &node,
+            &s,
+            || format!("getxattr {c:?}"),
+            |t| xattr::get(t, &c),
+        )?;
         // (A listing that fails leaves it unknown: this answer stands.)
         if lower
             && v.is_none()
             && node.lower_xattrs.load(Ordering::Relaxed) == XATTRS_UNKNOWN
-            && let Ok(names) = self.read_xattrs(&node, || "listxattr".into(), xattr::list)
+            && let Ok(names) = self.read_xattrs(&node, &s, || "listxattr".into(), xattr::list)
         {
             let known = if names.is_empty() {
                 XATTRS_NONE
@@ -971,7 +974,8 @@ impl OverlayFs {
     /// callers with CAP_SYS_ADMIN, though the daemon's own list has them).
     pub fn listxattr(&self, ino: u64, sees_trusted: impl FnOnce() -> bool) -> Result<Vec<u8>> {
         let node = self.node(ino)?;
-        let names = self.read_xattrs(&node, || "listxattr".into(), xattr::list)?;
+        let names =
+            self.read_xattrs(&node, &node.snapshot(), || "listxattr".into(), xattr::list)?;
         let mut sees_trusted = Some(sees_trusted);
         let mut trusted = None;
         let mut out = Vec::new();
