@@ -161,15 +161,10 @@ impl LayerFs {
         }
     }
 
-    /// The attribute timeout: zero for objects reachable through several
-    /// nodes (hard links), whose attributes may change through another.
+    /// The attribute timeout: zero for attributes that may change behind
+    /// the kernel's back (`Attr::cache`).
     fn attr_ttl(&self, a: &Attr) -> Duration {
-        let multi_linked = a.st.st_mode & libc::S_IFMT != libc::S_IFDIR && a.st.st_nlink > 1;
-        if a.cache && !multi_linked {
-            self.ttl
-        } else {
-            Duration::ZERO
-        }
+        if a.cache { self.ttl } else { Duration::ZERO }
     }
 
     fn entry(&self, reply: ReplyEntry, r: Result<Attr>) {

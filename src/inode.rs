@@ -8,8 +8,10 @@
 //! link its own inode, because a copy-up through one name must not change
 //! the others; and since FUSE never says through which name an inode is
 //! used, each name must be its own node to be copied up, unlinked or
-//! renamed correctly. Their attributes are never cached by the kernel, so
-//! a change through one name shows through the others.
+//! renamed correctly. The attributes of an upper file with several names
+//! are never cached by the kernel, so a change through one name shows
+//! through the others; a lower hard link's are (a change through one name
+//! copies that name up alone and leaves the others as they were).
 //! Invariants: a node stays in the table while the kernel holds lookups on
 //! it (`forget` drops them); a child holds an `Arc` of its parent, so the
 //! parent chain needed for copy-up is always there; a node's location only
@@ -252,6 +254,11 @@ impl Node {
     /// A snapshot of the state (cheap: Arcs and small vectors).
     pub fn snapshot(&self) -> NodeState {
         self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Runs `f` on the state without copying it.
+    pub fn read_state<T>(&self, f: impl FnOnce(&NodeState) -> T) -> T {
+        f(&self.state.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn set_state(&self, f: impl FnOnce(&mut NodeState)) {

@@ -301,8 +301,24 @@ impl OverlayFs {
         Ok(Attr {
             ino: node.ino,
             st,
-            cache: node.cacheable(),
+            cache: self.cacheable(node, &st),
         })
+    }
+
+    /// Whether the kernel may cache attributes `st` of `node`: not while
+    /// `Node::cacheable` says no, nor for a file linked
+    /// under several names in the upper layer, which a change through
+    /// another name's node would alter behind this one's back. A lower hard
+    /// link's names may be cached: each has its own node, and a change
+    /// through one copies up that name alone (a separate file), leaving the
+    /// others' lower file as it was.
+    fn cacheable(&self, node: &Node, st: &Stat) -> bool {
+        let shared = st.st_mode & libc::S_IFMT != libc::S_IFDIR
+            && st.st_nlink > 1
+            && node.read_state(|s| {
+                s.detached.is_some() || s.top_layer().is_none_or(|l| self.stack.is_upper(l))
+            });
+        node.cacheable() && !shared
     }
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
@@ -315,13 +331,13 @@ impl OverlayFs {
             && let Ok(mut st) = sys::fstat(fd.as_fd())
         {
             st.st_ino = self.nodes.st_ino(&node);
-            if node.is_dir() && node.snapshot().dirs.len() > 1 {
+            if node.is_dir() && node.read_state(|s| s.dirs.len() > 1) {
                 st.st_nlink = 1;
             }
             return Ok(Attr {
                 ino,
                 st,
-                cache: node.cacheable(),
+                cache: self.cacheable(&node, &st),
             });
         }
         self.attr_of(&node, &node.snapshot())
@@ -476,7 +492,7 @@ impl OverlayFs {
             st.st_nlink = 1;
         }
         st.st_ino = self.nodes.st_ino(&node);
-        let cache = node.cacheable();
+        let cache = self.cacheable(&node, &st);
         Ok(Some((
             node.clone(),
             Attr {
