@@ -280,8 +280,7 @@ impl OverlayFs {
             .and_then(|fh| self.handles.get(fh))
             .filter(|h| upper(h))
             .or_else(|| self.handles.find(upper))?;
-        let fd = h.fd.read().unwrap_or_else(|e| e.into_inner()).0.clone();
-        Some(fd)
+        h.fd.read().unwrap_or_else(|e| e.into_inner()).0.clone()
     }
 
     /// `writer`: the file's setuid and setgid bits are cleared first as for

@@ -1,8 +1,10 @@
 //! Open files, by FUSE file handle. (Directories have none: the kernel
 //! lists them by inode, see `OverlayFs::readdir`.)
 //!
-//! A file handle keeps the fd it was opened with and the copy-up generation
-//! of its node at that time: a handle opened on a lower file before the
+//! A file handle keeps the fd it was opened with (a lower file opened for
+//! reading on a writable overlay: from its first use, see
+//! `OverlayFs::open`) and the copy-up generation of its node at the open:
+//! a handle opened on a lower file before the
 //! object was copied up is reopened on the upper copy at its next read, so
 //! readers see what writers wrote (as the kernel's overlayfs does).
 
@@ -15,8 +17,12 @@ use crate::inode::Node;
 
 pub struct FileHandle {
     pub node: Arc<Node>,
-    /// The open fd and the node's copy-up generation when it was opened.
-    pub fd: RwLock<(Arc<OwnedFd>, u32)>,
+    /// The open fd and the node's copy-up generation when it was opened;
+    /// no fd yet for a lower file opened for reading until first used.
+    pub fd: RwLock<(Option<Arc<OwnedFd>>, u32)>,
+    /// That lower file's location (lower layers never change: the file
+    /// there later is the one there at the open).
+    pub lower: Option<crate::inode::Loc>,
     pub flags: i32,
     /// Passthrough (the kernel reads and writes the backing file itself)
     /// or cached (through layerfs).

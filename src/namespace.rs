@@ -930,7 +930,13 @@ impl OverlayFs {
             )
             .ok_or_else(|| Error::new(libc::EIO, "tmpfile not recorded"))?;
         let attr = self.getattr(ino, None)?;
-        let (fh, io) = self.insert_file(node, fd, 0, flags & !libc::O_TMPFILE, register);
+        let (fh, io) = self.insert_file(
+            node,
+            crate::overlay::OpenFd::Now(fd),
+            0,
+            flags & !libc::O_TMPFILE,
+            register,
+        );
         Ok((attr, fh, io))
     }
 
@@ -950,7 +956,13 @@ impl OverlayFs {
         let node = self.node(attr.ino)?;
         let fd = fd.ok_or_else(|| Error::new(libc::EIO, "create returned no fd"))?;
         let generation = node.generation.load(std::sync::atomic::Ordering::Acquire);
-        let (fh, io) = self.insert_file(node, fd, generation, flags, register);
+        let (fh, io) = self.insert_file(
+            node,
+            crate::overlay::OpenFd::Now(fd),
+            generation,
+            flags,
+            register,
+        );
         Ok((attr, fh, io))
     }
 }

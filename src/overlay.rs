@@ -15,7 +15,7 @@ use crate::config::Options;
 use crate::error::{Context, Error, Result};
 use crate::handles::{FileHandle, Handle, Handles};
 use crate::inode::{
-    Fresh, Node, NodeState, NodeTable, ROOT_INO, XATTRS_NONE, XATTRS_SOME, XATTRS_UNKNOWN,
+    Fresh, Loc, Node, NodeState, NodeTable, ROOT_INO, XATTRS_NONE, XATTRS_SOME, XATTRS_UNKNOWN,
 };
 use crate::layer::{self, Stack};
 use crate::readdir::{self, DirEntry};
@@ -33,6 +33,13 @@ pub struct Attr {
     /// Whether the kernel may cache these attributes (not for objects
     /// reachable through several nodes).
     pub cache: bool,
+}
+
+/// The file an open gives a handle: opened now, or (a lower file opened
+/// for reading) at the handle's first use, from where it was.
+pub(crate) enum OpenFd {
+    Now(OwnedFd),
+    Later(Loc),
 }
 
 /// The kernel's registration of a passthrough backing file: an opaque
@@ -543,6 +550,12 @@ impl OverlayFs {
             .loc
             .as_ref()
             .ok_or_else(|| Error::new(libc::ENOENT, "deleted"))?;
+        self.open_at(loc, flags)
+    }
+
+    /// Opens the entry at `loc` (no checks: see `open_loc`).
+    fn open_at(&self, loc: &Loc, flags: i32) -> Result<OwnedFd> {
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | DAEMON_IO_ONLY);
         let opened = if self.stack.is_lower(loc.layer) || self.noatime {
             sys::openat_noatime(loc.dir.as_fd(), &loc.name, flags)
         } else {
@@ -585,15 +598,39 @@ impl OverlayFs {
                 true => sys::openat_noatime(dir, name, f),
                 false => sys::openat(dir, name, f, 0),
             };
-            match open(f) {
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_APPEND != 0 => {
-                    open(f | libc::O_APPEND)
+            OpenFd::Now(
+                match open(f) {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_APPEND != 0 =>
+                    {
+                        open(f | libc::O_APPEND)
+                    }
+                    r => r,
                 }
-                r => r,
-            }
-            .ctx(|| format!("open {name:?}"))?
+                .ctx(|| format!("open {name:?}"))?,
+            )
         } else {
-            self.open_loc(&node.snapshot(), flags & !libc::O_APPEND)?
+            // A lower file opened for reading on a writable overlay is
+            // opened by layerfs at its first READ (or other use of the
+            // handle), not now: its pages stay in the kernel's cache across
+            // opens, so most such opens (`tar`, `grep -r`, a build reading
+            // its headers again) never read through layerfs, and the open
+            // and close of the lower file were half of their round trips'
+            // work. Lower layers never change: the file found at this
+            // location later is the one found now.
+            let lazy = match self.stack.upper() {
+                Some(_) if node.fmt == libc::S_IFREG => node.read_state(|s| match &s.loc {
+                    Some(loc) if !s.unlinked && s.detached.is_none() => {
+                        self.stack.is_lower(loc.layer).then(|| loc.clone())
+                    }
+                    _ => None,
+                }),
+                _ => None,
+            };
+            match lazy {
+                Some(loc) => OpenFd::Later(loc),
+                None => OpenFd::Now(self.open_loc(&node.snapshot(), flags & !libc::O_APPEND)?),
+            }
         };
         let generation = generation.max(node.generation.load(Ordering::Acquire));
         let (fh, io) = self.insert_file(node.clone(), fd, generation, flags, register);
@@ -670,7 +707,7 @@ impl OverlayFs {
     pub(crate) fn insert_file(
         &self,
         node: Arc<Node>,
-        fd: OwnedFd,
+        fd: OpenFd,
         generation: u32,
         flags: i32,
         register: Option<Register<'_>>,
@@ -684,16 +721,21 @@ impl OverlayFs {
         // clears those bits when the writer may not keep them (the kernel
         // leaves that to the filesystem: FUSE_HANDLE_KILLPRIV_V2); a
         // passthrough write would never reach it.
+        let (fd, lower) = match fd {
+            OpenFd::Now(fd) => (Some(Arc::new(fd)), None),
+            OpenFd::Later(loc) => (None, Some(loc)),
+        };
         let setid = opens_for_write(flags)
-            && sys::fstat(fd.as_fd())
-                .is_ok_and(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0);
+            && fd.as_ref().is_some_and(|fd| {
+                sys::fstat(fd.as_fd())
+                    .is_ok_and(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0)
+            });
         // On a `noatime` mount reads must not update the upper file's atime:
         // layerfs reads it with O_NOATIME, which a backing file (opened by
         // the kernel with the caller's flags) would not have.
         let reads = flags & libc::O_ACCMODE != libc::O_WRONLY;
         let no_passthrough = setid || (reads && self.noatime);
         let register = register.filter(|_| !no_passthrough);
-        let fd = Arc::new(fd);
         // Decided and registered under the node's lock: two opens racing
         // must never hand the kernel two backing files, or a cached open
         // while passthrough ones are open (the kernel fails those with EIO).
@@ -704,7 +746,7 @@ impl OverlayFs {
                 (_, Some(register))
                     if (upper || frozen) && io.cached == 0 && io.passthrough == 0 =>
                 {
-                    match register(fd.as_fd()) {
+                    match fd.as_ref().and_then(|fd| register(fd.as_fd())) {
                         Some(b) => {
                             io.backing = Some(Arc::downgrade(&b));
                             OpenIo::Passthrough(b)
@@ -730,6 +772,7 @@ impl OverlayFs {
         let fh = self.handles.insert(FileHandle {
             node,
             fd: std::sync::RwLock::new((fd, generation)),
+            lower,
             flags,
             passthrough: std::sync::atomic::AtomicBool::new(backing.is_some()),
             backing: std::sync::Mutex::new(backing),
@@ -747,21 +790,39 @@ impl OverlayFs {
         let f = &*h;
         let generation = f.node.generation.load(Ordering::Acquire);
         let (fd, g) = f.fd.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let flags = f.flags & !(libc::O_TRUNC | libc::O_APPEND);
+        // The lower file a handle was opened on and not opened yet (see
+        // `open`).
+        let first = |fd: Option<Arc<OwnedFd>>| -> Result<Arc<OwnedFd>> {
+            match (fd, &f.lower) {
+                (Some(fd), _) => Ok(fd),
+                (None, Some(loc)) => Ok(Arc::new(self.open_at(loc, flags)?)),
+                (None, None) => Err(Error::new(libc::EIO, "an open file without an fd")),
+            }
+        };
         if g == generation {
+            if let Some(fd) = fd {
+                return Ok((h.clone(), fd));
+            }
+            let mut slot = f.fd.write().unwrap_or_else(|e| e.into_inner());
+            let fd = first(slot.0.clone())?;
+            *slot = (Some(fd.clone()), g);
             return Ok((h.clone(), fd));
         }
-        let newfd = match self.open_loc(
-            &f.node.snapshot(),
-            f.flags & !(libc::O_TRUNC | libc::O_APPEND),
-        ) {
+        let newfd = match self.open_loc(&f.node.snapshot(), flags) {
             Ok(fd) => Arc::new(fd),
             // The object was removed (or renamed away) since: an open file
             // stays readable, so the handle keeps the file it has (found
             // by the load test: a read on an open fd answered ENOENT).
-            Err(e) if e.is(libc::ENOENT) => return Ok((h.clone(), fd)),
+            Err(e) if e.is(libc::ENOENT) => {
+                let mut slot = f.fd.write().unwrap_or_else(|e| e.into_inner());
+                let fd = first(slot.0.clone())?;
+                slot.0 = Some(fd.clone());
+                return Ok((h.clone(), fd));
+            }
             Err(e) => return Err(e),
         };
-        *f.fd.write().unwrap_or_else(|e| e.into_inner()) = (newfd.clone(), generation);
+        *f.fd.write().unwrap_or_else(|e| e.into_inner()) = (Some(newfd.clone()), generation);
         Ok((h.clone(), newfd))
     }
 

@@ -1796,6 +1796,76 @@ fn unlinked_open_files() {
         .run();
 }
 
+/// Lower files opened for reading whose first read comes only after their
+/// name changed: renamed over, unlinked, copied up and written, copied up
+/// and unlinked, renamed and appended to. layerfs opens such a file itself
+/// only at its first read (after the file's first open, which fills the
+/// kernel's cache), so that read must find the file the open found, or its
+/// copy-up.
+#[test]
+fn first_reads_of_lower_files_after_their_names_changed() {
+    fn obs(fd: &Fd) -> R {
+        Ok(content_obs(&fd.pread(4096, 0)?))
+    }
+    // Read once before; the open that follows is the file's second.
+    fn open(path: &Path, flags: i32, mode: u32) -> Result<Fd, i32> {
+        read_file(path)?;
+        cow_support::open(path, flags, mode)
+    }
+    Scenario::new(
+        "first_reads_of_lower_files_after_their_names_changed",
+        std_layers(),
+    )
+    .step("open f.txt, rename g.txt over it, read", |m| {
+        let fd = open(&p(m, "f.txt"), libc::O_RDONLY, 0)?;
+        rename(&p(m, "g.txt"), &p(m, "f.txt"))?;
+        seq(vec![("fd", obs(&fd)), ("f.txt", rd(m, "f.txt"))])
+    })
+    .step("open d/g.txt, unlink it, read", |m| {
+        let fd = open(&p(m, "d/g.txt"), libc::O_RDONLY, 0)?;
+        unlink(&p(m, "d/g.txt"))?;
+        obs(&fd)
+    })
+    .step(
+        "open both twice, truncate and write through a new fd, read",
+        |m| {
+            let a = open(&p(m, "both"), libc::O_RDONLY, 0)?;
+            let b = open(&p(m, "both"), libc::O_RDONLY, 0)?;
+            write_file(&p(m, "both"), libc::O_WRONLY | libc::O_TRUNC, b"rewritten")?;
+            seq(vec![("a", obs(&a)), ("b", obs(&b))])
+        },
+    )
+    .step("open a/b/c/leaf, chmod (copy-up), unlink, read", |m| {
+        let fd = open(&p(m, "a/b/c/leaf"), libc::O_RDONLY, 0)?;
+        chmod(&p(m, "a/b/c/leaf"), 0o600)?;
+        unlink(&p(m, "a/b/c/leaf"))?;
+        obs(&fd)
+    })
+    .step(
+        "open d/both, rename it, append through the new name, read",
+        |m| {
+            let fd = open(&p(m, "d/both"), libc::O_RDONLY, 0)?;
+            rename(&p(m, "d/both"), &p(m, "d/moved"))?;
+            write_file(
+                &p(m, "d/moved"),
+                libc::O_WRONLY | libc::O_APPEND,
+                b"+more\n",
+            )?;
+            seq(vec![
+                ("fd", obs(&fd)),
+                ("fstat", Ok(fd.fstat()?.st_size.to_string())),
+            ])
+        },
+    )
+    .step("open secret, unlink it, fstat before any read, read", |m| {
+        let fd = open(&p(m, "secret"), libc::O_RDONLY, 0)?;
+        unlink(&p(m, "secret"))?;
+        let size = fd.fstat()?.st_size;
+        Ok(format!("size={size} {}", obs(&fd)?))
+    })
+    .run();
+}
+
 // ===========================================================================
 // Big and sparse files
 // ===========================================================================
