@@ -4,9 +4,9 @@
 //! A file handle keeps the fd it was opened with (a lower file opened for
 //! reading on a writable overlay: from its first use, see
 //! `OverlayFs::open`) and the copy-up generation of its node at the open:
-//! a handle opened on a lower file before the
-//! object was copied up is reopened on the upper copy at its next read, so
-//! readers see what writers wrote (as the kernel's overlayfs does).
+//! a handle opened on a lower file before the object was copied up is
+//! reopened on the upper copy at its next read, so readers see what
+//! writers wrote (as the kernel's overlayfs does).
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
