@@ -313,12 +313,12 @@ impl OverlayFs {
     }
 
     /// Whether the kernel may cache attributes `st` of `node`: not while
-    /// `Node::cacheable` says no, nor for a file linked
-    /// under several names in the upper layer, which a change through
-    /// another name's node would alter behind this one's back. A lower hard
-    /// link's names may be cached: each has its own node, and a change
-    /// through one copies up that name alone (a separate file), leaving the
-    /// others' lower file as it was.
+    /// `Node::cacheable` says no, nor for a file linked under several names
+    /// in the upper layer, which a change through another name's node would
+    /// alter behind this one's back. A lower hard link's names may be
+    /// cached: each has its own node, and a change through one copies up
+    /// that name alone (a separate file), leaving the others' lower file as
+    /// it was.
     fn cacheable(&self, node: &Node, st: &Stat) -> bool {
         let shared = st.st_mode & libc::S_IFMT != libc::S_IFDIR
             && st.st_nlink > 1
@@ -580,8 +580,11 @@ impl OverlayFs {
         register: Option<Register<'_>>,
     ) -> Result<(u64, OpenIo)> {
         let node = self.node(ino)?;
-        let generation = node.generation.load(Ordering::Acquire);
-        let fd = if opens_for_write(flags) {
+        // Loaded before the node's location is read: a copy-up moves the
+        // location first and then counts, so a handle opened on the lower
+        // file while a copy-up runs is reopened on the copy at its first use.
+        let before = node.generation.load(Ordering::Acquire);
+        let (fd, generation) = if opens_for_write(flags) {
             self.writable()?;
             let loc = self.copy_up(&node, flags & libc::O_TRUNC != 0)?;
             // Without O_APPEND: writes come with their offsets (the kernel
@@ -598,25 +601,23 @@ impl OverlayFs {
                 true => sys::openat_noatime(dir, name, f),
                 false => sys::openat(dir, name, f, 0),
             };
-            OpenFd::Now(
-                match open(f) {
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_APPEND != 0 =>
-                    {
-                        open(f | libc::O_APPEND)
-                    }
-                    r => r,
+            let fd = match open(f) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) && flags & libc::O_APPEND != 0 => {
+                    open(f | libc::O_APPEND)
                 }
-                .ctx(|| format!("open {name:?}"))?,
-            )
+                r => r,
+            }
+            .ctx(|| format!("open {name:?}"))?;
+            // The upper file's generation: this copy-up's count included.
+            (OpenFd::Now(fd), node.generation.load(Ordering::Acquire))
         } else {
             // A lower file opened for reading on a writable overlay is
             // opened by layerfs at its first READ (or other use of the
             // handle), not now: its pages stay in the kernel's cache across
             // opens, so most such opens (`tar`, `grep -r`, a build reading
-            // its headers again) never read through layerfs, and the open
-            // and close of the lower file were half of their round trips'
-            // work. Lower layers never change: the file found at this
+            // its headers again) never read through layerfs, and their
+            // round trips are spared the daemon's open and close of the
+            // lower file. Lower layers never change: the file found at this
             // location later is the one found now.
             let lazy = match self.stack.upper() {
                 Some(_) if node.fmt == libc::S_IFREG => node.read_state(|s| match &s.loc {
@@ -627,12 +628,12 @@ impl OverlayFs {
                 }),
                 _ => None,
             };
-            match lazy {
+            let fd = match lazy {
                 Some(loc) => OpenFd::Later(loc),
                 None => OpenFd::Now(self.open_loc(&node.snapshot(), flags & !libc::O_APPEND)?),
-            }
+            };
+            (fd, before)
         };
-        let generation = generation.max(node.generation.load(Ordering::Acquire));
         let (fh, io) = self.insert_file(node.clone(), fd, generation, flags, register);
         match io {
             OpenIo::Cached { keep_cache: true } => self.prefill(&node, fh),
@@ -717,14 +718,14 @@ impl OverlayFs {
             .top_layer()
             .is_some_and(|l| self.stack.is_upper(l));
         let frozen = self.stack.upper().is_none();
-        // A write to a setuid/setgid file must be seen by layerfs, which
-        // clears those bits when the writer may not keep them (the kernel
-        // leaves that to the filesystem: FUSE_HANDLE_KILLPRIV_V2); a
-        // passthrough write would never reach it.
         let (fd, lower) = match fd {
             OpenFd::Now(fd) => (Some(Arc::new(fd)), None),
             OpenFd::Later(loc) => (None, Some(loc)),
         };
+        // A write to a setuid/setgid file must be seen by layerfs, which
+        // clears those bits when the writer may not keep them (the kernel
+        // leaves that to the filesystem: FUSE_HANDLE_KILLPRIV_V2); a
+        // passthrough write would never reach it.
         let setid = opens_for_write(flags)
             && fd.as_ref().is_some_and(|fd| {
                 sys::fstat(fd.as_fd())
