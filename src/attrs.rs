@@ -11,6 +11,9 @@ use crate::inode::{Loc, Name, Node};
 use crate::overlay::{Attr, OverlayFs};
 use crate::sys::{self, xattr};
 
+/// `_IOR('X', 31, struct fsxattr)`: a file's extended flags.
+pub const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+
 /// A time to set: a value, now, or unchanged.
 #[derive(Clone, Copy, Debug)]
 pub enum SetTime {
@@ -357,6 +360,51 @@ impl OverlayFs {
         let (h, fd) = self.file_fd(fh)?;
         self.kill_suidgid(&h.node, fd.as_fd(), writer)?;
         sys::fallocate(fd.as_fd(), mode, off, len).ctx(|| "fallocate".into())
+    }
+
+    /// The inode flags (`FS_IOC_GETFLAGS`) or extended attributes
+    /// (`FS_IOC_FSGETXATTR`) of a regular file or directory: its topmost
+    /// layer's, as the kernel's overlayfs reports them; `size` bytes. The
+    /// kernel asks through an open of its own (`fh`; none for a directory).
+    pub fn get_fileattr(&self, ino: u64, fh: u64, cmd: u32, size: usize) -> Result<Vec<u8>> {
+        let node = self.node(ino)?;
+        // Room for the command's argument (FS_IOC_GETFLAGS is declared
+        // with a long, the kernel and FUSE pass an int).
+        let mut buf = vec![0u8; 64];
+        let fd = if node.is_dir() {
+            node.read_state(|s| s.dirs.first().map(|d| d.fd.clone()))
+                .ok_or_else(|| Error::new(libc::ENOENT, "deleted directory"))?
+        } else {
+            self.file_fd(fh)?.1
+        };
+        sys::ioctl_read(fd.as_fd(), cmd, &mut buf).ctx(|| format!("ioctl {cmd:#x}"))?;
+        // Immutable and append-only flags of a copy-up are kept in
+        // `overlay.protattr` (see `copy_inode_flags`): reported as the
+        // kernel's overlayfs reports them.
+        let upper = node.read_state(|s| s.top_layer().is_some_and(|l| self.stack.is_upper(l)));
+        if upper
+            && let Ok(Some(p)) =
+                xattr::get(xattr::Target::Fd(fd.as_fd()), &self.stack.xname("protattr"))
+        {
+            const FS_XFLAG_IMMUTABLE: u32 = 0x8;
+            const FS_XFLAG_APPEND: u32 = 0x10;
+            let (i, a) = if cmd == FS_IOC_FSGETXATTR {
+                (FS_XFLAG_IMMUTABLE, FS_XFLAG_APPEND)
+            } else {
+                (sys::FS_IMMUTABLE_FL, sys::FS_APPEND_FL)
+            };
+            let mut flags = u32::from_ne_bytes(buf[..4].try_into().unwrap_or_default());
+            for c in p {
+                flags |= match c {
+                    b'i' => i,
+                    b'a' => a,
+                    _ => 0,
+                };
+            }
+            buf[..4].copy_from_slice(&flags.to_ne_bytes());
+        }
+        buf.truncate(size.min(buf.len()));
+        Ok(buf)
     }
 
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {

@@ -236,11 +236,19 @@ impl OverlayFs {
                         (fd, true)
                     }
                 };
-                if !c.skip_data && c.st.st_size > 0 {
-                    let src = sys::openat_noatime(c.src_dir, c.name, libc::O_RDONLY).ctx(what)?;
+                let open_src = || sys::openat_noatime(c.src_dir, c.name, libc::O_RDONLY);
+                let src = if !c.skip_data && c.st.st_size > 0 {
+                    let src = open_src().ctx(what)?;
                     copy_data(src.as_fd(), dst.as_fd(), c.st.st_size as u64).ctx(what)?;
-                }
+                    Some(src)
+                } else {
+                    // Only for its flags.
+                    open_src().ok()
+                };
                 self.finish_fd(c, &dst, perm)?;
+                if let Some(src) = &src {
+                    self.copy_inode_flags(src.as_fd(), &dst);
+                }
                 if !self.opts.volatile {
                     sys::fsync(dst.as_fd(), false).ctx(what)?;
                 }
@@ -255,6 +263,9 @@ impl OverlayFs {
                 sys::mkdirat(c.work, &c.tmp, 0o700).ctx(what)?;
                 let d = sys::open_dir_at(c.work, &c.tmp).ctx(what)?;
                 self.finish_fd(c, &d, perm)?;
+                if let Ok(src) = sys::open_lower_dir_at(c.src_dir, c.name) {
+                    self.copy_inode_flags(src.as_fd(), &d);
+                }
                 sys::utimensat(d.as_fd(), c"", &timespecs(&c.st)).ctx(what)?;
             }
             libc::S_IFLNK => {
@@ -291,6 +302,41 @@ impl OverlayFs {
                 Ok(None)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The inode flags a copy keeps, as the kernel's overlayfs copies them
+    /// (`ovl_copy_fileattr`): synchronous updates and no atime updates
+    /// (`chattr +S`, `+A`) are set on the copy; immutable and append-only
+    /// (`+i`, `+a`), which would keep the copy from being linked into place,
+    /// are recorded in `overlay.protattr` instead. Filesystems without
+    /// inode flags are passed over.
+    fn copy_inode_flags(&self, src: BorrowedFd<'_>, dst: &OwnedFd) {
+        const COPIED: u32 = sys::FS_SYNC_FL | sys::FS_NOATIME_FL;
+        const PROTECTED: u32 = sys::FS_APPEND_FL | sys::FS_IMMUTABLE_FL;
+        let Ok(flags) = sys::inode_flags(src) else {
+            return;
+        };
+        if flags & PROTECTED != 0 {
+            let mut v = Vec::new();
+            if flags & sys::FS_APPEND_FL != 0 {
+                v.push(b'a');
+            }
+            if flags & sys::FS_IMMUTABLE_FL != 0 {
+                v.push(b'i');
+            }
+            let name = self.stack.xname("protattr");
+            if let Err(e) = xattr::set(xattr::Target::Fd(dst.as_fd()), &name, &v, 0) {
+                debug!("copy-up: {name:?} not set: {e}");
+            }
+        }
+        if flags & COPIED == 0 {
+            return;
+        }
+        let set = sys::inode_flags(dst.as_fd())
+            .and_then(|f| sys::set_inode_flags(dst.as_fd(), (f & !COPIED) | (flags & COPIED)));
+        if let Err(e) = set {
+            debug!("copy-up: inode flags not copied: {e}");
         }
     }
 

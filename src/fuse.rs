@@ -813,15 +813,34 @@ impl Filesystem for LayerFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: fuser::IoctlFlags,
         cmd: u32,
         _in_data: &[u8],
-        _out_size: u32,
+        out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
-        debug!("ioctl({ino}, {cmd:#x}): ENOTTY");
-        reply.error(Errno::from_i32(libc::ENOTTY))
+        debug!("ioctl({ino}, {cmd:#x})");
+        // `lsattr` and friends: the kernel turns FS_IOC_GETFLAGS and
+        // FS_IOC_FSGETXATTR on a FUSE file into these (through an open of
+        // its own). Changing the flags is not supported: the kernel's
+        // overlayfs keeps immutable and append-only flags in an xattr and
+        // enforces them itself.
+        use crate::attrs::FS_IOC_FSGETXATTR;
+        let get = [
+            libc::FS_IOC_GETFLAGS as u32,
+            libc::FS_IOC32_GETFLAGS as u32,
+            FS_IOC_FSGETXATTR,
+        ];
+        if !get.contains(&cmd) {
+            return reply.error(Errno::from_i32(libc::ENOTTY));
+        }
+        match guard("ioctl", || {
+            self.ov.get_fileattr(ino.0, fh.0, cmd, out_size as usize)
+        }) {
+            Ok(data) => reply.ioctl(0, &data),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn fallocate(

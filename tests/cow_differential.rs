@@ -4208,3 +4208,53 @@ cd /; umount $M
     );
     assert_eq!(k, t, "kernel (left) vs layerfs (right)");
 }
+
+/// Inode flags (`lsattr`, FS_IOC_GETFLAGS and FS_IOC_FSGETXATTR through
+/// the mount) of lower and upper files and directories, and what a copy-up
+/// keeps of them, as the kernel's overlayfs: `+A` and `+S` are set on the
+/// copy, `+i` and `+a` recorded in `trusted.overlay.protattr` (and still
+/// reported), the rest (`+d`) dropped. layerfs answered ENOTTY to both
+/// ioctls and copied no flags.
+#[test]
+fn inode_flags_reported_and_kept_by_copy_up() {
+    const SCRIPT: &str = r#"
+mkdir -p $L/d $L/imm $L/app $U/ud $W $M
+echo x > $L/f; echo y > $L/g; echo z > $L/d/z; echo i > $L/imm/c; echo a > $L/app/c
+echo u > $U/uf; chattr +A $U/uf 2>/dev/null || { echo "no inode flags here"; exit 0; }
+chattr +d $U/ud; chattr +AS $L/f; chattr +d $L/g; chattr +A $L/d; chattr +i $L/imm; chattr +a $L/app
+trap 'chattr -i $L/imm; chattr -a $L/app; umount $M 2>/dev/null' EXIT
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+flags() {
+    lsattr -d "$@" 2>&1
+    $PY - "$@" <<'PY'
+import fcntl, os, struct, sys
+for p in sys.argv[1:]:
+    fd = os.open(p, os.O_RDONLY)
+    xf = struct.unpack("7I", fcntl.ioctl(fd, 0x801c581f, bytes(28)))[0]
+    os.close(fd)
+    print(p, "xflags", hex(xf))
+PY
+}
+echo "before:"; flags f g d imm app uf ud
+echo more >> f; echo more >> g; echo more >> d/z; echo more >> imm/c; echo more >> app/c
+echo "after copy-up:"; flags f g d imm app
+cd /
+umount $M
+cd $U
+echo "upper:"; lsattr -d f g d imm app
+for o in imm app d; do echo "$o protattr: $(getfattr --only-values -n trusted.overlay.protattr $o 2>/dev/null)"; done
+"#;
+    let (k, t) = script_on_kernel_and_layerfs("inode-flags", SCRIPT);
+    if k.contains("no inode flags here") {
+        eprintln!("skipped: the test directory's filesystem has no inode flags");
+        return;
+    }
+    assert!(
+        k.contains("after copy-up:")
+            && k.contains("imm protattr: i")
+            && k.contains("app protattr: a"),
+        "the kernel's side of the test changed:\n{k}"
+    );
+    assert_eq!(k, t, "kernel (left) vs layerfs (right)");
+}

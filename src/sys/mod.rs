@@ -374,6 +374,37 @@ pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) }).map(drop)
 }
 
+/// Inode flags (`linux/fs.h`).
+pub const FS_SYNC_FL: u32 = 0x8;
+pub const FS_IMMUTABLE_FL: u32 = 0x10;
+pub const FS_APPEND_FL: u32 = 0x20;
+pub const FS_NOATIME_FL: u32 = 0x80;
+
+/// The inode flags (`FS_IOC_GETFLAGS`: `FS_NOATIME_FL`, ...).
+pub fn inode_flags(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut f: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut f) })?;
+    Ok(f as u32)
+}
+
+/// Sets the inode flags (`FS_IOC_SETFLAGS`).
+pub fn set_inode_flags(fd: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
+    let f = flags as libc::c_int;
+    // SAFETY: FS_IOC_SETFLAGS reads one int.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_SETFLAGS, &f) }).map(drop)
+}
+
+/// An ioctl that fills `buf` (`FS_IOC_GETFLAGS`, `FS_IOC_FSGETXATTR`).
+pub fn ioctl_read(fd: BorrowedFd<'_>, cmd: u32, buf: &mut [u8]) -> io::Result<()> {
+    if ((cmd >> 16) & 0x3fff) as usize > buf.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: the buffer is at least as large as the command's argument
+    // (`_IOC_SIZE(cmd)`, checked above).
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), cmd as libc::Ioctl, buf.as_mut_ptr()) }).map(drop)
+}
+
 pub fn copy_file_range(
     src: BorrowedFd<'_>,
     src_off: u64,
