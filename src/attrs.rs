@@ -11,8 +11,8 @@ use crate::inode::{Loc, Name, Node};
 use crate::overlay::{Attr, OverlayFs};
 use crate::sys::{self, xattr};
 
-/// `_IOR('X', 31, struct fsxattr)`: a file's extended flags.
-pub const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+/// `_IOR('X', 31, struct fsxattr)`: a file's extended flags (28 bytes).
+pub const FS_IOC_FSGETXATTR: u32 = libc::_IOR::<[u8; 28]>(b'X' as u32, 31) as u32;
 
 /// A time to set: a value, now, or unchanged.
 #[derive(Clone, Copy, Debug)]
@@ -278,6 +278,7 @@ impl OverlayFs {
             Arc::ptr_eq(&h.node, node)
                 && (crate::overlay::opens_for_write(h.flags)
                     || h.passthrough.load(std::sync::atomic::Ordering::Acquire))
+                && h.fd.read().unwrap_or_else(|e| e.into_inner()).0.is_some()
         };
         let h = fh
             .and_then(|fh| self.handles.get(fh))
@@ -368,8 +369,14 @@ impl OverlayFs {
     /// kernel asks through an open of its own (`fh`; none for a directory).
     pub fn get_fileattr(&self, ino: u64, fh: u64, cmd: u32, size: usize) -> Result<Vec<u8>> {
         let node = self.node(ino)?;
-        // Room for the command's argument (FS_IOC_GETFLAGS is declared
-        // with a long, the kernel and FUSE pass an int).
+        // FS_IOC_GETFLAGS is declared with a long but passes an int (the
+        // kernel asks for 4 bytes since 5.13; before, for the long's 8,
+        // which it copied into the caller's int).
+        let flags = cmd != FS_IOC_FSGETXATTR;
+        let (cmd, size) = match flags {
+            true => (libc::FS_IOC_GETFLAGS as u32, size.min(4)),
+            false => (cmd, size),
+        };
         let mut buf = vec![0u8; 64];
         let fd = if node.is_dir() {
             node.read_state(|s| s.dirs.first().map(|d| d.fd.clone()))
@@ -388,10 +395,9 @@ impl OverlayFs {
         {
             const FS_XFLAG_IMMUTABLE: u32 = 0x8;
             const FS_XFLAG_APPEND: u32 = 0x10;
-            let (i, a) = if cmd == FS_IOC_FSGETXATTR {
-                (FS_XFLAG_IMMUTABLE, FS_XFLAG_APPEND)
-            } else {
-                (sys::FS_IMMUTABLE_FL, sys::FS_APPEND_FL)
+            let (i, a) = match flags {
+                true => (sys::FS_IMMUTABLE_FL, sys::FS_APPEND_FL),
+                false => (FS_XFLAG_IMMUTABLE, FS_XFLAG_APPEND),
             };
             let mut flags = u32::from_ne_bytes(buf[..4].try_into().unwrap_or_default());
             for c in p {

@@ -199,11 +199,15 @@ pub const XATTRS_SOME: u8 = 2;
 pub struct Node {
     /// The FUSE node id.
     pub ino: u64,
-    /// The kernel must not cache this node's attributes: its object is
-    /// also reachable through other nodes (hard links), which may change it.
+    /// The kernel must not cache this node's attributes: its object got
+    /// another name through the overlay (`link`), whose node may change it
+    /// (see also `OverlayFs::cacheable`).
     pub uncached: std::sync::atomic::AtomicBool,
     /// The kernel was given this lower file's content (`OverlayFs::prefill`).
     pub prefilled: std::sync::atomic::AtomicBool,
+    /// This lower file was opened for reading once: later opens may leave
+    /// opening it to their first use (`OverlayFs::open`).
+    pub opened: std::sync::atomic::AtomicBool,
     /// Open files of this node passed through for writing: the kernel then
     /// writes the upper file itself (mmap writes change its times without
     /// a request), so its attributes are not cached meanwhile.
@@ -237,6 +241,7 @@ impl Node {
             ino,
             uncached: std::sync::atomic::AtomicBool::new(false),
             prefilled: std::sync::atomic::AtomicBool::new(false),
+            opened: std::sync::atomic::AtomicBool::new(false),
             passthrough_writers: AtomicU32::new(0),
             lower_xattrs: std::sync::atomic::AtomicU8::new(XATTRS_UNKNOWN),
             fmt,
@@ -584,9 +589,10 @@ impl NodeTable {
             return None;
         }
         let id = self.next_path_id.fetch_add(1, Ordering::Relaxed);
-        let mut node = Node::new(id, fmt, state);
-        node.uncached = std::sync::atomic::AtomicBool::new(true);
-        let node = Arc::new(node);
+        // Whether the kernel may cache its attributes is decided per reply
+        // (`OverlayFs::cacheable`: not while its file has several names in
+        // the upper layer).
+        let node = Arc::new(Node::new(id, fmt, state));
         node.lookups.store(1, Ordering::Relaxed);
         paths.set(id, key);
         paths.st_inos.insert(id, st_ino);

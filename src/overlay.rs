@@ -618,19 +618,27 @@ impl OverlayFs {
             // its headers again) never read through layerfs, and their
             // round trips are spared the daemon's open and close of the
             // lower file. Lower layers never change: the file found at this
-            // location later is the one found now.
+            // location later is the one found now, and opens as it did —
+            // the node's first open is done now, so that a file the daemon
+            // cannot open (a rootless daemon, a file it may not read)
+            // fails at the open, as on the kernel, not at a read.
             let lazy = match self.stack.upper() {
-                Some(_) if node.fmt == libc::S_IFREG => node.read_state(|s| match &s.loc {
-                    Some(loc) if !s.unlinked && s.detached.is_none() => {
-                        self.stack.is_lower(loc.layer).then(|| loc.clone())
-                    }
-                    _ => None,
-                }),
+                Some(_) if node.fmt == libc::S_IFREG && node.opened.load(Ordering::Relaxed) => node
+                    .read_state(|s| match &s.loc {
+                        Some(loc) if !s.unlinked && s.detached.is_none() => {
+                            self.stack.is_lower(loc.layer).then(|| loc.clone())
+                        }
+                        _ => None,
+                    }),
                 _ => None,
             };
             let fd = match lazy {
                 Some(loc) => OpenFd::Later(loc),
-                None => OpenFd::Now(self.open_loc(&node.snapshot(), flags & !libc::O_APPEND)?),
+                None => {
+                    let fd = self.open_loc(&node.snapshot(), flags & !libc::O_APPEND)?;
+                    node.opened.store(true, Ordering::Relaxed);
+                    OpenFd::Now(fd)
+                }
             };
             (fd, before)
         };
@@ -807,7 +815,7 @@ impl OverlayFs {
             }
             let mut slot = f.fd.write().unwrap_or_else(|e| e.into_inner());
             let fd = first(slot.0.clone())?;
-            *slot = (Some(fd.clone()), g);
+            slot.0 = Some(fd.clone());
             return Ok((h.clone(), fd));
         }
         let newfd = match self.open_loc(&f.node.snapshot(), flags) {

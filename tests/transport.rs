@@ -240,18 +240,34 @@ fn starving_idle_ring_threads_move_to_the_normal_class() {
         })
         .collect();
     let start = std::time::Instant::now();
-    // Files made, written, read and removed from CPU 0, where two normal
-    // tasks spin: some request's ring thread starves there.
+    // Requests from CPU 0, where two normal tasks spin, so that some
+    // request's ring thread starves there: mostly GETXATTRs, which wait for
+    // nothing but the CPU (a request that waits for the disk, as creates
+    // and removals do on a busy one, leaves its thread sleeping rather than
+    // starving), and now and then a file made, written, read and removed.
     let dir = m.path().to_path_buf();
     let stop2 = stop.clone();
     let worker = std::thread::spawn(move || {
         pin(0);
+        let probe = dir.join("probe");
+        fs::write(&probe, b"p").unwrap();
+        let cprobe = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).unwrap();
         let mut i = 0;
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            let f = dir.join(format!("s{}", i % 50));
-            fs::write(&f, vec![b'x'; 8192]).unwrap();
-            assert_eq!(fs::read(&f).unwrap().len(), 8192);
-            if i % 2 == 1 {
+            // SAFETY: a NUL-terminated path and name, no value buffer.
+            let r = unsafe {
+                libc::lgetxattr(
+                    cprobe.as_ptr(),
+                    c"user.none".as_ptr(),
+                    std::ptr::null_mut(),
+                    0,
+                )
+            };
+            assert_eq!(r, -1);
+            if i % 100 == 0 {
+                let f = dir.join(format!("s{}", i % 50));
+                fs::write(&f, vec![b'x'; 8192]).unwrap();
+                assert_eq!(fs::read(&f).unwrap().len(), 8192);
                 fs::remove_file(&f).unwrap();
             }
             i += 1;
