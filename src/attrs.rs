@@ -372,8 +372,8 @@ impl OverlayFs {
         // FS_IOC_GETFLAGS is declared with a long but passes an int (the
         // kernel asks for 4 bytes since 5.13; before, for the long's 8,
         // which it copied into the caller's int).
-        let flags = cmd != FS_IOC_FSGETXATTR;
-        let (cmd, size) = match flags {
+        let getflags = cmd != FS_IOC_FSGETXATTR;
+        let (cmd, size) = match getflags {
             true => (libc::FS_IOC_GETFLAGS as u32, size.min(4)),
             false => (cmd, size),
         };
@@ -395,7 +395,7 @@ impl OverlayFs {
         {
             const FS_XFLAG_IMMUTABLE: u32 = 0x8;
             const FS_XFLAG_APPEND: u32 = 0x10;
-            let (i, a) = match flags {
+            let (i, a) = match getflags {
                 true => (sys::FS_IMMUTABLE_FL, sys::FS_APPEND_FL),
                 false => (FS_XFLAG_IMMUTABLE, FS_XFLAG_APPEND),
             };
