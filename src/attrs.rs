@@ -388,7 +388,7 @@ impl OverlayFs {
         // Immutable and append-only flags of a copy-up are kept in
         // `overlay.protattr` (see `copy_inode_flags`): reported as the
         // kernel's overlayfs reports them.
-        let upper = node.read_state(|s| s.top_layer().is_some_and(|l| self.stack.is_upper(l)));
+        let upper = self.top_is_upper(&node);
         if upper
             && let Ok(Some(p)) =
                 xattr::get(xattr::Target::Fd(fd.as_fd()), &self.stack.xname("protattr"))

@@ -312,6 +312,12 @@ impl OverlayFs {
         })
     }
 
+    /// Whether `node`'s topmost entry is in the upper layer (read in place:
+    /// the open path asks at every OPEN).
+    pub(crate) fn top_is_upper(&self, node: &Node) -> bool {
+        node.read_state(|s| s.top_layer().is_some_and(|l| self.stack.is_upper(l)))
+    }
+
     /// Whether the kernel may cache attributes `st` of `node`: not while
     /// `Node::cacheable` says no, nor for a file linked under several names
     /// in the upper layer, which a change through another name's node would
@@ -688,10 +694,7 @@ impl OverlayFs {
             return;
         }
         let _g = node.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let lower = !node
-            .snapshot()
-            .top_layer()
-            .is_some_and(|l| self.stack.is_upper(l));
+        let lower = !self.top_is_upper(node);
         if lower
             && !node.prefilled.swap(true, Ordering::AcqRel)
             && let Ok((_h, fd)) = self.file_fd(fh)
@@ -721,10 +724,7 @@ impl OverlayFs {
         flags: i32,
         register: Option<Register<'_>>,
     ) -> (u64, OpenIo) {
-        let upper = node
-            .snapshot()
-            .top_layer()
-            .is_some_and(|l| self.stack.is_upper(l));
+        let upper = self.top_is_upper(&node);
         let frozen = self.stack.upper().is_none();
         let (fd, lower) = match fd {
             OpenFd::Now(fd) => (Some(Arc::new(fd)), None),
@@ -800,35 +800,27 @@ impl OverlayFs {
         let generation = f.node.generation.load(Ordering::Acquire);
         let (fd, g) = f.fd.read().unwrap_or_else(|e| e.into_inner()).clone();
         let flags = f.flags & !(libc::O_TRUNC | libc::O_APPEND);
-        // The lower file a handle was opened on and not opened yet (see
-        // `open`).
-        let first = |fd: Option<Arc<OwnedFd>>| -> Result<Arc<OwnedFd>> {
-            match (fd, &f.lower) {
-                (Some(fd), _) => Ok(fd),
-                (None, Some(loc)) => Ok(Arc::new(self.open_at(loc, flags)?)),
-                (None, None) => Err(Error::new(libc::EIO, "an open file without an fd")),
-            }
+        // The handle's own fd, opening the lower file it was opened on if
+        // that was left for now (see `open`); its generation is left alone.
+        let own = || -> Result<Arc<OwnedFd>> {
+            let mut slot = f.fd.write().unwrap_or_else(|e| e.into_inner());
+            let fd = match (&slot.0, &f.lower) {
+                (Some(fd), _) => return Ok(fd.clone()),
+                (None, Some(loc)) => Arc::new(self.open_at(loc, flags)?),
+                (None, None) => return Err(Error::new(libc::EIO, "an open file without an fd")),
+            };
+            slot.0 = Some(fd.clone());
+            Ok(fd)
         };
         if g == generation {
-            if let Some(fd) = fd {
-                return Ok((h.clone(), fd));
-            }
-            let mut slot = f.fd.write().unwrap_or_else(|e| e.into_inner());
-            let fd = first(slot.0.clone())?;
-            slot.0 = Some(fd.clone());
-            return Ok((h.clone(), fd));
+            return Ok((h.clone(), fd.map_or_else(own, Ok)?));
         }
         let newfd = match self.open_loc(&f.node.snapshot(), flags) {
             Ok(fd) => Arc::new(fd),
             // The object was removed (or renamed away) since: an open file
             // stays readable, so the handle keeps the file it has (found
             // by the load test: a read on an open fd answered ENOENT).
-            Err(e) if e.is(libc::ENOENT) => {
-                let mut slot = f.fd.write().unwrap_or_else(|e| e.into_inner());
-                let fd = first(slot.0.clone())?;
-                slot.0 = Some(fd.clone());
-                return Ok((h.clone(), fd));
-            }
+            Err(e) if e.is(libc::ENOENT) => return Ok((h.clone(), own()?)),
             Err(e) => return Err(e),
         };
         *f.fd.write().unwrap_or_else(|e| e.into_inner()) = (Some(newfd.clone()), generation);
@@ -1022,15 +1014,17 @@ impl OverlayFs {
             return Err(Error::new(libc::ENODATA, "private xattr"));
         }
         let node = self.node(ino)?;
-        let s = node.snapshot();
         let none = || Error::new(libc::ENODATA, "no such xattr");
         // A file in a lower layer (unless layers may change behind the
-        // mount, `timeout=0`) keeps the xattrs it has.
-        let lower =
-            !self.opts.timeout.is_zero() && s.top_layer().is_some_and(|l| self.stack.is_lower(l));
+        // mount, `timeout=0`) keeps the xattrs it has. Decided before the
+        // state is copied: the answer from memory (every `ls -l` entry)
+        // needs no copy.
+        let lower = !self.opts.timeout.is_zero()
+            && node.read_state(|s| s.top_layer().is_some_and(|l| self.stack.is_lower(l)));
         if lower && node.lower_xattrs.load(Ordering::Relaxed) == XATTRS_NONE {
             return Err(none());
         }
+        let s = node.snapshot();
         let c = xattr::name(&stored)?;
         let v = self.read_xattrs(
             &node,
