@@ -137,6 +137,11 @@ struct Slot {
     payload: *mut u8,
     payload_cap: usize,
     replied: bool,
+    /// The serving thread waits on the condvar for this reply (a reply sent
+    /// later from another thread): only then is there anyone to wake. A
+    /// notify is a system call even with no waiter, and most replies are
+    /// sent by the serving thread itself before it would wait.
+    waiting: bool,
 }
 
 // SAFETY: the pointers are to buffers owned by the serving thread, which
@@ -193,7 +198,9 @@ impl UringSender {
             p.write_unaligned(n as u32);
         }
         slot.replied = true;
-        cv.notify_all();
+        if slot.waiting {
+            cv.notify_all();
+        }
         Ok(())
     }
 
@@ -253,7 +260,9 @@ impl UringSender {
             p.write_unaligned(payload_sz);
         }
         slot.replied = true;
-        cv.notify_all();
+        if slot.waiting {
+            cv.notify_all();
+        }
         match error {
             Some(e) => Err(e),
             None => Ok(()),
@@ -1101,6 +1110,7 @@ fn serve_ring<FS: Filesystem>(
             payload: buf.payload(),
             payload_cap: buf.payload,
             replied: false,
+            waiting: false,
         }),
         Condvar::new(),
     ));
@@ -1267,8 +1277,10 @@ unsafe fn handle_request<FS: Filesystem>(
         let (lock, cv) = &**slot;
         let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
         while !s.replied {
+            s.waiting = true;
             s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
+        s.waiting = false;
     }
 }
 
