@@ -20,6 +20,11 @@ use clap::{Args, Parser, Subcommand};
 ///   ro, rw                                read-only even with an upper
 ///   userxattr                             private xattrs as user.overlay.* (rootless)
 ///   volatile, fsync=0                     no fsync of copied-up files
+///   redirect_dir=on                       directories with lower contents are
+///                                         renamed, recorded as the kernel's
+///                                         redirect_dir=on does (default unless
+///                                         userxattr); off, follow, nofollow:
+///                                         such renames fail with EXDEV
 ///   timeout=SECS                          kernel cache time of names/attrs (86400)
 ///   threaded=N                            FUSE worker threads
 ///   noacl                                 no POSIX ACL support

@@ -32,6 +32,12 @@ pub struct Options {
     pub userxattr: bool,
     /// Skip fsync on copy-up (`volatile`, `fsync=0`).
     pub volatile: bool,
+    /// `redirect_dir=`: whether a directory with lower contents may be
+    /// renamed, recorded as the kernel's `redirect_dir=on` does (the
+    /// `overlay.redirect` xattr); unset means yes unless `userxattr` (the
+    /// kernel follows no redirect there). Redirects found in the layers are
+    /// followed either way, as the kernel's `redirect_always_follow`.
+    pub redirect_dir: Option<bool>,
     /// Let users other than the mounter in (default when root).
     pub allow_other: bool,
     /// FUSE worker threads.
@@ -62,6 +68,12 @@ pub struct Options {
 }
 
 impl Options {
+    /// Whether renames of directories with lower contents write redirects
+    /// (else they fail with `EXDEV`, the kernel's default, and `mv` copies).
+    pub fn redirects(&self) -> bool {
+        self.redirect_dir.unwrap_or(!self.userxattr)
+    }
+
     /// Whether the mount is `noatime` (the last of `noatime`/`atime` wins).
     pub fn noatime(&self) -> bool {
         self.kernel_flags
@@ -78,6 +90,7 @@ impl Default for Options {
             read_only: false,
             userxattr: false,
             volatile: false,
+            redirect_dir: None,
             allow_other: is_root(),
             threads: default_threads(),
             timeout: std::time::Duration::from_secs(86400),
@@ -222,6 +235,14 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
         ("volatile", None) => o.volatile = true,
         ("fsync", Some(b"0")) => o.volatile = true,
         ("fsync", Some(_)) => o.volatile = false,
+        ("redirect_dir", Some(b"on")) => o.redirect_dir = Some(true),
+        ("redirect_dir", Some(b"off" | b"follow" | b"nofollow")) => o.redirect_dir = Some(false),
+        ("redirect_dir", Some(v)) => {
+            return Err(format!(
+                "option redirect_dir: expected on, follow, nofollow or off, got '{}'",
+                String::from_utf8_lossy(v)
+            ));
+        }
         ("allow_other", None) => o.allow_other = true,
         ("allow_root", None) => o.allow_other = true,
         ("threaded", Some(v)) | ("threads", Some(v)) => {
@@ -403,6 +424,16 @@ impl MountConfig {
             log::info!("trusted.* xattrs are not usable here: using user.overlay.* (userxattr)");
             self.options.userxattr = true;
         }
+        if self.options.userxattr && self.options.redirect_dir == Some(true) {
+            // The kernel refuses this pair: with userxattr it never follows
+            // a redirect, so a renamed directory would lose its contents there.
+            return Err(
+                "options userxattr and redirect_dir=on cannot be combined (the kernel's \
+                 overlayfs follows no redirect in user.overlay.* xattrs): drop redirect_dir=on, \
+                 and directories with lower contents are not renamed (EXDEV; mv copies them)"
+                    .into(),
+            );
+        }
         Ok(self)
     }
 }
@@ -543,6 +574,30 @@ mod tests {
     }
 
     #[test]
+    fn redirect_dir_is_on_unless_userxattr_or_turned_off() {
+        let opts = |s: &str| {
+            let mut c = MountConfig::new(vec![]);
+            apply_option_string(&mut c, OsStr::new(s)).map(|_| c.options)
+        };
+        assert!(opts("").unwrap().redirects());
+        assert!(!opts("userxattr").unwrap().redirects());
+        for off in [
+            "redirect_dir=off",
+            "redirect_dir=follow",
+            "redirect_dir=nofollow",
+        ] {
+            assert!(!opts(off).unwrap().redirects(), "{off}");
+        }
+        assert!(
+            opts("redirect_dir=off,redirect_dir=on")
+                .unwrap()
+                .redirects()
+        );
+        let e = opts("redirect_dir=yes").unwrap_err();
+        assert!(e.contains("redirect_dir") && e.contains("yes"), "{e}");
+    }
+
+    #[test]
     fn validation_names_the_problem() {
         let t = tempfile::tempdir().unwrap();
         let l = t.path().join("l");
@@ -570,5 +625,13 @@ mod tests {
             let e = MountConfig::new(lowers).validate().unwrap_err();
             assert!(e.contains("overlaps lowerdir"), "{e}");
         }
+        // The pair the kernel refuses.
+        let mut c = MountConfig::new(vec![l.clone()]);
+        apply_option_string(&mut c, OsStr::new("userxattr,redirect_dir=on")).unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(
+            e.contains("userxattr") && e.contains("redirect_dir=on"),
+            "{e}"
+        );
     }
 }

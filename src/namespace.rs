@@ -611,7 +611,7 @@ impl OverlayFs {
             (Resolved::Dir { dirs: from, .. }, Resolved::Dir { dirs, .. }) => {
                 // A directory that cannot move is refused before the target
                 // is looked at, in the kernel's order (EXDEV, then ENOTEMPTY).
-                if from.iter().any(|d| self.stack.is_lower(d.layer)) {
+                if !self.opts.redirects() && from.iter().any(|d| self.stack.is_lower(d.layer)) {
                     return Err(Error::new(
                         libc::EXDEV,
                         "renaming a directory with lower contents",
@@ -627,17 +627,94 @@ impl OverlayFs {
         }
     }
 
-    /// A directory with lower contents cannot be moved without the kernel's
-    /// redirect format: `EXDEV`, as the kernel's default (`mv` then copies).
+    /// A directory with lower contents moves only with the kernel's redirect
+    /// format (`redirect_dir=on`); without it, `EXDEV`, as the kernel's
+    /// default (`mv` then copies).
     fn movable(&self, node: &Node) -> Result<()> {
-        let s = node.snapshot();
-        if node.is_dir() && s.dirs.iter().any(|d| self.stack.is_lower(d.layer)) {
+        if self.has_lower_dirs(node) && !self.opts.redirects() {
             return Err(Error::new(
                 libc::EXDEV,
-                "renaming a directory with lower contents",
+                "renaming a directory with lower contents (redirect_dir is off)",
             ));
         }
         Ok(())
+    }
+
+    /// A directory whose merge takes in lower layers (a merged or lower
+    /// directory, the kernel's "merge or lower" type).
+    fn has_lower_dirs(&self, node: &Node) -> bool {
+        node.is_dir() && node.read_state(|s| s.dirs.iter().any(|d| self.stack.is_lower(d.layer)))
+    }
+
+    /// Before a directory with lower contents moves from `name` in `p`
+    /// (already copied up): records in its upper copy where its lower
+    /// contents are, as the kernel's `ovl_set_redirect`. A redirect it has
+    /// stays if it is still right (any, within the same directory; an
+    /// absolute one, anywhere); else it becomes its current name (same
+    /// directory) or the path of its lower contents from the root: each
+    /// component the directory's or an ancestor's relative redirect, else
+    /// its name, up to the root or an ancestor's absolute redirect.
+    fn set_redirect(&self, p: &Parent, name: &CStr, samedir: bool) -> Result<()> {
+        /// The kernel's `redirect_max`: a longer path is refused (`EXDEV`).
+        const REDIRECT_MAX: usize = 256;
+        let key = self.stack.xname("redirect");
+        let what = || format!("redirect of {name:?}");
+        let target = xattr::Target::At(p.upper.fd.as_fd(), name);
+        let own = xattr::get(target, &key).ctx(what)?;
+        if own.as_ref().is_some_and(|r| samedir || r.starts_with(b"/")) {
+            return Ok(());
+        }
+        let value = if samedir {
+            name.to_bytes().to_vec()
+        } else {
+            let mut comps = vec![own.unwrap_or_else(|| name.to_bytes().to_vec())];
+            let mut cur = p.node.clone();
+            loop {
+                let (parent, upper, own_name) = cur.read_state(|s| {
+                    let upper = s.dirs.first().filter(|d| self.stack.is_upper(d.layer));
+                    (
+                        s.parent.clone(),
+                        upper.map(|d| d.fd.clone()),
+                        s.loc.as_ref().map(|l| l.name.to_bytes().to_vec()),
+                    )
+                });
+                let Some(parent) = parent else { break };
+                let r = match &upper {
+                    Some(fd) => xattr::get(xattr::Target::Fd(fd.as_fd()), &key).ctx(what)?,
+                    None => None,
+                };
+                let absolute = r.as_ref().is_some_and(|r| r.starts_with(b"/"));
+                let comp = r.or(own_name).ok_or_else(|| {
+                    Error::new(libc::EXDEV, "a parent directory has no known name")
+                })?;
+                comps.push(comp);
+                if absolute {
+                    break;
+                }
+                cur = parent;
+            }
+            let mut path = Vec::new();
+            for c in comps.iter().rev() {
+                if !c.starts_with(b"/") {
+                    path.push(b'/');
+                }
+                path.extend_from_slice(c);
+            }
+            if path.len() > REDIRECT_MAX {
+                return Err(Error::new(
+                    libc::EXDEV,
+                    "the directory's path is too long for a redirect",
+                ));
+            }
+            path
+        };
+        match xattr::set(target, &key, &value, 0) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Err(Error::new(
+                libc::EXDEV,
+                "the upper layer takes no redirect xattr",
+            )),
+            r => r.ctx(what),
+        }
     }
 
     fn do_rename(
@@ -660,11 +737,16 @@ impl OverlayFs {
                 self.mark_impure(po);
             }
         }
+        let samedir = Arc::ptr_eq(&po.node, &pn.node);
         if let Some(other) = exchanged {
-            if moved.is_dir() && !pn.lowers.is_empty() {
+            if self.has_lower_dirs(moved) {
+                self.set_redirect(po, oldname, samedir)?;
+            } else if moved.is_dir() && !pn.lowers.is_empty() {
                 self.set_opaque_at(ofd, oldname)?;
             }
-            if other.is_dir() && !po.lowers.is_empty() {
+            if self.has_lower_dirs(other) {
+                self.set_redirect(pn, newname, samedir)?;
+            } else if other.is_dir() && !po.lowers.is_empty() {
                 self.set_opaque_at(nfd, newname)?;
             }
             return sys::renameat2(ofd, oldname, nfd, newname, sys::RENAME_EXCHANGE)
@@ -686,10 +768,13 @@ impl OverlayFs {
             let d = sys::open_dir_at(nfd, newname).ctx(|| "open target dir".into())?;
             layer::clean_dir(d.as_fd()).ctx(|| "clean target dir".into())?;
         }
-        // Like the kernel: a directory moved into a merged directory (or
-        // onto a hidden lower name) becomes opaque, so no lower directory of
-        // the same name can ever merge into it.
-        if moved.is_dir() && (new_has_lower || target_is_wh || !pn.lowers.is_empty()) {
+        // Like the kernel: a directory with lower contents keeps them through
+        // a redirect; one without, moved into a merged directory (or onto a
+        // hidden lower name), becomes opaque, so no lower directory of the
+        // same name can ever merge into it.
+        if self.has_lower_dirs(moved) {
+            self.set_redirect(po, oldname, samedir)?;
+        } else if moved.is_dir() && (new_has_lower || target_is_wh || !pn.lowers.is_empty()) {
             let d = sys::open_dir_at(ofd, oldname).ctx(|| "open moved dir".into())?;
             xattr::set(
                 xattr::Target::Fd(d.as_fd()),

@@ -1499,9 +1499,17 @@ fn rename_noreplace() {
         .run();
 }
 
+/// With `redirect_dir=off` (the kernel's default) and `=on` (layerfs's).
 #[test]
 fn rename_exchange() {
-    Scenario::new("rename_exchange", std_layers())
+    for opts in ["redirect_dir=off", "redirect_dir=on"] {
+        rename_exchange_with(opts);
+    }
+}
+
+fn rename_exchange_with(opts: &str) {
+    Scenario::new(&format!("rename_exchange {opts}"), std_layers())
+        .opts(opts)
         .step("two lower files", |m| {
             rename2(&p(m, "f.txt"), &p(m, "both"), RENAME_EXCHANGE)
         })
@@ -1541,9 +1549,18 @@ fn rename_exchange() {
         .run();
 }
 
+/// With `redirect_dir=off` (the kernel's default: EXDEV for directories
+/// with lower contents) and `=on` (layerfs's default).
 #[test]
 fn rename_directories() {
-    Scenario::new("rename_directories", std_layers())
+    for opts in ["redirect_dir=off", "redirect_dir=on"] {
+        rename_directories_with(opts);
+    }
+}
+
+fn rename_directories_with(opts: &str) {
+    Scenario::new(&format!("rename_directories {opts}"), std_layers())
+        .opts(opts)
         .step("lower-only dir", |m| rename(&p(m, "a"), &p(m, "a2")))
         .step("merged dir", |m| rename(&p(m, "d"), &p(m, "d2")))
         .step("bottom-only dir", |m| rename(&p(m, "m"), &p(m, "m2")))
@@ -2193,8 +2210,8 @@ fn creating_over_whiteouts_in_a_setgid_dir() {
 }
 
 /// rename(2) errors come in the kernel's order: unsupported flags
-/// (RENAME_WHITEOUT) are EINVAL; a directory with lower contents is EXDEV
-/// before its target is found non-empty.
+/// (RENAME_WHITEOUT) are EINVAL; with `redirect_dir=off`, a directory with
+/// lower contents is EXDEV before its target is found non-empty.
 #[test]
 fn rename_errors_in_the_kernels_order() {
     Scenario::new(
@@ -2206,11 +2223,120 @@ fn rename_errors_in_the_kernels_order() {
                 .file("dst/y", "y"),
         ],
     )
+    .opts("redirect_dir=off")
     .step("RENAME_WHITEOUT", |m| {
         rename2(&p(m, "a"), &p(m, "b"), libc::RENAME_WHITEOUT)
     })
     .step("lower dir over a non-empty dir", |m| {
         rename(&p(m, "src"), &p(m, "dst"))
+    })
+    .run();
+}
+
+/// Directories with lower contents are renamed as the kernel renames them
+/// with `redirect_dir=on` (layerfs's default): within a directory, to
+/// another, again, with their parent, out of a moved parent, over an empty
+/// directory, exchanged; the contents follow them, the old names are
+/// whited out, new objects land in the moved directories, and the uppers
+/// carry the kernel's redirects (the kernel mounted over layerfs's upper,
+/// and layerfs over the kernel's, show the same tree).
+#[test]
+fn directory_renames_with_redirects() {
+    fn ino(p: &Path) -> Result<u64, i32> {
+        lstat(p).map(|st| st.st_ino)
+    }
+    /// Renames and tells whether the directory kept its inode number.
+    fn mv(m: &Path, from: &str, to: &str, flags: u32) -> R {
+        let before = ino(&p(m, from))?;
+        rename2(&p(m, from), &p(m, to), flags)?;
+        Ok(format!("same ino: {}", ino(&p(m, to))? == before))
+    }
+    Scenario::new(
+        "directory_renames_with_redirects",
+        vec![
+            Layer::new()
+                .file("a/f1", "f1")
+                .dir("x")
+                .file("m/keep", "k")
+                .file("e1/one", "1")
+                .dir("e2"),
+            Layer::new()
+                .file("a/f", "f")
+                .file("a/sub/g", "g")
+                .file("a/sub/deep/d", "d")
+                .file("p/q/r", "r")
+                .file("s/t/u", "u")
+                .dir("empty"),
+        ],
+    )
+    .opts("redirect_dir=on")
+    .reverse()
+    .step("within its dir", |m| mv(m, "a", "a2", 0))
+    .step("to another dir", |m| mv(m, "a2/sub", "x/sub2", 0))
+    .step("nested lower dir out", |m| mv(m, "p/q", "x/q2", 0))
+    .step("again within its new dir", |m| mv(m, "x/q2", "x/q3", 0))
+    .step("its parent moves", |m| mv(m, "x", "p2", 0))
+    .step("out of a moved parent", |m| {
+        mv(m, "p2/sub2/deep", "m/deep2", 0)
+    })
+    .step("absolute one moves on", |m| mv(m, "p2/q3", "s/q4", 0))
+    .step("write in moved dirs", |m| {
+        seq(vec![
+            (
+                "h",
+                write_file(&p(m, "p2/sub2/h"), libc::O_CREAT | libc::O_WRONLY, b"new"),
+            ),
+            (
+                "f1",
+                write_file(&p(m, "a2/f1"), libc::O_WRONLY | libc::O_APPEND, b"+"),
+            ),
+            ("rm g", unlink(&p(m, "p2/sub2/g"))),
+        ])
+    })
+    .step("old name made again", |m| mkdir(&p(m, "a"), 0o755))
+    .step("over an empty lower dir", |m| mv(m, "s/t", "empty", 0))
+    .step("onto a whiteout", |m| mv(m, "e1", "x", 0))
+    .step("over a non-empty dir", |m| rename(&p(m, "e2"), &p(m, "m")))
+    .step("exchanged across dirs", |m| {
+        mv(m, "m/deep2", "s/q4", RENAME_EXCHANGE)
+    })
+    .step("exchanged in one dir", |m| {
+        mv(m, "a2", "p2", RENAME_EXCHANGE)
+    })
+    .step("back to its first name", |m| {
+        mv(m, "a", "a0", 0).and_then(|_| mv(m, "p2", "a", 0))
+    })
+    .step("listings", |m| {
+        seq([
+            "", "a", "a2", "a2/sub2", "x", "s", "s/q4", "m", "m/deep2", "empty",
+        ]
+        .iter()
+        .map(|d| (*d, list(&p(m, d))))
+        .collect())
+    })
+    .step("emptied and removed", |m| {
+        seq(vec![
+            ("r", unlink(&p(m, "m/deep2/r"))),
+            ("rmdir", rmdir(&p(m, "m/deep2"))),
+            ("gone", list(&p(m, "m"))),
+        ])
+    })
+    .run();
+}
+
+/// With `userxattr` the kernel follows no redirect, so neither writes one:
+/// a directory with lower contents is not renamed (EXDEV, `mv` copies);
+/// one without lower contents is.
+#[test]
+fn userxattr_directory_renames_stay_exdev() {
+    Scenario::new(
+        "userxattr_dir_renames",
+        vec![Layer::new().file("d/f", "f").dir("e")],
+    )
+    .opts("userxattr")
+    .step("lower dir", |m| rename(&p(m, "d"), &p(m, "d2")))
+    .step("new dir", |m| {
+        mkdir(&p(m, "n"), 0o755).and_then(|_| rename(&p(m, "n"), &p(m, "e/n2")))
     })
     .run();
 }

@@ -11,9 +11,10 @@
 //! `layerfs diff --upper U --lower L...`. Some cases first run an earlier
 //! container whose upper becomes the top lower ("committed", always through
 //! the kernel with `redirect_dir=on`), so that lowers hold kernel-written
-//! whiteouts, opaque dirs and redirects. Cases that need a kernel-only mount
-//! option (`redirect_dir=on` to rename lower directories, `metacopy=on`) run
-//! on the kernel only, and one that needs OCI markers honoured in a lower
+//! whiteouts, opaque dirs and redirects. Renames of lower directories run
+//! with `redirect_dir=on` on both (layerfs's default); the case that needs
+//! a kernel-only mount option (`metacopy=on`) runs on the kernel only, and
+//! one that needs OCI markers honoured in a lower
 //! runs on layerfs only; each says why. A few cases need formats no mount
 //! writes (OCI markers, xattr whiteouts in the upper), so their upper is
 //! built by hand.
@@ -786,11 +787,6 @@ enum Engine {
     Layerfs,
 }
 
-const RENAMES_LOWER_DIR: On = On::Kernel(
-    "renames a directory with lower contents: needs the kernel's redirect_dir=on \
-     (layerfs, like the kernel's default, returns EXDEV)",
-);
-
 /// A scenario: lowers (topmost first), mount options, operations, and the
 /// `docker diff` lines expected, worked out by hand.
 struct Case {
@@ -1283,7 +1279,6 @@ fn cases() -> Vec<Case> {
             name: "renamed_dir_redirect",
             lowers: &[&[E::F(b"a/f", b"f"), E::F(b"a/sub/g", b"g"), E::F(b"z", b"z")]],
             opts: "redirect_dir=on",
-            on: RENAMES_LOWER_DIR,
             ops: &[Op::Mv(b"a", b"a2")],
             expect: &[b"D /a", b"A /a2", b"A /a2/f", b"A /a2/sub", b"A /a2/sub/g"],
             ..CASE
@@ -1292,7 +1287,6 @@ fn cases() -> Vec<Case> {
             name: "renamed_dir_absolute_redirect",
             lowers: &[&[E::F(b"x/b/f", b"f"), E::D(b"y")]],
             opts: "redirect_dir=on",
-            on: RENAMES_LOWER_DIR,
             ops: &[Op::Mv(b"x/b", b"y/b2")],
             expect: &[b"C /x", b"D /x/b", b"C /y", b"A /y/b2", b"A /y/b2/f"],
             ..CASE
@@ -1301,7 +1295,6 @@ fn cases() -> Vec<Case> {
             name: "renamed_dir_then_modified",
             lowers: &[&[E::F(b"a/f", b"f"), E::F(b"a/sub/g", b"g")]],
             opts: "redirect_dir=on",
-            on: RENAMES_LOWER_DIR,
             ops: &[
                 Op::Mv(b"a", b"a2"),
                 Op::Rm(b"a2/f"),
@@ -1320,7 +1313,6 @@ fn cases() -> Vec<Case> {
             name: "renamed_dir_twice_and_into_new_dir",
             lowers: &[&[E::F(b"a/f", b"f"), E::F(b"b/g", b"g")]],
             opts: "redirect_dir=on",
-            on: RENAMES_LOWER_DIR,
             ops: &[
                 Op::Mv(b"a", b"a2"),
                 Op::Mv(b"a2", b"a3"),
@@ -1342,7 +1334,6 @@ fn cases() -> Vec<Case> {
             name: "renamed_dir_over_empty_lower_dir",
             lowers: &[&[E::F(b"a/f", b"f"), E::D(b"e")]],
             opts: "redirect_dir=on",
-            on: RENAMES_LOWER_DIR,
             ops: &[Op::Mv(b"a", b"e")],
             expect: &[b"D /a", b"C /e", b"A /e/f"],
             ..CASE
@@ -1351,7 +1342,6 @@ fn cases() -> Vec<Case> {
             name: "renamed_subdir_of_renamed_dir",
             lowers: &[&[E::F(b"a/b/f", b"f"), E::F(b"a/c", b"c"), E::D(b"x")]],
             opts: "redirect_dir=on",
-            on: RENAMES_LOWER_DIR,
             ops: &[Op::Mv(b"a", b"a2"), Op::Mv(b"a2/b", b"x/b2")],
             expect: &[
                 b"D /a",
@@ -1400,7 +1390,6 @@ fn cases() -> Vec<Case> {
             lowers: &[&[], &[E::F(b"a/b/f", b"f"), E::D(b"x")]],
             commit: &[Op::Mv(b"a/b", b"x/b2")],
             opts: "redirect_dir=on",
-            on: RENAMES_LOWER_DIR,
             ops: &[Op::Mv(b"x/b2", b"b3"), Op::Rm(b"b3/f")],
             expect: &[b"A /b3", b"C /x", b"D /x/b2"],
             ..CASE
@@ -1410,7 +1399,6 @@ fn cases() -> Vec<Case> {
             lowers: &[&[], &[E::F(b"a/b/f", b"f"), E::D(b"x")]],
             commit: &[Op::Mv(b"a", b"a2")],
             opts: "redirect_dir=on",
-            on: RENAMES_LOWER_DIR,
             ops: &[Op::Mv(b"a2/b", b"x/b2")],
             expect: &[b"C /a2", b"D /a2/b", b"C /x", b"A /x/b2", b"A /x/b2/f"],
             ..CASE

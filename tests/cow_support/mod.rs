@@ -713,18 +713,33 @@ impl Mnt {
         work: &Path,
         mnt: &Path,
     ) -> Result<Mnt, String> {
+        Mnt::mount_with(fs_kind, lowers, upper, work, mnt, "")
+    }
+
+    /// [`Mnt::mount`] with extra mount options (`-o`, both implementations).
+    pub fn mount_with(
+        fs_kind: Fs,
+        lowers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        mnt: &Path,
+        opts_extra: &str,
+    ) -> Result<Mnt, String> {
         let logdir = mnt.parent().unwrap();
         let name = mnt.file_name().unwrap().to_string_lossy().into_owned();
         let out_path = logdir.join(format!("{name}.out"));
         let mut cmd = match fs_kind {
             Fs::Kernel => {
                 let l: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
-                let opts = format!(
+                let mut opts = format!(
                     "lowerdir={},upperdir={},workdir={}",
                     l.join(":"),
                     upper.display(),
                     work.display()
                 );
+                if !opts_extra.is_empty() {
+                    opts = format!("{opts},{opts_extra}");
+                }
                 let mut c = Command::new("mount");
                 c.args(["-t", "overlay", "overlay", "-o", &opts]).arg(mnt);
                 c
@@ -736,6 +751,9 @@ impl Mnt {
                     c.arg("--lower").arg(l);
                 }
                 c.arg("--upper").arg(upper).arg("--work").arg(work).arg(mnt);
+                if !opts_extra.is_empty() {
+                    c.arg("-o").arg(opts_extra);
+                }
                 c
             }
         };
@@ -943,7 +961,12 @@ pub fn compare_uppers(a: &Snapshot, b: &Snapshot, fresh_after: i64, blocks: bool
     out
 }
 
-const IGNORED_UPPER_XATTRS: &[&[u8]] = &[b"trusted.overlay.impure", b"trusted.overlay.uuid"];
+const IGNORED_UPPER_XATTRS: &[&[u8]] = &[
+    b"trusted.overlay.impure",
+    b"trusted.overlay.uuid",
+    b"user.overlay.impure",
+    b"user.overlay.uuid",
+];
 
 /// Make an upper-dir snapshot comparable across implementations: drop
 /// `impure`/`uuid`, replace origin values by `<present>`, and neutralise
@@ -953,8 +976,10 @@ pub fn normalize_upper(s: &mut Snapshot) {
     for e in s.entries.values_mut() {
         if let Ok(x) = &mut e.xattrs {
             x.retain(|k, _| !IGNORED_UPPER_XATTRS.contains(&&k[..]));
-            if let Some(v) = x.get_mut(&b"trusted.overlay.origin"[..]) {
-                *v = Ok(b"<present>".to_vec());
+            for o in [&b"trusted.overlay.origin"[..], b"user.overlay.origin"] {
+                if let Some(v) = x.get_mut(o) {
+                    *v = Ok(b"<present>".to_vec());
+                }
             }
         }
         if e.ftype == FileType::CharDev && e.rdev == Some((0, 0)) {
@@ -995,6 +1020,7 @@ pub struct Scenario {
     ignore_mtime: Vec<Vec<u8>>,
     upper_checks: Vec<(String, Box<CheckFn>)>,
     view_checks: Vec<(String, Box<CheckFn>)>,
+    opts: String,
 }
 
 impl Scenario {
@@ -1010,7 +1036,15 @@ impl Scenario {
             ignore_mtime: Vec::new(),
             upper_checks: Vec::new(),
             view_checks: Vec::new(),
+            opts: String::new(),
         }
+    }
+
+    /// Extra mount options for every mount of the scenario, the kernel's
+    /// and layerfs's (e.g. `redirect_dir=on`, which both understand).
+    pub fn opts(mut self, opts: &str) -> Scenario {
+        self.opts = opts.to_string();
+        self
     }
 
     /// Add a step; `f` gets the mount root.
@@ -1127,20 +1161,22 @@ impl Scenario {
         let (k_up, f_up) = (b.join("k_up"), b.join("f_up"));
         let mut problems = Vec::new();
 
-        let mut km = Mnt::mount(
+        let mut km = Mnt::mount_with(
             Fs::Kernel,
             &stack.lowers,
             &k_up,
             &b.join("k_work"),
             &b.join("k_mnt"),
+            &self.opts,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let mut fm = Mnt::mount(
+        let mut fm = Mnt::mount_with(
             under_test(),
             &stack.lowers,
             &f_up,
             &b.join("f_work"),
             &b.join("f_mnt"),
+            &self.opts,
         )
         .unwrap_or_else(|e| panic!("{e}"));
 
@@ -1214,12 +1250,13 @@ impl Scenario {
         // 4. Cross-mount: the kernel over the upper written by the
         // implementation under test shows what it showed.
         if self.cross {
-            match Mnt::mount(
+            match Mnt::mount_with(
                 Fs::Kernel,
                 &stack.lowers,
                 &f_up,
                 &b.join("x_work"),
                 &b.join("x_mnt"),
+                &self.opts,
             ) {
                 Ok(mut xm) => {
                     let mut xs = snapshot(&format!("kernel-over-{ut}-upper"), xm.path());
@@ -1237,12 +1274,13 @@ impl Scenario {
         }
         // 5. Reverse: the implementation under test over the kernel's upper.
         if self.reverse {
-            match Mnt::mount(
+            match Mnt::mount_with(
                 under_test(),
                 &stack.lowers,
                 &k_up,
                 &b.join("r_work"),
                 &b.join("r_mnt"),
+                &self.opts,
             ) {
                 Ok(mut rm) => {
                     let mut rs = snapshot(&format!("{ut}-over-kernel-upper"), rm.path());
@@ -1263,12 +1301,13 @@ impl Scenario {
 
         // 6. Remount: the implementation under test over its own upper
         // (fresh work dir) shows what it showed before.
-        match Mnt::mount(
+        match Mnt::mount_with(
             under_test(),
             &stack.lowers,
             &f_up,
             &b.join("m_work"),
             &b.join("m_mnt"),
+            &self.opts,
         ) {
             Ok(mut mm) => {
                 let mut ms = snapshot(&format!("{ut}-remounted"), mm.path());
