@@ -1125,6 +1125,10 @@ fn serve_ring<FS: Filesystem>(
     // A commit pushed at the end of the last round, submitted with the wait.
     let mut committing = false;
     let ext_arg = ring.params().is_feature_ext_arg();
+    // Kernels that know IORING_ENTER_NO_IOWAIT (6.15+) are asked not to count
+    // the wait for the next request as I/O wait (else every mount shows its
+    // CPUs "some" 100% I/O-pressured in /proc/pressure/io while it idles).
+    let mut no_iowait = true;
     let idle_wait_ts = types::Timespec::new().nsec(IDLE_WAIT_NS);
     let idle_wait = types::SubmitArgs::new().timespec(&idle_wait_ts);
     loop {
@@ -1144,7 +1148,7 @@ fn serve_ring<FS: Filesystem>(
                     r => r,
                 }
             }
-            _ => ring.submit_and_wait(1),
+            _ => wait_one(&mut ring, &mut no_iowait),
         };
         committing = false;
         match waited {
@@ -1282,6 +1286,28 @@ unsafe fn handle_request<FS: Filesystem>(
         }
         s.waiting = false;
     }
+}
+
+/// `IORING_ENTER_GETEVENTS`: wait for completions.
+const ENTER_GETEVENTS: u32 = 1 << 0;
+/// `IORING_ENTER_NO_IOWAIT` (Linux 6.15+): the wait is not I/O wait.
+const ENTER_NO_IOWAIT: u32 = 1 << 7;
+
+/// Submits what the ring holds and waits for one completion, as
+/// `submit_and_wait(1)`, asking the kernel not to count the wait as I/O wait
+/// while `no_iowait` holds (cleared at the first EINVAL of an older kernel).
+fn wait_one(ring: &mut Ring, no_iowait: &mut bool) -> io::Result<usize> {
+    if *no_iowait {
+        let pending = ring.submission().len() as u32;
+        let flags = ENTER_GETEVENTS | ENTER_NO_IOWAIT;
+        // SAFETY: no argument is passed; the entries pushed are valid until
+        // their completions (as for submit_and_wait).
+        match unsafe { ring.submitter().enter::<libc::sigset_t>(pending, 1, flags, None) } {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *no_iowait = false,
+            r => return r,
+        }
+    }
+    ring.submit_and_wait(1)
 }
 
 const FUSE_FORGET: u32 = 2;
