@@ -66,11 +66,19 @@ impl OverlayFs {
     /// After a change of the entries of `dirs`: the kernel's cached
     /// listings of them are dropped (the kernel drops them itself only when
     /// a listing starts, which misses a cache being filled meanwhile by a
-    /// listing that began earlier).
+    /// listing that began earlier) — of the directories ever listed (a
+    /// listing marks its node before it reads the layers); the others have
+    /// no listing to drop, and most changes (untar, builds) are in those.
     fn listings_changed(&self, dirs: &[u64]) {
         if let Some(inv) = self.invalidator.get() {
             for &d in dirs {
-                inv.inval_listing(d);
+                let listed = self
+                    .nodes
+                    .get(d)
+                    .is_some_and(|n| n.listed.load(std::sync::atomic::Ordering::SeqCst));
+                if listed {
+                    inv.inval_listing(d);
+                }
             }
         }
     }

@@ -870,6 +870,9 @@ impl OverlayFs {
         if !node.is_dir() {
             return Err(Error::new(libc::ENOTDIR, "readdir of a non-directory"));
         }
+        // Before the layers are read: a change that ends after this reads
+        // the mark and drops the kernel's copy (`listings_changed`).
+        node.listed.store(true, std::sync::atomic::Ordering::SeqCst);
         // The version first: a listing made from layers seen after it is
         // never kept under a later version.
         let version = self.nodes.versions.begin(ino);
