@@ -235,7 +235,10 @@ pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Re
             break;
         }
         if let Some(target) = redirect {
-            let (below, last) = redirect_target(stack, parent_dirs, dl.layer, &target)?;
+            // A relative redirect names a sibling in the directories being
+            // searched now: the parent's, or those an absolute redirect
+            // above led to (the kernel's lookup path so far).
+            let (below, last) = redirect_target(stack, &candidates, dl.layer, &target)?;
             candidates = below;
             cur = last;
             i = 0;

@@ -2324,6 +2324,51 @@ fn directory_renames_with_redirects() {
     .run();
 }
 
+/// A directory reached through a relative redirect in a lower layer (a
+/// rename committed by an earlier container), moved to another directory:
+/// its new absolute redirect leads to the lower directory that carries the
+/// relative one, which then names a sibling *there* — not in the moved
+/// directory's parent (found by unionmount-testsuite's rename-move-dir
+/// with layers rotated: layerfs showed it empty, or merged an unrelated
+/// directory of the same name).
+#[test]
+fn moved_directory_through_a_lower_relative_redirect() {
+    Scenario::new(
+        "lower_relative_redirect",
+        vec![
+            Layer::new()
+                .dir("dx")
+                .xattr("trusted.overlay.redirect", "d")
+                .dir("e/gx")
+                .xattr("trusted.overlay.redirect", "g")
+                .dir("f"),
+            Layer::new()
+                .file("d/a", "a")
+                .file("e/g/b", "b")
+                .file("g/wrong_g", "w")
+                .file("e/d/wrong_ed", "w")
+                .file("f/gg/wrong_gg", "w"),
+        ],
+    )
+    .opts("redirect_dir=on")
+    .reverse()
+    .step("before", |m| {
+        seq(vec![
+            ("dx", list(&p(m, "dx"))),
+            ("e/gx", list(&p(m, "e/gx"))),
+        ])
+    })
+    .step("into another dir", |m| rename(&p(m, "dx"), &p(m, "e/d2")))
+    .step("out to the root", |m| rename(&p(m, "e/gx"), &p(m, "gg")))
+    .step("after", |m| {
+        seq(vec![
+            ("e/d2", list(&p(m, "e/d2"))),
+            ("gg", list(&p(m, "gg"))),
+        ])
+    })
+    .run();
+}
+
 /// With `userxattr` the kernel follows no redirect, so neither writes one:
 /// a directory with lower contents is not renamed (EXDEV, `mv` copies);
 /// one without lower contents is.
