@@ -2242,6 +2242,9 @@ fn rename_errors_in_the_kernels_order() {
 /// and layerfs over the kernel's, show the same tree).
 #[test]
 fn directory_renames_with_redirects() {
+    /// A name of 100 bytes: three make a path longer than the kernel's
+    /// `redirect_max` (256).
+    const L100: &str = "llllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllllll";
     fn ino(p: &Path) -> Result<u64, i32> {
         lstat(p).map(|st| st.st_ino)
     }
@@ -2266,11 +2269,19 @@ fn directory_renames_with_redirects() {
                 .file("a/sub/deep/d", "d")
                 .file("p/q/r", "r")
                 .file("s/t/u", "u")
-                .dir("empty"),
+                .dir("empty")
+                .file(format!("{L100}/{L100}/{L100}/f"), "f"),
         ],
     )
     .opts("redirect_dir=on")
     .reverse()
+    .step("path too long for a redirect", |m| {
+        let long = format!("{L100}/{L100}/{L100}");
+        seq(vec![
+            ("elsewhere", mv(m, &long, "lx", 0)),
+            ("within its dir", mv(m, &long, &format!("{L100}/{L100}/l2"), 0)),
+        ])
+    })
     .step("within its dir", |m| mv(m, "a", "a2", 0))
     .step("to another dir", |m| mv(m, "a2/sub", "x/sub2", 0))
     .step("nested lower dir out", |m| mv(m, "p/q", "x/q2", 0))
