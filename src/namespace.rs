@@ -192,6 +192,12 @@ impl OverlayFs {
             let _ = sys::unlinkat(self.stack.work_fd()?, stage, true);
         }
         let fd = made?;
+        if is_dir && !over_whiteout && self.opts.redirects() && !p.lowers.is_empty() {
+            // As the kernel when offline changes of the lowers are off (its
+            // redirect_dir=on): a new directory in a merged one is opaque,
+            // so its lookups need not search the lowers (best effort).
+            let _ = self.set_opaque_at(p.upper.fd.as_fd(), name);
+        }
         let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, name)?;
         let (_, attr) = self.record(&p.node, r)?;
         Ok((attr, fd))

@@ -139,22 +139,33 @@ fn entry(
         || (dtype == libc::DT_REG && dl.opaque == Opaque::XattrWhiteouts);
     let cname = || CString::new(name.clone()).expect("no NUL in dir entries");
     if resolve_upper && stack.is_upper(dl.layer) {
-        let r = resolve::lookup(stack, dirs, &cname())?;
-        if !r.exists() {
-            return Ok(None);
+        let resolved = resolve::lookup(stack, dirs, &cname()).and_then(|r| {
+            let fmt = match &r {
+                resolve::Resolved::Dir { .. } => libc::S_IFDIR,
+                resolve::Resolved::NonDir { st, .. } => st.st_mode & libc::S_IFMT,
+                resolve::Resolved::Absent => return Ok(None),
+            };
+            Ok(Some((resolve::ino_of(stack, &r)?, fmt)))
+        });
+        match resolved {
+            Ok(None) => return Ok(None),
+            Ok(Some((ino, fmt))) => {
+                return Ok(Some(DirEntry {
+                    off: cookie(&name),
+                    name,
+                    ino,
+                    fmt,
+                }));
+            }
+            // An entry that cannot be resolved (a malformed redirect, say)
+            // is still listed, with its own inode number, as the kernel
+            // lists it; looking it up gives the error. One bad entry must
+            // not make the whole directory unreadable.
+            Err(e) => log::debug!(
+                "listing {:?} with its own inode number: {e}",
+                String::from_utf8_lossy(&name)
+            ),
         }
-        let ino = resolve::ino_of(stack, &r)?;
-        let fmt = match &r {
-            resolve::Resolved::Dir { .. } => libc::S_IFDIR,
-            resolve::Resolved::NonDir { st, .. } => st.st_mode & libc::S_IFMT,
-            resolve::Resolved::Absent => return Ok(None),
-        };
-        return Ok(Some(DirEntry {
-            off: cookie(&name),
-            name,
-            ino,
-            fmt,
-        }));
     }
     let mut fmt = fmt_of_dtype(dtype);
     if needs_stat {

@@ -259,14 +259,27 @@ fn redirect_target(
     layer: usize,
     target: &[u8],
 ) -> Result<(Vec<DirLayer>, CString)> {
-    let bad = || {
+    // As the kernel answers a malformed value: EINVAL for an empty one, a
+    // relative one with a slash, an absolute one with an empty component
+    // (`//`, a trailing `/`); EACCES for a `.` or `..` component (its
+    // lookup refuses those).
+    let bad = |errno: i32| {
         Error::new(
-            libc::EIO,
+            errno,
             format!(
                 "invalid overlay.redirect {:?}",
                 String::from_utf8_lossy(target)
             ),
         )
+    };
+    let component = |c: &[u8]| -> Result<CString> {
+        if c.is_empty() || c.contains(&b'/') {
+            return Err(bad(libc::EINVAL));
+        }
+        if c == b"." || c == b".." {
+            return Err(bad(libc::EACCES));
+        }
+        CString::new(c).map_err(|_| bad(libc::EINVAL))
     };
     let below = |v: &[DirLayer]| {
         v.iter()
@@ -275,33 +288,21 @@ fn redirect_target(
             .collect::<Vec<_>>()
     };
     let Some(abs) = target.strip_prefix(b"/") else {
-        let c = CString::new(target).map_err(|_| bad())?;
-        if !crate::layer::valid_name(&c) {
-            return Err(bad());
-        }
-        return Ok((below(parent_dirs), c));
+        return Ok((below(parent_dirs), component(target)?));
     };
-    let comps: Vec<&[u8]> = abs
-        .split(|&b| b == b'/')
-        .filter(|c| !c.is_empty())
-        .collect();
-    let (last, path) = comps.split_last().ok_or_else(bad)?;
+    let comps: Vec<&[u8]> = abs.split(|&b| b == b'/').collect();
+    if comps.iter().any(|c| c.is_empty()) {
+        return Err(bad(libc::EINVAL));
+    }
+    let (last, path) = comps.split_last().ok_or_else(|| bad(libc::EINVAL))?;
     let mut dirs = below(&root_dirs(stack)?);
     for comp in path {
-        let c = CString::new(*comp).map_err(|_| bad())?;
-        if !crate::layer::valid_name(&c) {
-            return Err(bad());
-        }
-        dirs = match lookup(stack, &dirs, &c)? {
+        dirs = match lookup(stack, &dirs, &component(comp)?)? {
             Resolved::Dir { dirs, .. } => dirs,
             _ => Vec::new(),
         };
     }
-    let c = CString::new(*last).map_err(|_| bad())?;
-    if !crate::layer::valid_name(&c) {
-        return Err(bad());
-    }
-    Ok((dirs, c))
+    Ok((dirs, component(last)?))
 }
 
 /// The root's contributing directories: every layer's root.

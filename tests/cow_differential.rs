@@ -2279,7 +2279,10 @@ fn directory_renames_with_redirects() {
         let long = format!("{L100}/{L100}/{L100}");
         seq(vec![
             ("elsewhere", mv(m, &long, "lx", 0)),
-            ("within its dir", mv(m, &long, &format!("{L100}/{L100}/l2"), 0)),
+            (
+                "within its dir",
+                mv(m, &long, &format!("{L100}/{L100}/l2"), 0),
+            ),
         ])
     })
     .step("within its dir", |m| mv(m, "a", "a2", 0))
@@ -4129,6 +4132,35 @@ umount $M
     assert!(
         !k.is_some_and(|k| k.contains("stale")),
         "the kernel's side of the test changed"
+    );
+}
+
+/// Malformed redirects in an upper (made by hand): the directory holding
+/// them lists as usual, and only the redirected entry fails, with the
+/// kernel's errno — EINVAL for a bad shape, EACCES for `.`/`..`; a sound
+/// one is followed.
+#[test]
+fn malformed_redirects_fail_only_their_entry() {
+    const SCRIPT: &str = r#"
+mkdir -p $L/p/a $L/p/keep $L/a/b $W $M
+i=0
+for v in a/b ../a a/ / . .. /a/../a /a/b/ /a//b /a/b a; do
+  i=$((i+1)); mkdir -p $U/p/r$i; setfattr -n trusted.overlay.redirect -v "$v" $U/p/r$i
+done
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+echo "list: $(ls $M/p 2>&1 | tr '\n' ' ')"
+for j in $(seq $i); do echo "r$j $(getfattr --only-values -n trusted.overlay.redirect $U/p/r$j): $(stat -c %F $M/p/r$j 2>&1 | sed 's/.*: //')"; done
+umount $M
+"#;
+    same_on_kernel_and_layerfs(
+        "badredir",
+        SCRIPT,
+        &[
+            "list: a keep r1 ",
+            "r1 a/b: Invalid argument",
+            "r5 .: Permission denied",
+            "r10 /a/b: directory",
+        ],
     );
 }
 

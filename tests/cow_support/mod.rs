@@ -1036,12 +1036,14 @@ impl Scenario {
             ignore_mtime: Vec::new(),
             upper_checks: Vec::new(),
             view_checks: Vec::new(),
-            opts: String::new(),
+            // layerfs's default, which the kernel must be asked for.
+            opts: "redirect_dir=on".to_string(),
         }
     }
 
-    /// Extra mount options for every mount of the scenario, the kernel's
-    /// and layerfs's (e.g. `redirect_dir=on`, which both understand).
+    /// Mount options for every mount of the scenario, the kernel's and
+    /// layerfs's (both understand `redirect_dir=`); instead of the default
+    /// `redirect_dir=on`, layerfs's default, which the kernel's is not.
     pub fn opts(mut self, opts: &str) -> Scenario {
         self.opts = opts.to_string();
         self
