@@ -429,8 +429,10 @@ impl MountConfig {
             // a redirect, so a renamed directory would lose its contents there.
             return Err(
                 "options userxattr and redirect_dir=on cannot be combined (the kernel's \
-                 overlayfs follows no redirect in user.overlay.* xattrs): drop redirect_dir=on, \
-                 and directories with lower contents are not renamed (EXDEV; mv copies them)"
+                 overlayfs follows no redirect in user.overlay.* xattrs; userxattr is also \
+                 chosen where trusted.* xattrs are unusable, e.g. rootless): drop \
+                 redirect_dir=on, and directories with lower contents are not renamed (EXDEV; \
+                 mv copies them)"
                     .into(),
             );
         }

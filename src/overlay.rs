@@ -923,7 +923,24 @@ impl OverlayFs {
             return Ok(l.2.clone());
         }
         drop(recent);
-        let mut named = readdir::list(&self.stack, dirs)?;
+        let (mut named, unneeded_impure) = readdir::list_noting_impure(&self.stack, dirs)?;
+        if unneeded_impure
+            && self.writable().is_ok()
+            && let Some(v) = version
+            && let Some(node) = self.nodes.get(ino)
+        {
+            // As the kernel: a listing that finds no entry needing the mark
+            // drops it (best effort) — unless an entry changed meanwhile
+            // (a rename into the directory marks it first, under the
+            // directory's lock, which this takes).
+            let _g = node.lock.lock().unwrap_or_else(|e| e.into_inner());
+            if self.nodes.versions.unchanged(ino, v) {
+                let _ = xattr::remove(
+                    xattr::Target::Fd(dirs[0].fd.as_fd()),
+                    &self.stack.xname("impure"),
+                );
+            }
+        }
         readdir::sort(&mut named);
         let named = Arc::new(named);
         if let Some(v) = version

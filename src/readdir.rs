@@ -73,14 +73,26 @@ fn fmt_of_dtype(d: u8) -> Option<u32> {
 
 /// Lists a merged directory made of `dirs` (top to bottom).
 pub fn list(stack: &Stack, dirs: &[DirLayer]) -> Result<Vec<DirEntry>> {
+    Ok(list_noting_impure(stack, dirs)?.0)
+}
+
+/// [`list`], and whether the directory is an upper-only one marked
+/// `overlay.impure` none of whose entries reports an inode number other
+/// than its own: the mark is no longer needed (the kernel then drops it).
+pub fn list_noting_impure(stack: &Stack, dirs: &[DirLayer]) -> Result<(Vec<DirEntry>, bool)> {
     let mut seen: HashSet<Vec<u8>> = HashSet::new();
     let mut out = Vec::new();
     // Upper entries of a merged or impure upper dir may be copy-ups whose
     // inode number is their origin's: those are resolved fully.
-    let resolve_upper = match dirs.first() {
-        Some(d) if stack.is_upper(d.layer) => dirs.len() > 1 || is_impure(stack, d)?,
+    let impure = match dirs {
+        [d] if stack.is_upper(d.layer) => is_impure(stack, d)?,
         _ => false,
     };
+    let resolve_upper = match dirs.first() {
+        Some(d) if stack.is_upper(d.layer) => dirs.len() > 1 || impure,
+        _ => false,
+    };
+    let mut borrowed = false;
     for dl in dirs {
         let lower = stack.is_lower(dl.layer);
         let mut hidden_below = Vec::new();
@@ -109,11 +121,12 @@ pub fn list(stack: &Stack, dirs: &[DirLayer]) -> Result<Vec<DirEntry>> {
             let Some(e) = entry(stack, dl, name, d_ino, dtype, resolve_upper, dirs)? else {
                 continue;
             };
+            borrowed |= e.ino != stack.map_ino(dl.layer, d_ino);
             out.push(e);
         }
         seen.extend(hidden_below);
     }
-    Ok(out)
+    Ok((out, impure && !borrowed))
 }
 
 fn is_impure(stack: &Stack, d: &DirLayer) -> Result<bool> {

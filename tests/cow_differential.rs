@@ -4164,6 +4164,28 @@ umount $M
     );
 }
 
+/// `overlay.impure` on an upper-only directory goes when a listing finds
+/// no entry that needs it (the kernel drops it then), and stays while one
+/// does (a moved copy-up reporting its origin's inode number).
+#[test]
+fn unneeded_impure_mark_is_dropped_by_a_listing() {
+    const SCRIPT: &str = r#"
+mkdir -p $L $U $W $M; echo a > $L/a; echo b > $L/b
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+mkdir $M/dir; mv $M/a $M/b $M/dir/
+imp() { getfattr --absolute-names --only-values -n trusted.overlay.impure $U/dir 2>/dev/null || echo none; }
+ls $M/dir >/dev/null; echo "two moved copies, listed: $(imp)"
+rm $M/dir/a; ls $M/dir >/dev/null; echo "one left, listed: $(imp)"
+rm $M/dir/b; echo "none left: $(imp)"; ls $M/dir >/dev/null; echo "none left, listed: $(imp)"
+umount $M
+"#;
+    same_on_kernel_and_layerfs(
+        "impure",
+        SCRIPT,
+        &["one left, listed: y", "none left, listed: none"],
+    );
+}
+
 /// Runs a bash script once with the kernel's overlay and once with layerfs;
 /// their standard outputs. The script gets `$B` (a fresh dir), `$L $U $W
 /// $M` (lower, upper, work and mount point paths in it, to create) and
