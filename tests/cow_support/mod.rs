@@ -8,10 +8,10 @@
 //!    compared as *classes*: an old time must be identical to the
 //!    nanosecond, a time set during the test only has to be recent on both),
 //! 3. the two upper directories in overlay format (whiteouts, opaque
-//!    markers, escaped `trusted.overlay.overlay.*`, presence of
-//!    `trusted.overlay.origin`; values of origin and the whole of
-//!    `impure`/`uuid` are ignored, as is the shared-whiteout inode trick of
-//!    the kernel),
+//!    markers, `impure` marks, escaped `trusted.overlay.overlay.*`,
+//!    presence of `trusted.overlay.origin`; values of origin and the whole
+//!    of `uuid` are ignored, as is the shared-whiteout inode trick of the
+//!    kernel),
 //! 4. the cross-mount: a kernel overlay over layerfs's upper must show what
 //!    layerfs showed; optionally the reverse (layerfs over the kernel's
 //!    upper shows the kernel's view),
@@ -961,16 +961,12 @@ pub fn compare_uppers(a: &Snapshot, b: &Snapshot, fresh_after: i64, blocks: bool
     out
 }
 
-const IGNORED_UPPER_XATTRS: &[&[u8]] = &[
-    b"trusted.overlay.impure",
-    b"trusted.overlay.uuid",
-    b"user.overlay.impure",
-    b"user.overlay.uuid",
-];
+const IGNORED_UPPER_XATTRS: &[&[u8]] = &[b"trusted.overlay.uuid", b"user.overlay.uuid"];
 
 /// Make an upper-dir snapshot comparable across implementations: drop
-/// `impure`/`uuid`, replace origin values by `<present>`, and neutralise
-/// the kernel's shared whiteout inode (nlink and identity of char 0/0).
+/// `uuid` (random), replace origin values by `<present>` (file handles),
+/// and neutralise the kernel's shared whiteout inode (nlink and identity
+/// of char 0/0).
 pub fn normalize_upper(s: &mut Snapshot) {
     let mut n = 0u64;
     for e in s.entries.values_mut() {
