@@ -544,35 +544,24 @@ impl Step {
 /// components after it: an absolute value replaces the path up to it, a
 /// relative one (a name in the same parent) only that component.
 fn redirected(target: Target, rest: usize, value: &[u8]) -> Result<Target> {
-    let bad = || {
+    let parsed = crate::layer::parse_redirect(value).map_err(|errno| {
         Error::new(
-            libc::EINVAL,
+            errno,
             format!("diff: bad redirect \"{}\"", value.escape_ascii()),
         )
-    };
-    let valid = |c: &[u8]| !c.is_empty() && c != b"." && c != b".." && !c.contains(&0);
-    if let Some(abs) = value.strip_prefix(b"/") {
-        let mut comps: Vec<Vec<u8>> = abs
-            .split(|&b| b == b'/')
-            .filter(|c| !c.is_empty())
-            .map(<[u8]>::to_vec)
-            .collect();
-        if comps.is_empty() || !comps.iter().all(|c| valid(c)) {
-            return Err(bad());
+    })?;
+    Ok(match (parsed, target) {
+        (crate::layer::Redirect::Absolute(comps), target) => {
+            let mut comps: Vec<Vec<u8>> = comps.into_iter().map(<[u8]>::to_vec).collect();
+            if let Target::Path(p) = target {
+                comps.extend_from_slice(&p[p.len() - rest..]);
+            }
+            Target::Path(comps)
         }
-        if let Target::Path(p) = target {
-            comps.extend_from_slice(&p[p.len() - rest..]);
-        }
-        return Ok(Target::Path(comps));
-    }
-    if !valid(value) || value.contains(&b'/') {
-        return Err(bad());
-    }
-    Ok(match target {
-        Target::Name(_) => Target::Name(value.to_vec()),
-        Target::Path(mut p) => {
+        (crate::layer::Redirect::Relative(name), Target::Name(_)) => Target::Name(name.to_vec()),
+        (crate::layer::Redirect::Relative(name), Target::Path(mut p)) => {
             let at = p.len() - rest - 1;
-            p[at] = value.to_vec();
+            p[at] = name.to_vec();
             Target::Path(p)
         }
     })
@@ -959,7 +948,17 @@ mod tests {
             redirected(path(&[b"x", b"y"]), 0, b"w").unwrap(),
             path(&[b"x", b"w"])
         );
-        for bad in [&b""[..], b"/", b"a/b", b"..", b"/a/../b", b".", b"a\0"] {
+        for bad in [
+            &b""[..],
+            b"/",
+            b"a/b",
+            b"..",
+            b"/a/../b",
+            b".",
+            b"a\0",
+            b"/a//b",
+            b"/a/",
+        ] {
             assert!(
                 redirected(name(b"n"), 0, bad).is_err(),
                 "{:?}",

@@ -203,8 +203,78 @@ pub fn cname(name: &[u8]) -> io::Result<std::ffi::CString> {
     sys::cstr(std::os::unix::ffi::OsStrExt::from_bytes(name))
 }
 
+/// An `overlay.redirect` value, as the kernel reads it: a name in the same
+/// parent's lower directories, or a path from the lower layers' roots.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Redirect<'a> {
+    Relative(&'a [u8]),
+    Absolute(Vec<&'a [u8]>),
+}
+
+/// Parses a redirect the way the kernel's lookup takes it; a malformed one
+/// gives the errno the kernel answers for it: EINVAL for an empty value, a
+/// relative one with a slash, an absolute one with an empty component
+/// (`//`, a trailing `/`, `/` alone) or a NUL; EACCES for a `.` or `..`
+/// component (its lookup refuses those). Used by the mount, `diff` and
+/// `check` alike.
+pub fn parse_redirect(v: &[u8]) -> std::result::Result<Redirect<'_>, i32> {
+    let component = |c: &'_ [u8]| {
+        if c.is_empty() || c.contains(&b'/') || c.contains(&0) {
+            Err(libc::EINVAL)
+        } else if c == b"." || c == b".." {
+            Err(libc::EACCES)
+        } else {
+            Ok(())
+        }
+    };
+    match v.strip_prefix(b"/") {
+        None => component(v).map(|()| Redirect::Relative(v)),
+        Some(abs) => {
+            let comps: Vec<&[u8]> = abs.split(|&b| b == b'/').collect();
+            // Shape first (EINVAL), then names (EACCES), as the kernel checks.
+            if comps.iter().any(|c| c.is_empty() || c.contains(&0)) {
+                return Err(libc::EINVAL);
+            }
+            comps.iter().try_for_each(|c| component(c))?;
+            Ok(Redirect::Absolute(comps))
+        }
+    }
+}
+
 /// Is `name` one component that may be used relative to a layer directory?
 pub fn valid_name(name: &CStr) -> bool {
     let b = name.to_bytes();
     !b.is_empty() && b != b"." && b != b".." && !b.contains(&b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redirects_parse_as_the_kernel_takes_them() {
+        use super::{Redirect, parse_redirect};
+        assert_eq!(parse_redirect(b"a"), Ok(Redirect::Relative(b"a")));
+        assert_eq!(
+            parse_redirect(b"/a/b"),
+            Ok(Redirect::Absolute(vec![&b"a"[..], b"b"]))
+        );
+        for (v, errno) in [
+            (&b""[..], libc::EINVAL),
+            (b"a/b", libc::EINVAL),
+            (b"a/", libc::EINVAL),
+            (b"/", libc::EINVAL),
+            (b"/a//b", libc::EINVAL),
+            (b"/a/b/", libc::EINVAL),
+            (b"a\0", libc::EINVAL),
+            (b".", libc::EACCES),
+            (b"..", libc::EACCES),
+            (b"/a/../a", libc::EACCES),
+        ] {
+            assert_eq!(
+                parse_redirect(v),
+                Err(errno),
+                "{:?}",
+                v.escape_ascii().to_string()
+            );
+        }
+    }
 }

@@ -789,14 +789,7 @@ impl OverlayFs {
         if self.has_lower_dirs(moved) {
             self.set_redirect(po, oldname, samedir)?;
         } else if moved.is_dir() && (new_has_lower || target_is_wh || !pn.lowers.is_empty()) {
-            let d = sys::open_dir_at(ofd, oldname).ctx(|| "open moved dir".into())?;
-            xattr::set(
-                xattr::Target::Fd(d.as_fd()),
-                &self.stack.xname("opaque"),
-                b"y",
-                0,
-            )
-            .ctx(|| "set opaque".into())?;
+            self.set_opaque_at(ofd, oldname)?;
         }
         if target_is_wh && moved.is_dir() {
             // A directory cannot replace a whiteout by plain rename.

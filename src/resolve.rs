@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::error::{Context, Error, Result};
 use crate::inode::{DirLayer, Loc};
-use crate::layer::Stack;
+use crate::layer::{Redirect, Stack};
 use crate::sys::{self, Stat, xattr};
 use crate::whiteout::{self, Opaque};
 
@@ -252,57 +252,43 @@ pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Re
 
 /// Where a redirected directory found in layer `layer` continues: the
 /// directories (in layers below `layer`) holding the last component, and
-/// that component.
+/// that component. A relative redirect names a sibling in `searched`, the
+/// directories the lookup was searching; an absolute one a path from the
+/// roots. A malformed value fails with the kernel's errno.
 fn redirect_target(
     stack: &Stack,
-    parent_dirs: &[DirLayer],
+    searched: &[DirLayer],
     layer: usize,
     target: &[u8],
 ) -> Result<(Vec<DirLayer>, CString)> {
-    // As the kernel answers a malformed value: EINVAL for an empty one, a
-    // relative one with a slash, an absolute one with an empty component
-    // (`//`, a trailing `/`); EACCES for a `.` or `..` component (its
-    // lookup refuses those).
-    let bad = |errno: i32| {
-        Error::new(
-            errno,
-            format!(
-                "invalid overlay.redirect {:?}",
-                String::from_utf8_lossy(target)
-            ),
-        )
-    };
-    let component = |c: &[u8]| -> Result<CString> {
-        if c.is_empty() || c.contains(&b'/') {
-            return Err(bad(libc::EINVAL));
-        }
-        if c == b"." || c == b".." {
-            return Err(bad(libc::EACCES));
-        }
-        CString::new(c).map_err(|_| bad(libc::EINVAL))
-    };
+    let cstring = |c: &[u8]| CString::new(c).expect("NUL refused by parse_redirect");
     let below = |v: &[DirLayer]| {
         v.iter()
             .filter(|d| d.layer > layer)
             .cloned()
             .collect::<Vec<_>>()
     };
-    let Some(abs) = target.strip_prefix(b"/") else {
-        return Ok((below(parent_dirs), component(target)?));
-    };
-    let comps: Vec<&[u8]> = abs.split(|&b| b == b'/').collect();
-    if comps.iter().any(|c| c.is_empty()) {
-        return Err(bad(libc::EINVAL));
+    match crate::layer::parse_redirect(target) {
+        Err(errno) => Err(Error::new(
+            errno,
+            format!(
+                "invalid overlay.redirect {:?}",
+                String::from_utf8_lossy(target)
+            ),
+        )),
+        Ok(Redirect::Relative(name)) => Ok((below(searched), cstring(name))),
+        Ok(Redirect::Absolute(comps)) => {
+            let (last, path) = comps.split_last().expect("at least one component");
+            let mut dirs = below(&root_dirs(stack)?);
+            for comp in path {
+                dirs = match lookup(stack, &dirs, &cstring(comp))? {
+                    Resolved::Dir { dirs, .. } => dirs,
+                    _ => Vec::new(),
+                };
+            }
+            Ok((dirs, cstring(last)))
+        }
     }
-    let (last, path) = comps.split_last().ok_or_else(|| bad(libc::EINVAL))?;
-    let mut dirs = below(&root_dirs(stack)?);
-    for comp in path {
-        dirs = match lookup(stack, &dirs, &component(comp)?)? {
-            Resolved::Dir { dirs, .. } => dirs,
-            _ => Vec::new(),
-        };
-    }
-    Ok((dirs, component(last)?))
 }
 
 /// The root's contributing directories: every layer's root.

@@ -281,14 +281,14 @@ impl Scan<'_> {
     fn redirect(&mut self, li: usize, dir: &Dir, path: &[u8], v: &[u8]) -> Option<Vec<u8>> {
         let layer = self.layers[li].0;
         self.note_redirect(layer, path, v);
-        let target = match (&dir.below, v.first()) {
-            (_, Some(b'/')) => v.to_vec(),
-            (Below::Merged(p), Some(_)) if !v.contains(&b'/') => join(p, v),
+        let target = match (crate::layer::parse_redirect(v), &dir.below) {
+            (Ok(crate::layer::Redirect::Absolute(_)), _) => v.to_vec(),
+            (Ok(crate::layer::Redirect::Relative(n)), Below::Merged(p)) => join(p, n),
             // Relative to a parent with nothing below: leads nowhere.
-            (Below::Nothing(_), Some(_)) if !v.contains(&b'/') => return None,
-            _ => {
+            (Ok(crate::layer::Redirect::Relative(_)), Below::Nothing(_)) => return None,
+            (Err(_), _) => {
                 let what = format!(
-                    "malformed overlay.redirect \"{}\": layerfs refuses it",
+                    "malformed overlay.redirect \"{}\": layerfs refuses it (as the kernel does)",
                     v.escape_ascii()
                 );
                 let how = "remove the xattr, or re-create the directory".into();
@@ -296,12 +296,6 @@ impl Scan<'_> {
                 return None;
             }
         };
-        if target
-            .split(|&b| b == b'/')
-            .any(|c| c == b"." || c == b"..")
-        {
-            return None;
-        }
         self.check_redirect_target(li, path, v, &target);
         Some(target)
     }
