@@ -23,8 +23,10 @@ use clap::{Args, Parser, Subcommand};
 ///   redirect_dir=on                       directories with lower contents are
 ///                                         renamed, recorded as the kernel's
 ///                                         redirect_dir=on does (default unless
-///                                         userxattr); off, follow, nofollow:
-///                                         such renames fail with EXDEV
+///                                         userxattr); off, follow: such
+///                                         renames fail with EXDEV; nofollow
+///                                         (userxattr's only value): also
+///                                         EPERM for redirected directories
 ///   timeout=SECS                          kernel cache time of names/attrs (86400)
 ///   threaded=N                            FUSE worker threads
 ///   noacl                                 no POSIX ACL support

@@ -32,12 +32,9 @@ pub struct Options {
     pub userxattr: bool,
     /// Skip fsync on copy-up (`volatile`, `fsync=0`).
     pub volatile: bool,
-    /// `redirect_dir=`: whether a directory with lower contents may be
-    /// renamed, recorded as the kernel's `redirect_dir=on` does (the
-    /// `overlay.redirect` xattr); unset means yes unless `userxattr` (the
-    /// kernel follows no redirect there). Redirects found in the layers are
-    /// followed either way, as the kernel's `redirect_always_follow`.
-    pub redirect_dir: Option<bool>,
+    /// `redirect_dir=`, as given (unset: `on`, or `nofollow` with
+    /// `userxattr`, as the kernel); see `Options::redirects`.
+    pub redirect_dir: Option<RedirectDir>,
     /// Let users other than the mounter in (default when root).
     pub allow_other: bool,
     /// FUSE worker threads.
@@ -67,11 +64,43 @@ pub struct Options {
     pub ignored: Vec<String>,
 }
 
+/// The kernel's `redirect_dir=` modes. `off` is `follow`: the kernel's
+/// `redirect_always_follow`, on in Debian's and upstream's default
+/// configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedirectDir {
+    /// Directories with lower contents are renamed, recorded in
+    /// `overlay.redirect`; redirects in the layers are followed.
+    On,
+    /// Such renames fail with `EXDEV` (`mv` then copies); redirects in the
+    /// layers are followed.
+    Follow,
+    /// Such renames fail with `EXDEV`, and a lookup that meets a redirect
+    /// with layers below it fails with `EPERM` (the kernel's rule: a
+    /// redirect is like a symlink into the lower layers without permission
+    /// checks).
+    NoFollow,
+}
+
 impl Options {
+    fn redirect_mode(&self) -> RedirectDir {
+        match (self.redirect_dir, self.userxattr) {
+            (Some(m), _) => m,
+            (None, false) => RedirectDir::On,
+            // The kernel with userxattr: no redirect written or followed.
+            (None, true) => RedirectDir::NoFollow,
+        }
+    }
+
     /// Whether renames of directories with lower contents write redirects
     /// (else they fail with `EXDEV`, the kernel's default, and `mv` copies).
     pub fn redirects(&self) -> bool {
-        self.redirect_dir.unwrap_or(!self.userxattr)
+        self.redirect_mode() == RedirectDir::On
+    }
+
+    /// Whether redirects met in the layers are followed (else `EPERM`).
+    pub fn follows_redirects(&self) -> bool {
+        self.redirect_mode() != RedirectDir::NoFollow
     }
 
     /// Whether the mount is `noatime` (the last of `noatime`/`atime` wins).
@@ -235,8 +264,9 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
         ("volatile", None) => o.volatile = true,
         ("fsync", Some(b"0")) => o.volatile = true,
         ("fsync", Some(_)) => o.volatile = false,
-        ("redirect_dir", Some(b"on")) => o.redirect_dir = Some(true),
-        ("redirect_dir", Some(b"off" | b"follow" | b"nofollow")) => o.redirect_dir = Some(false),
+        ("redirect_dir", Some(b"on")) => o.redirect_dir = Some(RedirectDir::On),
+        ("redirect_dir", Some(b"off" | b"follow")) => o.redirect_dir = Some(RedirectDir::Follow),
+        ("redirect_dir", Some(b"nofollow")) => o.redirect_dir = Some(RedirectDir::NoFollow),
         ("redirect_dir", Some(v)) => {
             return Err(format!(
                 "option redirect_dir: expected on, follow, nofollow or off, got '{}'",
@@ -424,15 +454,22 @@ impl MountConfig {
             log::info!("trusted.* xattrs are not usable here: using user.overlay.* (userxattr)");
             self.options.userxattr = true;
         }
-        if self.options.userxattr && self.options.redirect_dir == Some(true) {
-            // The kernel refuses this pair: with userxattr it never follows
-            // a redirect, so a renamed directory would lose its contents there.
+        if self.options.userxattr
+            && self
+                .options
+                .redirect_dir
+                .is_some_and(|m| m != RedirectDir::NoFollow)
+        {
+            // The kernel refuses these pairs: with userxattr it neither
+            // writes nor follows redirects (an unprivileged user could write
+            // one in user.overlay.*).
             return Err(
-                "options userxattr and redirect_dir=on cannot be combined (the kernel's \
-                 overlayfs follows no redirect in user.overlay.* xattrs; userxattr is also \
+                "option userxattr takes only redirect_dir=nofollow (the kernel's \
+                 overlayfs neither writes nor follows redirects in user.overlay.* xattrs, \
+                 and refuses other redirect_dir values with userxattr; userxattr is also \
                  chosen where trusted.* xattrs are unusable, e.g. rootless): drop \
-                 redirect_dir=on, and directories with lower contents are not renamed (EXDEV; \
-                 mv copies them)"
+                 redirect_dir= (directories with lower contents are then not renamed: \
+                 EXDEV, and mv copies them)"
                     .into(),
             );
         }
@@ -581,14 +618,18 @@ mod tests {
             let mut c = MountConfig::new(vec![]);
             apply_option_string(&mut c, OsStr::new(s)).map(|_| c.options)
         };
-        assert!(opts("").unwrap().redirects());
-        assert!(!opts("userxattr").unwrap().redirects());
-        for off in [
-            "redirect_dir=off",
-            "redirect_dir=follow",
-            "redirect_dir=nofollow",
+        let o = opts("").unwrap();
+        assert!(o.redirects() && o.follows_redirects());
+        let o = opts("userxattr").unwrap();
+        assert!(!o.redirects() && !o.follows_redirects());
+        for (off, follows) in [
+            ("redirect_dir=off", true),
+            ("redirect_dir=follow", true),
+            ("redirect_dir=nofollow", false),
         ] {
-            assert!(!opts(off).unwrap().redirects(), "{off}");
+            let o = opts(off).unwrap();
+            assert!(!o.redirects(), "{off}");
+            assert_eq!(o.follows_redirects(), follows, "{off}");
         }
         assert!(
             opts("redirect_dir=off,redirect_dir=on")
@@ -627,13 +668,19 @@ mod tests {
             let e = MountConfig::new(lowers).validate().unwrap_err();
             assert!(e.contains("overlaps lowerdir"), "{e}");
         }
-        // The pair the kernel refuses.
+        // The pairs the kernel refuses, and the one it takes.
+        for bad in ["on", "off", "follow"] {
+            let mut c = MountConfig::new(vec![l.clone()]);
+            apply_option_string(&mut c, OsStr::new(&format!("userxattr,redirect_dir={bad}")))
+                .unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(
+                e.contains("userxattr") && e.contains("redirect_dir=nofollow"),
+                "{e}"
+            );
+        }
         let mut c = MountConfig::new(vec![l.clone()]);
-        apply_option_string(&mut c, OsStr::new("userxattr,redirect_dir=on")).unwrap();
-        let e = c.validate().unwrap_err();
-        assert!(
-            e.contains("userxattr") && e.contains("redirect_dir=on"),
-            "{e}"
-        );
+        apply_option_string(&mut c, OsStr::new("userxattr,redirect_dir=nofollow")).unwrap();
+        c.validate().unwrap();
     }
 }

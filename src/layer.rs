@@ -36,6 +36,9 @@ pub struct Stack {
     /// `W/work`: where copy-ups and whiteouts are built before being linked or renamed in.
     pub work: Option<OwnedFd>,
     pub private: Private,
+    /// Whether lookups follow `overlay.redirect` (`redirect_dir=nofollow`
+    /// and `userxattr` do not: `EPERM`, as the kernel).
+    pub follow_redirects: bool,
 }
 
 impl Stack {
@@ -79,6 +82,7 @@ impl Stack {
             layers,
             work,
             private: cfg.options.private(),
+            follow_redirects: cfg.options.follows_redirects(),
         })
     }
 

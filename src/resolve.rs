@@ -235,6 +235,27 @@ pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Re
             break;
         }
         if let Some(target) = redirect {
+            // Not followed (redirect_dir=nofollow, userxattr): refused when
+            // there are layers below to search, as the kernel refuses it (an
+            // absolute redirect searches from the root, which has them all);
+            // a malformed value is refused as such first.
+            if !stack.follow_redirects {
+                let more = match crate::layer::parse_redirect(&target) {
+                    Err(errno) => return Err(invalid_redirect(errno, &target)),
+                    Ok(Redirect::Absolute(_)) => stack.layers.len() > dl.layer + 1,
+                    Ok(Redirect::Relative(_)) => candidates.iter().any(|d| d.layer > dl.layer),
+                };
+                if more {
+                    return Err(Error::new(
+                        libc::EPERM,
+                        format!(
+                            "not following overlay.redirect {:?} of {cur:?} \
+                             (redirect_dir=nofollow, or userxattr)",
+                            String::from_utf8_lossy(&target)
+                        ),
+                    ));
+                }
+            }
             // A relative redirect names a sibling in the directories being
             // searched now: the parent's, or those an absolute redirect
             // above led to (the kernel's lookup path so far).
@@ -269,13 +290,7 @@ fn redirect_target(
             .collect::<Vec<_>>()
     };
     match crate::layer::parse_redirect(target) {
-        Err(errno) => Err(Error::new(
-            errno,
-            format!(
-                "invalid overlay.redirect {:?}",
-                String::from_utf8_lossy(target)
-            ),
-        )),
+        Err(errno) => Err(invalid_redirect(errno, target)),
         Ok(Redirect::Relative(name)) => Ok((below(searched), cstring(name))),
         Ok(Redirect::Absolute(comps)) => {
             let (last, path) = comps.split_last().expect("at least one component");
@@ -289,6 +304,16 @@ fn redirect_target(
             Ok((dirs, cstring(last)))
         }
     }
+}
+
+fn invalid_redirect(errno: i32, target: &[u8]) -> Error {
+    Error::new(
+        errno,
+        format!(
+            "invalid overlay.redirect {:?}",
+            String::from_utf8_lossy(target)
+        ),
+    )
 }
 
 /// The root's contributing directories: every layer's root.

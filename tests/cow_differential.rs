@@ -4164,6 +4164,55 @@ umount $M
     );
 }
 
+/// With `redirect_dir=nofollow`, and with `userxattr` (no redirect there),
+/// a directory whose redirect would send the lookup on to layers below is
+/// refused with `EPERM`; one that is also opaque, or in the last layer, is
+/// not; `follow` follows. The kernel also refuses userxattr with any other
+/// redirect_dir value.
+#[test]
+fn unfollowed_redirects_are_refused() {
+    const SCRIPT: &str = r#"
+L2=$B/l2; mkdir -p $L/c $L/d $L2/a $L2/c $U $W $M; touch $L2/a/f
+for t in c3 d3 t1 t2 u1 u2; do mkdir $L2/$t; touch $L2/$t/f-$t; mknod $U/$t c 0 0; done
+setfattr -n trusted.overlay.redirect -v c3 $L/c; setfattr -n trusted.overlay.redirect -v /d3 $L/d
+for x in trusted user; do
+  p=${x:0:1}; mkdir $U/$x-b $U/$x-abs $U/$x-o $L2/$x-last
+  setfattr -n $x.overlay.redirect -v ${p}1 $U/$x-b
+  setfattr -n $x.overlay.redirect -v /${p}2 $U/$x-abs
+  setfattr -n $x.overlay.redirect -v a $U/$x-o; setfattr -n $x.overlay.opaque -v y $U/$x-o
+  setfattr -n $x.overlay.redirect -v a $L2/$x-last
+done
+for o in redirect_dir=nofollow redirect_dir=follow userxattr userxattr,redirect_dir=nofollow \
+         userxattr,redirect_dir=off userxattr,redirect_dir=follow; do
+  rm -rf $W/*
+  if ! $MNT_CMD lowerdir=$L:$L2,upperdir=$U,workdir=$W,$o $M 2>/dev/null; then
+    echo "$o: mount refused"; continue
+  fi
+  echo "$o: $(ls $M | tr '\n' ' ')"
+  for e in $(ls $M); do echo "  $e: $(ls $M/$e 2>&1 | sed 's/.*: //' | tr '\n' ' ')"; done
+  umount $M
+done
+"#;
+    same_on_kernel_and_layerfs(
+        "nofollow",
+        SCRIPT,
+        &[
+            "  trusted-b: Operation not permitted",
+            "  trusted-abs: Operation not permitted",
+            "  c: Operation not permitted",
+            "  d: Operation not permitted",
+            "  trusted-b: f-t1",
+            "  trusted-abs: f-t2",
+            "  c: f-c3",
+            "  d: f-d3",
+            "  user-b: Operation not permitted",
+            "  user-abs: Operation not permitted",
+            "userxattr,redirect_dir=off: mount refused",
+            "userxattr,redirect_dir=follow: mount refused",
+        ],
+    );
+}
+
 /// `overlay.impure` on an upper-only directory goes when a listing finds
 /// no entry that needs it (the kernel drops it then), and stays while one
 /// does (a moved copy-up reporting its origin's inode number).

@@ -315,17 +315,17 @@ impl Scan<'_> {
             (
                 Severity::Note,
                 "the kernel follows it (by default here)",
-                "nothing to do; do not mount with redirect_dir=nofollow",
+                "nothing to do; do not mount (layerfs or the kernel) with redirect_dir=nofollow or userxattr",
             )
         } else {
             (
                 Severity::Warning,
                 "this kernel does not follow it by default",
-                "mount the kernel overlay with redirect_dir=follow (or on)",
+                "mount the kernel overlay with redirect_dir=follow (or on), and layerfs without redirect_dir=nofollow or userxattr",
             )
         };
         let what = format!(
-            "directory renamed with redirect_dir (overlay.redirect=\"{}\"): layerfs follows it; {kernel}",
+            "directory renamed with redirect_dir (overlay.redirect=\"{}\"): layerfs follows it unless mounted with redirect_dir=nofollow or userxattr; {kernel}",
             v.escape_ascii()
         );
         self.add(layer, path, (sev, Kind::Redirect, what, how.into()));
