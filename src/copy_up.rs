@@ -30,6 +30,9 @@ use crate::whiteout::Opaque;
 enum Built {
     /// In the work directory under `CopyUp::tmp`.
     Named,
+    /// A directory there, and an fd of it, which stays valid after the
+    /// rename into place (the copy's upper directory, not opened again).
+    Dir(OwnedFd),
     /// Not linked anywhere yet (`O_TMPFILE`).
     Unnamed(OwnedFd),
 }
@@ -45,6 +48,11 @@ struct CopyUp<'a> {
     tmp: std::ffi::CString,
     /// `O_TRUNC` open: the data would be thrown away anyway.
     skip_data: bool,
+    /// The source directory, already open (a directory's node holds its
+    /// layers' directories open): read for its inode flags.
+    src_fd: Option<BorrowedFd<'a>>,
+    /// What the data copy from the source's layer cannot do (`CopyCaps`).
+    caps: &'a std::sync::atomic::AtomicU8,
 }
 
 pub fn timespecs(st: &Stat) -> [libc::timespec; 2] {
@@ -65,6 +73,31 @@ impl OverlayFs {
     /// its upper location. `skip_data` is for opens with `O_TRUNC`.
     pub(crate) fn copy_up(&self, node: &Arc<Node>, skip_data: bool) -> Result<Loc> {
         self.writable()?;
+        if let Some(loc) = self.upper_loc(&node.snapshot()) {
+            return Ok(loc);
+        }
+        // The kernel's cached attributes of the copied objects and their
+        // parents are dropped once the whole chain is copied, each once.
+        let mut changed = Vec::new();
+        let r = self.copy_up_chain(node, skip_data, &mut changed);
+        if let Some(inv) = self.invalidator.get() {
+            changed.sort_unstable();
+            changed.dedup();
+            for ino in changed {
+                inv.inval_attr(ino);
+            }
+        }
+        r
+    }
+
+    /// `copy_up` of `node` and, first, of its parents; notes in `changed`
+    /// the nodes whose attributes changed.
+    fn copy_up_chain(
+        &self,
+        node: &Arc<Node>,
+        skip_data: bool,
+        changed: &mut Vec<u64>,
+    ) -> Result<Loc> {
         let s = node.snapshot();
         if let Some(loc) = self.upper_loc(&s) {
             return Ok(loc);
@@ -73,7 +106,7 @@ impl OverlayFs {
             .parent
             .clone()
             .ok_or_else(|| Error::new(libc::EIO, "copy-up of the root"))?;
-        self.copy_up(&parent, false)?;
+        self.copy_up_chain(&parent, false, changed)?;
         let _g = node.lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = node.snapshot();
         if let Some(loc) = self.upper_loc(&s) {
@@ -107,20 +140,29 @@ impl OverlayFs {
             work: self.stack.work_fd()?,
             tmp: self.tmp_name(),
             skip_data,
+            src_fd: s
+                .dirs
+                .first()
+                .filter(|d| d.layer == src.layer)
+                .map(|d| d.fd.as_fd()),
+            caps: &self.copy_caps[src.layer],
         };
         debug!("copy-up {:?} (ino {})", src.name, node.ino);
         // A lower hard link's copy gets an inode number of its own: the
         // parent's listing (its d_ino) changes with it.
         let _v = (st.st_nlink > 1 && !node.is_dir()).then(|| self.changing(&[parent.ino]));
-        self.build_and_link(&ctx)?;
+        let dir = self.build_and_link(&ctx)?;
         let loc = Loc {
             layer: dest.layer,
             dir: dest.fd.clone(),
             name: src.name.clone(),
         };
         if node.is_dir() {
-            let upper =
-                sys::open_dir_at(dest.fd.as_fd(), &src.name).ctx(|| "open copied-up dir".into())?;
+            let upper = match dir {
+                Some(fd) => fd,
+                None => sys::open_dir_at(dest.fd.as_fd(), &src.name)
+                    .ctx(|| "open copied-up dir".into())?,
+            };
             let mut dirs = vec![DirLayer::new(dest.layer, Arc::new(upper), Opaque::No)];
             dirs.extend(s.dirs.iter().cloned());
             node.set_state(|st| {
@@ -143,10 +185,7 @@ impl OverlayFs {
         // parent's too: its upper directory got an entry, and its restored
         // times a new ctime (a stale one made `tar` report the directory as
         // changed while it read it, when the next stat saw the new one).
-        if let Some(inv) = self.invalidator.get() {
-            inv.inval_attr(node.ino);
-            inv.inval_attr(parent.ino);
-        }
+        changed.extend([node.ino, parent.ino]);
         node.generation.fetch_add(1, Ordering::Release);
         Ok(loc)
     }
@@ -167,7 +206,9 @@ impl OverlayFs {
         }
     }
 
-    fn build_and_link(&self, c: &CopyUp<'_>) -> Result<()> {
+    /// Builds the copy and links or renames it into place; a directory's
+    /// copy comes back open.
+    fn build_and_link(&self, c: &CopyUp<'_>) -> Result<Option<OwnedFd>> {
         let is_dir = c.st.st_mode & libc::S_IFMT == libc::S_IFDIR;
         let built = match self.build(c) {
             Ok(b) => b,
@@ -177,8 +218,12 @@ impl OverlayFs {
             }
         };
         let parent_st = sys::fstat(c.dest).ctx(|| "stat upper parent".into())?;
+        let (built, dir) = match built {
+            Built::Dir(fd) => (Built::Named, Some(fd)),
+            b => (b, None),
+        };
         match built {
-            Built::Named => {
+            Built::Named | Built::Dir(_) => {
                 if let Err(e) =
                     sys::renameat2(c.work, &c.tmp, c.dest, c.name, sys::RENAME_NOREPLACE)
                 {
@@ -211,7 +256,7 @@ impl OverlayFs {
         let impure = self.stack.xname("impure");
         let _ = xattr::set(xattr::Target::Fd(c.dest), &impure, b"y", 0);
         let _ = sys::utimensat(c.dest, c"", &timespecs(&parent_st));
-        Ok(())
+        Ok(dir)
     }
 
     /// Builds the copy in the work directory: a regular file unnamed
@@ -239,7 +284,7 @@ impl OverlayFs {
                 let open_src = || sys::openat_noatime(c.src_dir, c.name, libc::O_RDONLY);
                 let src = if !c.skip_data && c.st.st_size > 0 {
                     let src = open_src().ctx(what)?;
-                    copy_data(src.as_fd(), dst.as_fd(), c.st.st_size as u64).ctx(what)?;
+                    copy_data(src.as_fd(), dst.as_fd(), &c.st, c.caps).ctx(what)?;
                     Some(src)
                 } else {
                     // Only for its flags.
@@ -263,10 +308,16 @@ impl OverlayFs {
                 sys::mkdirat(c.work, &c.tmp, 0o700).ctx(what)?;
                 let d = sys::open_dir_at(c.work, &c.tmp).ctx(what)?;
                 self.finish_fd(c, &d, perm)?;
-                if let Ok(src) = sys::open_lower_dir_at(c.src_dir, c.name) {
-                    self.copy_inode_flags(src.as_fd(), &d);
+                match c.src_fd {
+                    Some(src) => self.copy_inode_flags(src, &d),
+                    None => {
+                        if let Ok(src) = sys::open_lower_dir_at(c.src_dir, c.name) {
+                            self.copy_inode_flags(src.as_fd(), &d);
+                        }
+                    }
                 }
                 sys::utimensat(d.as_fd(), c"", &timespecs(&c.st)).ctx(what)?;
+                return Ok(Built::Dir(d));
             }
             libc::S_IFLNK => {
                 let target = sys::readlinkat(c.src_dir, c.name).ctx(what)?;
@@ -385,59 +436,97 @@ impl OverlayFs {
         }
         // No origin for a lower hard link: the copy is a new, separate file.
         let hardlink = c.st.st_mode & libc::S_IFMT != libc::S_IFDIR && c.st.st_nlink > 1;
-        if !hardlink
-            && let Ok(o) = sys::openat(c.src_dir, c.name, libc::O_PATH, 0)
-            && let Ok(origin) = layer::make_origin(o.as_fd())
-        {
+        if !hardlink && let Ok(origin) = layer::make_origin_at(c.src_dir, c.name) {
             let _ = xattr::set(dst, &self.stack.xname("origin"), &origin, 0);
         }
         Ok(())
     }
 }
 
-/// Copies file data: reflink when the filesystem can, else
-/// `copy_file_range` over the data segments (holes stay holes), else
-/// read/write.
-pub fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> std::io::Result<()> {
-    if sys::ficlone(dst, src).is_ok() {
-        return Ok(());
-    }
-    let mut off: u64 = 0;
-    while off < size {
-        let Some(data) = sys::lseek(src, off as i64, libc::SEEK_DATA)? else {
-            break;
-        };
-        let hole = sys::lseek(src, data, libc::SEEK_HOLE)?.unwrap_or(size as i64) as u64;
-        copy_range(src, dst, data as u64, hole.min(size))?;
-        off = hole;
-    }
-    sys::ftruncate(dst, size)
+/// What a copy from one lower layer to the upper cannot do, learnt from a
+/// failed attempt (bits in `OverlayFs::copy_caps`; the filesystems stay the
+/// same while mounted): not tried again.
+const NO_CLONE: u8 = 1;
+const NO_COPY_RANGE: u8 = 2;
+
+/// Whether an error says the operation cannot work between these two
+/// filesystems at all (not just for this file).
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOTTY | libc::ENOSYS)
+    )
 }
 
+/// Copies the data of a file of lstat `st`: reflink when the filesystems
+/// can, else `copy_file_range` over the data segments (holes stay holes),
+/// else read/write. A file of one block or less with a block allocated has
+/// no hole: it is copied whole, without looking for one.
+pub fn copy_data(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    st: &Stat,
+    caps: &std::sync::atomic::AtomicU8,
+) -> std::io::Result<()> {
+    let size = st.st_size as u64;
+    if caps.load(Ordering::Relaxed) & NO_CLONE == 0 {
+        match sys::ficlone(dst, src) {
+            Ok(()) => return Ok(()),
+            Err(e) if unsupported(&e) => {
+                caps.fetch_or(NO_CLONE, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+    }
+    let mut reached = 0;
+    if size <= 4096 && st.st_blocks > 0 {
+        reached = copy_range(src, dst, 0, size, caps)?;
+    } else {
+        let mut off: u64 = 0;
+        while off < size {
+            let Some(data) = sys::lseek(src, off as i64, libc::SEEK_DATA)? else {
+                break;
+            };
+            let hole = sys::lseek(src, data, libc::SEEK_HOLE)?.unwrap_or(size as i64) as u64;
+            reached = copy_range(src, dst, data as u64, hole.min(size), caps)?;
+            off = hole;
+        }
+    }
+    // A hole at the end (or a source shorter than its lstat said).
+    if reached != size {
+        sys::ftruncate(dst, size)?;
+    }
+    Ok(())
+}
+
+/// Copies `off..end`; where the copy stopped (`end` unless the source ended
+/// first).
 fn copy_range(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     mut off: u64,
     end: u64,
-) -> std::io::Result<()> {
+    caps: &std::sync::atomic::AtomicU8,
+) -> std::io::Result<u64> {
+    if caps.load(Ordering::Relaxed) & NO_COPY_RANGE != 0 {
+        return copy_rw(src, dst, off, end);
+    }
     while off < end {
         let len = ((end - off) as usize).min(1 << 30);
         let n = match sys::copy_file_range(src, off, dst, off, len) {
-            Ok(0) => return Ok(()),
+            Ok(0) => return Ok(off),
             Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
-                ) =>
-            {
+            Err(e) if unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
+                if unsupported(&e) {
+                    caps.fetch_or(NO_COPY_RANGE, Ordering::Relaxed);
+                }
                 return copy_rw(src, dst, off, end);
             }
             Err(e) => return Err(e),
         };
         off += n as u64;
     }
-    Ok(())
+    Ok(off)
 }
 
 fn copy_rw(
@@ -445,8 +534,8 @@ fn copy_rw(
     dst: BorrowedFd<'_>,
     mut off: u64,
     end: u64,
-) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; ((end - off) as usize).clamp(1, 1 << 20)];
     while off < end {
         let want = ((end - off) as usize).min(buf.len());
         let n = sys::pread(src, &mut buf[..want], off)?;
@@ -459,5 +548,5 @@ fn copy_rw(
         }
         off += n as u64;
     }
-    Ok(())
+    Ok(off)
 }

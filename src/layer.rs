@@ -191,9 +191,10 @@ fn parse_origin(v: &[u8]) -> Option<(i32, &[u8])> {
     Some((v[4] as i32, &v[21..]))
 }
 
-/// Builds the origin value the kernel writes for a lower object.
-pub fn make_origin(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
-    let (kind, handle) = sys::file_handle(fd)?;
+/// Builds the origin value the kernel writes for lower object `name` in
+/// `dir` (a final symlink not followed; `dir` itself for an empty name).
+pub fn make_origin_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    let (kind, handle) = sys::file_handle_at(dir, name)?;
     let len = 21 + handle.len();
     let mut v = Vec::with_capacity(len);
     v.extend_from_slice(&[0, 0xfb, len as u8, 0, kind as u8]);

@@ -100,6 +100,9 @@ pub struct OverlayFs {
     /// Copies of regular files are built unnamed (`O_TMPFILE`) until the
     /// work directory's filesystem refuses it.
     pub(crate) tmpfile_ok: std::sync::atomic::AtomicBool,
+    /// Per lower layer: what a copy-up's data copy from it to the upper
+    /// found impossible (`copy_up::CopyCaps`), not to be tried again.
+    pub(crate) copy_caps: Vec<std::sync::atomic::AtomicU8>,
     /// This process's umask (0 in the daemon; a library user's may not be).
     pub(crate) proc_umask: u32,
     /// Mounted `noatime`: reads never update an upper file's atime.
@@ -219,6 +222,9 @@ impl OverlayFs {
                 unlinked: false,
             },
         );
+        let copy_caps = (0..stack.layers.len())
+            .map(|_| std::sync::atomic::AtomicU8::new(0))
+            .collect();
         Ok(OverlayFs {
             stack,
             nodes: {
@@ -238,6 +244,7 @@ impl OverlayFs {
             invalidator: OnceLock::new(),
             tmp_counter: std::sync::atomic::AtomicU64::new(0),
             tmpfile_ok: std::sync::atomic::AtomicBool::new(true),
+            copy_caps,
             proc_umask: process_umask(),
             noatime,
             forgets: std::sync::atomic::AtomicU64::new(0),
@@ -267,8 +274,12 @@ impl OverlayFs {
 
     /// A fresh name for an object being built in the work directory.
     pub(crate) fn tmp_name(&self) -> CString {
+        // The daemon's pid, read once (it is read after any daemonizing
+        // fork: at the first copy-up or whiteout).
+        static PID: OnceLock<u32> = OnceLock::new();
+        let pid = *PID.get_or_init(std::process::id);
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        CString::new(format!("#{:x}.{n:x}", std::process::id())).expect("no NUL")
+        CString::new(format!("#{pid:x}.{n:x}")).expect("no NUL")
     }
 
     // ---- attributes -------------------------------------------------------

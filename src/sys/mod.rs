@@ -422,9 +422,10 @@ pub fn copy_file_range(
     })
 }
 
-/// The file handle of an object (`name_to_handle_at` with `AT_EMPTY_PATH`):
-/// its type and bytes, as the kernel's overlayfs stores in `overlay.origin`.
-pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<(i32, Vec<u8>)> {
+/// The file handle of `name` in `dir` (`name_to_handle_at`; a final symlink
+/// not followed), or of `dir` itself for an empty name: its type and bytes,
+/// as the kernel's overlayfs stores in `overlay.origin`.
+pub fn file_handle_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<(i32, Vec<u8>)> {
     const MAX: usize = 128;
     #[repr(C)]
     struct Handle {
@@ -438,15 +439,20 @@ pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<(i32, Vec<u8>)> {
         data: [0; MAX],
     };
     let mut mount_id: libc::c_int = 0;
+    let flags = if name.is_empty() {
+        libc::AT_EMPTY_PATH
+    } else {
+        0
+    };
     // SAFETY: `h` has the layout of `struct file_handle` with MAX bytes of room.
     cvt(unsafe {
         libc::syscall(
             libc::SYS_name_to_handle_at,
-            fd.as_raw_fd(),
-            c"".as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
             &mut h as *mut Handle,
             &mut mount_id as *mut libc::c_int,
-            libc::AT_EMPTY_PATH,
+            flags,
         ) as libc::c_int
     })?;
     let n = (h.bytes as usize).min(MAX);
