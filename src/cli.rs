@@ -31,6 +31,8 @@ use clap::{Args, Parser, Subcommand};
 ///   threaded=N                            FUSE worker threads
 ///   noacl                                 no POSIX ACL support
 ///   passthrough=off                       no FUSE passthrough for upper files
+///   writeback                             without passthrough: the kernel's
+///                                         writeback cache (see README)
 ///   uring=off                             no FUSE-over-io-uring (used when the
 ///                                         kernel offers it: fuse enable_uring=Y)
 ///   uring=idle                            ring threads in the idle sched class,

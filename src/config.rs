@@ -37,6 +37,10 @@ pub struct Options {
     pub redirect_dir: Option<RedirectDir>,
     /// Let users other than the mounter in (default when root).
     pub allow_other: bool,
+    /// `writeback`: the kernel's writeback cache for files not passed
+    /// through (only when passthrough is off for the mount), so that
+    /// writes are gathered in the page cache instead of a round trip each.
+    pub writeback: bool,
     /// FUSE worker threads.
     pub threads: usize,
     /// How long the kernel may cache names and attributes (`timeout=`).
@@ -121,6 +125,7 @@ impl Default for Options {
             volatile: false,
             redirect_dir: None,
             allow_other: is_root(),
+            writeback: false,
             threads: default_threads(),
             timeout: std::time::Duration::from_secs(86400),
             acl: true,
@@ -274,6 +279,8 @@ fn apply_option(cfg: &mut MountConfig, item: &[u8]) -> Result<(), String> {
             ));
         }
         ("allow_other", None) => o.allow_other = true,
+        ("writeback" | "writeback_cache", None) => o.writeback = true,
+        ("nowriteback" | "nowriteback_cache", None) => o.writeback = false,
         ("allow_root", None) => o.allow_other = true,
         ("threaded", Some(v)) | ("threads", Some(v)) => {
             let n: usize = String::from_utf8_lossy(v)
@@ -638,6 +645,19 @@ mod tests {
         );
         let e = opts("redirect_dir=yes").unwrap_err();
         assert!(e.contains("redirect_dir") && e.contains("yes"), "{e}");
+    }
+
+    #[test]
+    fn writeback_is_asked_for() {
+        let opts = |s: &str| {
+            let mut c = MountConfig::new(vec![]);
+            apply_option_string(&mut c, OsStr::new(s)).map(|_| c.options)
+        };
+        assert!(!opts("").unwrap().writeback);
+        assert!(opts("writeback").unwrap().writeback);
+        assert!(opts("writeback_cache").unwrap().writeback);
+        assert!(!opts("writeback,nowriteback").unwrap().writeback);
+        assert!(opts("writeback").unwrap().ignored.is_empty());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use fuser::{
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
     ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 
 use crate::attrs::{SetAttr, SetTime, Writer};
 use crate::error::{Error, Result};
@@ -31,6 +31,9 @@ pub struct LayerFs {
     pub acl: bool,
     /// Offer FUSE passthrough (set from the kernel's answer at init).
     pub passthrough: bool,
+    /// Ask for the writeback cache where passthrough is off (set from the
+    /// kernel's answer at init).
+    pub writeback: bool,
     /// Ask for FUSE-over-io-uring (taken when the kernel offers it).
     pub uring: bool,
 }
@@ -134,6 +137,17 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
 }
 
 impl LayerFs {
+    /// The flags layerfs opens a file with: with the writeback cache the
+    /// kernel also reads through a write-only open (the rest of a page it
+    /// writes part of), so a write-only open is made read-write.
+    fn io_flags(&self, flags: i32) -> i32 {
+        if self.writeback && flags & libc::O_ACCMODE == libc::O_WRONLY {
+            (flags & !libc::O_ACCMODE) | libc::O_RDWR
+        } else {
+            flags
+        }
+    }
+
     fn to_fuse(&self, a: &Attr) -> FileAttr {
         let mut a = *a;
         self.view.present(&mut a.st);
@@ -244,10 +258,25 @@ impl Filesystem for LayerFs {
             // Requests handled on the CPU that made them (per-CPU queues).
             wanted |= InitFlags::FUSE_OVER_IO_URING;
         }
+        let passthrough = wanted.contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH);
+        if self.writeback && passthrough {
+            // Files in the upper layer are passed through (no page cache of
+            // layerfs's own to gather writes in); lower files are copied up
+            // before any write.
+            info!("writeback: not used, the mount has FUSE passthrough (passthrough=off for it)");
+        } else if self.writeback {
+            // Writes are gathered in the kernel's page cache and sent in
+            // large requests; the kernel keeps size and times of regular
+            // files itself meanwhile (see README).
+            wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
+        }
         let supported = config.capabilities() & wanted;
         let _ = config.add_capabilities(supported);
         self.passthrough = supported.contains(InitFlags::FUSE_PASSTHROUGH);
         debug!("passthrough: {}", self.passthrough);
+        self.writeback = supported.contains(InitFlags::FUSE_WRITEBACK_CACHE);
+        debug!("writeback cache: {}", self.writeback);
         self.uring = supported.contains(InitFlags::FUSE_OVER_IO_URING);
         debug!("io_uring requested: {}", self.uring);
         Ok(())
@@ -462,9 +491,15 @@ impl Filesystem for LayerFs {
         };
         let register =
             |fd: std::os::fd::BorrowedFd<'_>| register_backing(fd, |f| reply.open_backing(f));
-        let r = guard("open", || {
+        let open = |f| {
             self.ov
-                .open(ino.0, flags.0, self.passthrough.then_some(&register))
+                .open(ino.0, f, self.passthrough.then_some(&register))
+        };
+        let r = guard("open", || match open(self.io_flags(flags.0)) {
+            // A write-only file the daemon may not read: the kernel's
+            // reads to complete a partly written page will fail.
+            Err(e) if e.is(libc::EACCES) && self.io_flags(flags.0) != flags.0 => open(flags.0),
+            r => r,
         });
         match r {
             Ok((fh, OpenIo::Cached { keep_cache })) => {
@@ -776,7 +811,7 @@ impl Filesystem for LayerFs {
                 parent.0,
                 &cname(name)?,
                 mode,
-                flags,
+                self.io_flags(flags),
                 self.passthrough.then_some(&register),
             )
         });
@@ -800,7 +835,7 @@ impl Filesystem for LayerFs {
                 self.caller(req, umask),
                 parent.0,
                 mode,
-                flags,
+                self.io_flags(flags),
                 self.passthrough.then_some(&register),
             )
         });

@@ -156,6 +156,7 @@ pub fn new_session(cfg: &MountConfig, mountpoint: &Path) -> Result<Session<Layer
         ttl: cfg.options.timeout,
         acl: cfg.options.acl,
         passthrough: cfg.options.passthrough,
+        writeback: cfg.options.writeback,
         uring: cfg.options.uring,
     };
     let mut config = Config::default();

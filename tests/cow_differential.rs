@@ -4213,6 +4213,52 @@ done
     );
 }
 
+/// With the writeback cache (layerfs's `writeback`, passthrough off) writes
+/// through write-only opens of part of a page, appends, truncations, holes,
+/// mmap and small writes give what the kernel's overlay gives, seen through
+/// the mount (sizes, data, a changed mtime) and in the upper afterwards.
+#[test]
+fn writeback_cache_writes_as_the_kernel() {
+    const SCRIPT: &str = r#"
+mkdir -p $L $U $W $M
+seq 100000 | head -c 10000 > $L/f; cp $L/f $L/g; seq 5 5 100000 | head -c 5000 > $L/h
+touch -d 2001-01-01 $L/f $L/g $L/h
+case $MNT_CMD in mount*) X= ;; *) X=,passthrough=off,writeback ;; esac
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W$X $M
+printf abc | dd of=$M/f bs=1 seek=5000 conv=notrunc status=none
+echo tail >> $M/g
+$PY - $M <<'PYEOF'
+import mmap, os, sys
+m = sys.argv[1]
+fd = os.open(m + "/new", os.O_WRONLY | os.O_CREAT, 0o644)
+for i in range(50):
+    os.write(fd, bytes([65 + i % 26]) * 100)
+os.ftruncate(fd, 3333)
+os.pwrite(fd, b"end", 9000)
+os.close(fd)
+fd = os.open(m + "/h", os.O_RDWR)
+mm = mmap.mmap(fd, 0)
+mm[100:104] = b"MMAP"
+mm.close()
+os.ftruncate(fd, 7000)
+os.close(fd)
+fd = os.open(m + "/g", os.O_WRONLY | os.O_APPEND)
+os.write(fd, b"appended")
+os.close(fd)
+PYEOF
+for x in f g h new; do
+  echo "$x: $(stat -c %s $M/$x) $(md5sum < $M/$x | cut -c1-12) mtime-changed:$( [ $(stat -c %Y $M/$x) -gt 978307200 ] && echo y || echo n)"
+done
+umount $M
+for x in f g h new; do echo "upper $x: $(stat -c %s $U/$x) $(md5sum < $U/$x | cut -c1-12)"; done
+"#;
+    same_on_kernel_and_layerfs(
+        "writeback",
+        SCRIPT,
+        &["new: 9003", "h: 7000", "mtime-changed:y"],
+    );
+}
+
 /// `overlay.impure` on an upper-only directory goes when a listing finds
 /// no entry that needs it (the kernel drops it then), and stays while one
 /// does (a moved copy-up reporting its origin's inode number).

@@ -673,6 +673,24 @@ fn fsx_layerfs_new_file() {
     fsx_on_layerfs("new-file", Start::New, 0x2222);
 }
 
+/// Both with the writeback cache (passthrough off: writes gathered in the
+/// kernel's page cache, which keeps sizes and times meanwhile).
+#[test]
+fn fsx_layerfs_writeback_cache() {
+    fsx_on_layerfs_opts(
+        "lower-file-writeback",
+        Start::Lower(77 * 1024 + 3),
+        0x5555,
+        Some("passthrough=off,writeback"),
+    );
+    fsx_on_layerfs_opts(
+        "new-file-writeback",
+        Start::New,
+        0x6666,
+        Some("passthrough=off,writeback"),
+    );
+}
+
 /// The same exerciser on the kernel overlay (validates the exerciser and the
 /// model: must always pass).
 #[test]
