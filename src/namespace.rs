@@ -158,11 +158,24 @@ impl OverlayFs {
         let p = self.prepare_parent(parent)?;
         let _g = p.node.lock.lock().unwrap_or_else(|e| e.into_inner());
         let _v = self.changing(&[parent]);
+        // The name must be absent from the merged view: no upper entry and
+        // none in the lowers, or an upper whiteout, which the new object
+        // replaces (one stat of the upper entry for both questions).
         let pdirs = p.node.snapshot().dirs;
-        if resolve::lookup(&self.stack, &pdirs, name)?.exists() {
-            return Err(Error::new(libc::EEXIST, format!("{name:?} exists")));
-        }
-        let over_whiteout = self.upper_whiteout(&p, name)?;
+        let exists = || Error::new(libc::EEXIST, format!("{name:?} exists"));
+        let over_whiteout = match pdirs.split_first() {
+            Some((upper, lowers)) => match resolve::entry_in(&self.stack, upper, name)? {
+                resolve::Entry::Found(_) => return Err(exists()),
+                resolve::Entry::Whiteout => true,
+                resolve::Entry::Missing => {
+                    if resolve::lookup(&self.stack, lowers, name)?.exists() {
+                        return Err(exists());
+                    }
+                    false
+                }
+            },
+            None => return Err(Error::new(libc::EIO, "directory without layers")),
+        };
         let is_dir = matches!(obj, NewObject::Dir);
         // Over a whiteout the object is made in the work dir and swapped
         // in; under a parent with a default ACL, in a staging dir that
@@ -198,7 +211,20 @@ impl OverlayFs {
             // so its lookups need not search the lowers (best effort).
             let _ = self.set_opaque_at(p.upper.fd.as_fd(), name);
         }
-        let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, name)?;
+        // A file is what its fd shows, at `name` in the upper parent (no
+        // other change of the parent can run meanwhile: its lock is held);
+        // anything else is looked up (a directory's opaque mark, layers).
+        let r = match &fd {
+            Some(f) => resolve::Resolved::NonDir {
+                loc: crate::inode::Loc {
+                    layer: p.upper.layer,
+                    dir: p.upper.fd.clone(),
+                    name: name.into(),
+                },
+                st: sys::fstat(f.as_fd()).ctx(|| format!("stat new {name:?}"))?,
+            },
+            None => resolve::lookup(&self.stack, &p.node.snapshot().dirs, name)?,
+        };
         let (_, attr) = self.record(&p.node, r)?;
         Ok((attr, fd))
     }

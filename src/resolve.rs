@@ -34,14 +34,14 @@ impl Resolved {
 }
 
 /// How one layer's entry for a name looks.
-enum Entry {
+pub(crate) enum Entry {
     Missing,
     /// Whited out here (kernel whiteout, xattr whiteout, or OCI marker).
     Whiteout,
     Found(Stat),
 }
 
-fn entry_in(stack: &Stack, dl: &DirLayer, name: &CStr) -> Result<Entry> {
+pub(crate) fn entry_in(stack: &Stack, dl: &DirLayer, name: &CStr) -> Result<Entry> {
     let lower = stack.is_lower(dl.layer);
     if lower && whiteout::is_oci_marker(name.to_bytes()) {
         return Ok(Entry::Missing);
