@@ -51,7 +51,8 @@ struct CopyUp<'a> {
     /// The source directory, already open (a directory's node holds its
     /// layers' directories open): read for its inode flags.
     src_fd: Option<BorrowedFd<'a>>,
-    /// What the data copy from the source's layer cannot do (`CopyCaps`).
+    /// What the data copy from the source's layer cannot do (`NO_CLONE`,
+    /// `NO_COPY_RANGE`).
     caps: &'a std::sync::atomic::AtomicU8,
 }
 
@@ -218,18 +219,20 @@ impl OverlayFs {
             }
         };
         let parent_st = sys::fstat(c.dest).ctx(|| "stat upper parent".into())?;
-        let (built, dir) = match built {
-            Built::Dir(fd) => (Built::Named, Some(fd)),
-            b => (b, None),
+        let rename = || match sys::renameat2(c.work, &c.tmp, c.dest, c.name, sys::RENAME_NOREPLACE)
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = sys::unlinkat(c.work, &c.tmp, is_dir);
+                Err(e).ctx(|| format!("copy-up rename {:?} into place", c.name))
+            }
         };
+        let mut dir = None;
         match built {
-            Built::Named | Built::Dir(_) => {
-                if let Err(e) =
-                    sys::renameat2(c.work, &c.tmp, c.dest, c.name, sys::RENAME_NOREPLACE)
-                {
-                    let _ = sys::unlinkat(c.work, &c.tmp, is_dir);
-                    return Err(e).ctx(|| format!("copy-up rename {:?} into place", c.name));
-                }
+            Built::Named => rename()?,
+            Built::Dir(fd) => {
+                rename()?;
+                dir = Some(fd);
             }
             Built::Unnamed(fd) => {
                 // Nothing to clean up on failure: an unnamed file goes with
@@ -460,8 +463,8 @@ fn unsupported(e: &std::io::Error) -> bool {
 
 /// Copies the data of a file of lstat `st`: reflink when the filesystems
 /// can, else `copy_file_range` over the data segments (holes stay holes),
-/// else read/write. A file of one block or less with a block allocated has
-/// no hole: it is copied whole, without looking for one.
+/// else read/write. A file no larger than a block, with a block allocated,
+/// has no hole: it is copied whole, without looking for one.
 pub fn copy_data(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
@@ -479,7 +482,9 @@ pub fn copy_data(
         }
     }
     let mut reached = 0;
-    if size <= 4096 && st.st_blocks > 0 {
+    // A block: the preferred I/O size (ext4's block size, 1 KiB on some),
+    // at most 4 KiB (ZFS gives its larger record size there).
+    if size <= (st.st_blksize as u64).min(4096) && st.st_blocks > 0 {
         reached = copy_range(src, dst, 0, size, caps)?;
     } else {
         let mut off: u64 = 0;

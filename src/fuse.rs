@@ -261,9 +261,9 @@ impl Filesystem for LayerFs {
         let passthrough = wanted.contains(InitFlags::FUSE_PASSTHROUGH)
             && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH);
         if self.writeback && passthrough {
-            // Files in the upper layer are passed through (no page cache of
-            // layerfs's own to gather writes in); lower files are copied up
-            // before any write.
+            // Writes to upper files then go to their backing files (setuid
+            // files aside), not through the page cache of this mount, and
+            // lower files are copied up before any write: little to gather.
             info!("writeback: not used, the mount has FUSE passthrough (passthrough=off for it)");
         } else if self.writeback {
             // Writes are gathered in the kernel's page cache and sent in

@@ -100,8 +100,8 @@ pub struct OverlayFs {
     /// Copies of regular files are built unnamed (`O_TMPFILE`) until the
     /// work directory's filesystem refuses it.
     pub(crate) tmpfile_ok: std::sync::atomic::AtomicBool,
-    /// Per lower layer: what a copy-up's data copy from it to the upper
-    /// found impossible (`copy_up::CopyCaps`), not to be tried again.
+    /// Per layer: what a copy-up's data copy from it to the upper found
+    /// impossible (bits of `copy_up::copy_data`), not to be tried again.
     pub(crate) copy_caps: Vec<std::sync::atomic::AtomicU8>,
     /// This process's umask (0 in the daemon; a library user's may not be).
     pub(crate) proc_umask: u32,
