@@ -417,13 +417,18 @@ impl PathIndex {
         self.keys.insert(id, key);
     }
 
-    fn remove(&mut self, id: u64) {
-        self.st_inos.remove(&id);
+    /// `id`'s name no longer leads to it.
+    fn unkey(&mut self, id: u64) {
         if let Some(key) = self.keys.remove(&id)
             && self.ids.get(&key) == Some(&id)
         {
             self.ids.remove(&key);
         }
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.st_inos.remove(&id);
+        self.unkey(id);
     }
 }
 
@@ -479,9 +484,10 @@ impl NodeTable {
         match node.ino {
             ROOT_INO => self.root_st_ino.store(st_ino, Ordering::Relaxed),
             id if id >= PATH_ID_BASE => {
+                // (Not for a node already forgotten.)
                 let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-                if paths.keys.contains_key(&id) {
-                    paths.st_inos.insert(id, st_ino);
+                if let Some(v) = paths.st_inos.get_mut(&id) {
+                    *v = st_ino;
                 }
             }
             _ => {}
@@ -612,6 +618,18 @@ impl NodeTable {
         let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
         if paths.keys.contains_key(&node.ino) {
             paths.set(node.ino, key);
+        }
+    }
+
+    /// A per-name node's name is gone (unlinked, or replaced by a rename):
+    /// that name leads to it no more (to what is there next instead); the
+    /// node keeps its `st_ino` while the kernel holds it.
+    pub fn unkey(&self, node: &Node) {
+        if node.ino >= PATH_ID_BASE {
+            self.paths
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unkey(node.ino);
         }
     }
 

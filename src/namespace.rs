@@ -487,6 +487,10 @@ impl OverlayFs {
                 s.unlinked = true;
                 s.detached = fd.clone();
             });
+            // A per-name node (a name of a hard-linked file) stays in the
+            // table until the kernel forgets it, which it tells later: the
+            // next object at this name must not be taken for it.
+            self.nodes.unkey(&node);
         }
     }
 

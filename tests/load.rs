@@ -1403,6 +1403,78 @@ fn listing_while_unlinking_and_seeking_is_exact() {
     assert!(left.is_empty(), "work dir not cleaned at unmount: {left:?}");
 }
 
+/// A name of a hard-linked upper file (a node per name) replaced by a
+/// rename, or unlinked, leads to what is there next, also while the kernel
+/// has not yet forgotten the old name's node (its FORGET comes later, in
+/// the background). Found by the load test: `rename(lower file, name)` then
+/// `rename(name, other)` failed with ENOENT now and then, the second rename
+/// taking the replaced file's node for the name's; a reader listing and
+/// stating the directories makes the kernel look names up meanwhile.
+#[test]
+fn replaced_hard_link_name_leads_to_the_new_file() {
+    let n = env_u64("REPLACED_NAMES", 600) as usize;
+    let d = Dirs::new("replaced-name");
+    let lower = d.dir("lower");
+    fs::create_dir_all(lower.join("s")).unwrap();
+    fs::create_dir_all(lower.join("w")).unwrap();
+    for i in 0..n {
+        fs::write(lower.join(format!("s/l{i}")), format!("lower {i}")).unwrap();
+    }
+    let m = Layerfs::mount(&[lower], &d.dir("upper"), &d.dir("work"), &d.path("mnt"));
+    let _wd = m.watchdog(120, "replaced hard-link names");
+    let root = m.path().to_path_buf();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (root, stop) = (root.clone(), stop.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for dir in ["w", "s"] {
+                    for e in fs::read_dir(root.join(dir)).into_iter().flatten().flatten() {
+                        let _ = fs::symlink_metadata(e.path());
+                    }
+                }
+            }
+        })
+    };
+    let mut problems = Vec::new();
+    for i in 0..n {
+        let t = root.join(format!("w/t{i}"));
+        let steps: [(&str, &dyn Fn() -> std::io::Result<()>); 6] = [
+            ("create", &|| fs::write(&t, b"upper")),
+            ("link", &|| fs::hard_link(&t, root.join(format!("s/h{i}")))),
+            ("rename lower file over it", &|| {
+                fs::rename(root.join(format!("s/l{i}")), &t)
+            }),
+            ("rename it on", &|| {
+                fs::rename(&t, root.join(format!("w/u{i}")))
+            }),
+            ("create again", &|| fs::write(&t, b"again")),
+            ("unlink", &|| fs::remove_file(&t)),
+        ];
+        for (what, f) in steps {
+            if let Err(e) = f() {
+                problems.push(format!("{i}: {what}: {e}"));
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    for i in (0..n).step_by(97) {
+        let got = fs::read(root.join(format!("w/u{i}"))).unwrap_or_default();
+        if got != format!("lower {i}").as_bytes() {
+            problems.push(format!("w/u{i} holds {:?}", String::from_utf8_lossy(&got)));
+        }
+    }
+    m.unmount().expect("clean unmount");
+    assert!(
+        problems.is_empty(),
+        "{} problems: {:?}",
+        problems.len(),
+        &problems[..problems.len().min(10)]
+    );
+}
+
 /// A directory moved to another parent lists the new parent as `..`, also
 /// when its listing was cached before the move.
 #[test]

@@ -817,10 +817,6 @@ pub(crate) struct GuardedThread {
 /// and over 500 µs per run on average.
 const GUARD_WAITED_NS: u64 = 1_000_000;
 const GUARD_WAIT_PER_RUN_NS: u64 = 500_000;
-/// Requests served since the last look that show a thread is not starving
-/// (at most 250 µs each at the busy period): its `/proc` files, whose
-/// reading costs the watcher ~10 µs a thread, are not read then.
-const GUARD_BUSY_SERVED: u64 = 8;
 /// The watcher's period while requests flow, and once quiet for a while.
 const GUARD_LOOKS: [(std::time::Duration, std::time::Duration); 3] = [
     (std::time::Duration::ZERO, std::time::Duration::from_millis(2)),
@@ -928,12 +924,11 @@ impl IdleGuard {
                     continue;
                 }
                 let served = t.served.load(Ordering::Relaxed);
-                let busy = served.wrapping_sub(l.served) >= GUARD_BUSY_SERVED;
                 if served != l.served {
                     l.served = served;
                     last_served = now;
                 }
-                if busy || !t.idle.load(Ordering::Acquire) {
+                if !t.idle.load(Ordering::Acquire) {
                     l.runnable_at = None;
                     l.delay = None;
                     continue;
