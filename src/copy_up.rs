@@ -74,7 +74,8 @@ impl OverlayFs {
     /// its upper location. `skip_data` is for opens with `O_TRUNC`.
     pub(crate) fn copy_up(&self, node: &Arc<Node>, skip_data: bool) -> Result<Loc> {
         self.writable()?;
-        if let Some(loc) = self.upper_loc(&node.snapshot()) {
+        // (Read in place: every create and write open asks.)
+        if let Some(loc) = node.read_state(|s| self.upper_loc(s)) {
             return Ok(loc);
         }
         // The kernel's cached attributes of the copied objects and their
@@ -99,14 +100,11 @@ impl OverlayFs {
         skip_data: bool,
         changed: &mut Vec<u64>,
     ) -> Result<Loc> {
-        let s = node.snapshot();
-        if let Some(loc) = self.upper_loc(&s) {
-            return Ok(loc);
-        }
-        let parent = s
-            .parent
-            .clone()
-            .ok_or_else(|| Error::new(libc::EIO, "copy-up of the root"))?;
+        let parent = match node.read_state(|s| (self.upper_loc(s), s.parent.clone())) {
+            (Some(loc), _) => return Ok(loc),
+            (None, Some(parent)) => parent,
+            (None, None) => return Err(Error::new(libc::EIO, "copy-up of the root")),
+        };
         self.copy_up_chain(&parent, false, changed)?;
         let _g = node.lock.lock().unwrap_or_else(|e| e.into_inner());
         let s = node.snapshot();

@@ -910,7 +910,7 @@ impl OverlayFs {
         let named = if s.unlinked {
             Arc::default()
         } else {
-            self.named_entries(ino, version, &s.dirs)?
+            self.named_entries(&node, version, &s.dirs)?
         };
         let start = match offset {
             0..=2 => offset as usize,
@@ -923,10 +923,11 @@ impl OverlayFs {
     /// entry changed since, else a new one.
     fn named_entries(
         &self,
-        ino: u64,
+        node: &Node,
         version: Option<u64>,
         dirs: &[crate::inode::DirLayer],
     ) -> Result<Arc<Vec<DirEntry>>> {
+        let ino = node.ino;
         let mut recent = self.listings.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = version
             && let Some(l) = recent.iter().find(|l| l.0 == ino && l.1 == v)
@@ -938,7 +939,6 @@ impl OverlayFs {
         if unneeded_impure
             && self.writable().is_ok()
             && let Some(v) = version
-            && let Some(node) = self.nodes.get(ino)
         {
             // As the kernel: a listing that finds no entry needing the mark
             // drops it (best effort) — unless an entry changed meanwhile

@@ -235,15 +235,15 @@ pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Re
             break;
         }
         if let Some(target) = redirect {
+            let parsed = crate::layer::parse_redirect(&target)
+                .map_err(|errno| invalid_redirect(errno, &target))?;
             // Not followed (redirect_dir=nofollow, userxattr): refused when
             // there are layers below to search, as the kernel refuses it (an
-            // absolute redirect searches from the root, which has them all);
-            // a malformed value is refused as such first.
+            // absolute redirect searches from the root, which has them all).
             if !stack.follow_redirects {
-                let more = match crate::layer::parse_redirect(&target) {
-                    Err(errno) => return Err(invalid_redirect(errno, &target)),
-                    Ok(Redirect::Absolute(_)) => stack.layers.len() > dl.layer + 1,
-                    Ok(Redirect::Relative(_)) => candidates.iter().any(|d| d.layer > dl.layer),
+                let more = match parsed {
+                    Redirect::Absolute(_) => stack.layers.len() > dl.layer + 1,
+                    Redirect::Relative(_) => candidates.iter().any(|d| d.layer > dl.layer),
                 };
                 if more {
                     return Err(Error::new(
@@ -259,7 +259,7 @@ pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Re
             // A relative redirect names a sibling in the directories being
             // searched now: the parent's, or those an absolute redirect
             // above led to (the kernel's lookup path so far).
-            let (below, last) = redirect_target(stack, &candidates, dl.layer, &target)?;
+            let (below, last) = redirect_target(stack, &candidates, dl.layer, parsed)?;
             candidates = below;
             cur = last;
             i = 0;
@@ -275,12 +275,12 @@ pub fn lookup(stack: &Stack, parent_dirs: &[DirLayer], name: &CStr) -> Result<Re
 /// directories (in layers below `layer`) holding the last component, and
 /// that component. A relative redirect names a sibling in `searched`, the
 /// directories the lookup was searching; an absolute one a path from the
-/// roots. A malformed value fails with the kernel's errno.
+/// roots.
 fn redirect_target(
     stack: &Stack,
     searched: &[DirLayer],
     layer: usize,
-    target: &[u8],
+    target: Redirect<'_>,
 ) -> Result<(Vec<DirLayer>, CString)> {
     let cstring = |c: &[u8]| CString::new(c).expect("NUL refused by parse_redirect");
     let below = |v: &[DirLayer]| {
@@ -289,10 +289,9 @@ fn redirect_target(
             .cloned()
             .collect::<Vec<_>>()
     };
-    match crate::layer::parse_redirect(target) {
-        Err(errno) => Err(invalid_redirect(errno, target)),
-        Ok(Redirect::Relative(name)) => Ok((below(searched), cstring(name))),
-        Ok(Redirect::Absolute(comps)) => {
+    match target {
+        Redirect::Relative(name) => Ok((below(searched), cstring(name))),
+        Redirect::Absolute(comps) => {
             let (last, path) = comps.split_last().expect("at least one component");
             let mut dirs = below(&root_dirs(stack)?);
             for comp in path {
