@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::error::{Context, Error, Result};
 use crate::inode::{Loc, Name, Node};
 use crate::overlay::{Attr, OverlayFs};
+use crate::protect;
 use crate::sys::{self, xattr};
 
 /// `_IOR('X', 31, struct fsxattr)`: a file's extended flags (28 bytes).
@@ -133,6 +134,31 @@ impl OverlayFs {
     pub fn setattr(&self, ino: u64, a: SetAttr, caller: Writer<'_>, kill: bool) -> Result<Attr> {
         self.writable()?;
         let node = self.node(ino)?;
+        // The kernel's `notify_change` and truncate rules for immutable and
+        // append-only objects: times set to now (`touch`) are refused only
+        // for immutable ones; FUSE does not say whether "now" was asked
+        // explicitly (`utimensat` with `UTIME_NOW`, refused for both on the
+        // kernel) or by a null times argument. A truncation through an open file (`ftruncate`: the
+        // kernel gives its handle) is refused only for an append-only one:
+        // an immutable file opened for writing before its flag was set
+        // stays truncatable, as on the kernel.
+        let explicit = |t: Option<SetTime>| matches!(t, Some(SetTime::At(..)));
+        let refused = if a.mode.is_some()
+            || a.uid.is_some()
+            || a.gid.is_some()
+            || (a.size.is_some() && a.fh.is_none())
+            || explicit(a.atime)
+            || explicit(a.mtime)
+        {
+            protect::ANY
+        } else if a.size.is_some() {
+            protect::APPEND
+        } else if a.atime.is_some() || a.mtime.is_some() {
+            protect::IMMUTABLE
+        } else {
+            0
+        };
+        self.refuse_if(&node, refused, "setattr")?;
         let truncating_to_zero =
             a.size == Some(0) && a.mode.is_none() && a.uid.is_none() && a.gid.is_none();
         let loc = self.change_loc(&node, a.fh, truncating_to_zero)?;
@@ -209,6 +235,7 @@ impl OverlayFs {
         self.writable()?;
         let stored = self.stack.private.escape(name);
         let node = self.node(ino)?;
+        self.refuse_if(&node, protect::ANY, "setxattr")?;
         let loc = self.change_loc(&node, None, false)?;
         let c = xattr::name(&stored)?;
         self.with_upper_target(&node, &loc, |t| xattr::set(t, &c, value, flags))
@@ -219,6 +246,7 @@ impl OverlayFs {
         self.writable()?;
         let stored = self.stack.private.escape(name);
         let node = self.node(ino)?;
+        self.refuse_if(&node, protect::ANY, "removexattr")?;
         let c = xattr::name(&stored)?;
         // Nothing to copy up for an xattr that is not there.
         self.getxattr(ino, name)?;
@@ -359,6 +387,11 @@ impl OverlayFs {
         writer: Writer<'_>,
     ) -> Result<()> {
         let (h, fd) = self.file_fd(fh)?;
+        let refused = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => protect::IMMUTABLE,
+            _ => protect::ANY,
+        };
+        self.refuse_if(&h.node, refused, "fallocate")?;
         self.kill_suidgid(&h.node, fd.as_fd(), writer)?;
         sys::fallocate(fd.as_fd(), mode, off, len).ctx(|| "fallocate".into())
     }
@@ -385,27 +418,18 @@ impl OverlayFs {
             self.file_fd(fh)?.1
         };
         sys::ioctl_read(fd.as_fd(), cmd, &mut buf).ctx(|| format!("ioctl {cmd:#x}"))?;
-        // Immutable and append-only flags of a copy-up are kept in
-        // `overlay.protattr` (see `copy_inode_flags`): reported as the
-        // kernel's overlayfs reports them.
-        let upper = self.top_is_upper(&node);
-        if upper
-            && let Ok(Some(p)) =
-                xattr::get(xattr::Target::Fd(fd.as_fd()), &self.stack.xname("protattr"))
-        {
-            const FS_XFLAG_IMMUTABLE: u32 = 0x8;
-            const FS_XFLAG_APPEND: u32 = 0x10;
-            let (i, a) = match getflags {
-                true => (sys::FS_IMMUTABLE_FL, sys::FS_APPEND_FL),
-                false => (FS_XFLAG_IMMUTABLE, FS_XFLAG_APPEND),
-            };
+        // Immutable and append-only flags as the overlay holds them (an
+        // upper object's `overlay.protattr` among them: see `protect`),
+        // reported as the kernel's overlayfs reports them.
+        let p = self.prot(&node);
+        if p != 0 {
+            let (i, a) = protect::flag_bits(!getflags);
             let mut flags = u32::from_ne_bytes(buf[..4].try_into().unwrap_or_default());
-            for c in p {
-                flags |= match c {
-                    b'i' => i,
-                    b'a' => a,
-                    _ => 0,
-                };
+            if p & protect::IMMUTABLE != 0 {
+                flags |= i;
+            }
+            if p & protect::APPEND != 0 {
+                flags |= a;
             }
             buf[..4].copy_from_slice(&flags.to_ne_bytes());
         }
@@ -431,6 +455,7 @@ impl OverlayFs {
     ) -> Result<u32> {
         let (_a, src) = self.file_fd(fh_in)?;
         let (b, dst) = self.file_fd(fh_out)?;
+        self.refuse_if(&b.node, protect::IMMUTABLE, "copy_file_range into")?;
         self.kill_suidgid(&b.node, dst.as_fd(), writer)?;
         let len = len.min(u32::MAX as u64 & !0xfff) as usize;
         let n = sys::copy_file_range(src.as_fd(), off_in, dst.as_fd(), off_out, len)

@@ -843,7 +843,11 @@ impl Filesystem for LayerFs {
     }
 
     /// No ioctl is passed through (as for most FUSE filesystems): answered
-    /// `ENOTTY` quietly (a shell asks TCGETS of every file it opens).
+    /// `ENOTTY` quietly (a shell asks TCGETS of every file it opens), but
+    /// for the inode flags: the kernel turns `FS_IOC_GETFLAGS`,
+    /// `FS_IOC_SETFLAGS` and their `FS_IOC_FS[GS]ETXATTR` forms (`lsattr`,
+    /// `chattr`) on a FUSE file into these, through an open of its own,
+    /// after checking ownership and `CAP_LINUX_IMMUTABLE` itself.
     fn ioctl(
         &self,
         _req: &Request,
@@ -851,30 +855,37 @@ impl Filesystem for LayerFs {
         fh: FileHandle,
         _flags: fuser::IoctlFlags,
         cmd: u32,
-        _in_data: &[u8],
+        in_data: &[u8],
         out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
         debug!("ioctl({ino}, {cmd:#x})");
-        // `lsattr` and friends: the kernel turns FS_IOC_GETFLAGS and
-        // FS_IOC_FSGETXATTR on a FUSE file into these (through an open of
-        // its own). Changing the flags is not supported: the kernel's
-        // overlayfs keeps immutable and append-only flags in an xattr and
-        // enforces them itself.
         use crate::attrs::FS_IOC_FSGETXATTR;
+        use crate::protect::{FS_IOC_FSSETXATTR, FS_IOC_SETFLAGS};
         let get = [
             libc::FS_IOC_GETFLAGS as u32,
             libc::FS_IOC32_GETFLAGS as u32,
             FS_IOC_FSGETXATTR,
         ];
-        if !get.contains(&cmd) {
-            return reply.error(Errno::from_i32(libc::ENOTTY));
-        }
-        match guard("ioctl", || {
-            self.ov.get_fileattr(ino.0, fh.0, cmd, out_size as usize)
-        }) {
-            Ok(data) => reply.ioctl(0, &data),
-            Err(e) => reply.error(errno(&e)),
+        let set = [
+            FS_IOC_SETFLAGS,
+            libc::FS_IOC32_SETFLAGS as u32,
+            FS_IOC_FSSETXATTR,
+        ];
+        if get.contains(&cmd) {
+            match guard("ioctl", || {
+                self.ov.get_fileattr(ino.0, fh.0, cmd, out_size as usize)
+            }) {
+                Ok(data) => reply.ioctl(0, &data),
+                Err(e) => reply.error(errno(&e)),
+            }
+        } else if set.contains(&cmd) {
+            match guard("ioctl", || self.ov.set_fileattr(ino.0, fh.0, cmd, in_data)) {
+                Ok(()) => reply.ioctl(0, &[]),
+                Err(e) => reply.error(errno(&e)),
+            }
+        } else {
+            reply.error(Errno::from_i32(libc::ENOTTY))
         }
     }
 

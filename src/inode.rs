@@ -217,6 +217,9 @@ pub struct Node {
     /// `ls -l` entry asks for `security.selinux`) is answered without a
     /// system call.
     pub lower_xattrs: std::sync::atomic::AtomicU8,
+    /// The object's immutable and append-only flags (`protect::IMMUTABLE`,
+    /// `APPEND`) with `protect::KNOWN` once read (`OverlayFs::prot`).
+    pub prot: std::sync::atomic::AtomicU8,
     /// This directory was listed to the kernel, which may keep the listing
     /// (so a change of its entries must drop it); never cleared.
     pub listed: std::sync::atomic::AtomicBool,
@@ -247,6 +250,7 @@ impl Node {
             opened: std::sync::atomic::AtomicBool::new(false),
             passthrough_writers: AtomicU32::new(0),
             lower_xattrs: std::sync::atomic::AtomicU8::new(XATTRS_UNKNOWN),
+            prot: std::sync::atomic::AtomicU8::new(0),
             listed: std::sync::atomic::AtomicBool::new(false),
             fmt,
             lookups: AtomicU64::new(0),

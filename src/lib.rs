@@ -43,6 +43,7 @@ pub mod mount;
 pub mod namespace;
 pub mod oci;
 pub mod overlay;
+pub mod protect;
 pub mod readdir;
 pub mod registry;
 pub mod resolve;

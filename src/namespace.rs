@@ -16,6 +16,7 @@ use crate::error::{Context, Error, Result};
 use crate::inode::{DirLayer, Node};
 use crate::layer;
 use crate::overlay::{Attr, Caller, OpenIo, OverlayFs, Register};
+use crate::protect;
 use crate::readdir;
 use crate::resolve::{self, Resolved};
 use crate::sys::{self, xattr};
@@ -89,6 +90,8 @@ impl OverlayFs {
         if !node.is_dir() {
             return Err(Error::new(libc::ENOTDIR, "parent is not a directory"));
         }
+        // No entry of an immutable directory changes (see `protect`).
+        self.refuse_if(&node, protect::IMMUTABLE, "change in directory")?;
         self.copy_up(&node, false)?;
         let dirs = node.snapshot().dirs;
         let (upper, lowers) = dirs
@@ -225,7 +228,11 @@ impl OverlayFs {
             },
             None => resolve::lookup(&self.stack, &p.node.snapshot().dirs, name)?,
         };
-        let (_, attr) = self.record(&p.node, r)?;
+        let (node, attr) = self.record(&p.node, r)?;
+        // A new object has no immutable or append-only flag (none is
+        // inherited): nothing to read at its first change.
+        node.prot
+            .store(protect::KNOWN, std::sync::atomic::Ordering::Relaxed);
         Ok((attr, fd))
     }
 
@@ -423,6 +430,10 @@ impl OverlayFs {
         self.writable()?;
         let pnode = self.node(parent)?;
         let r = resolve::lookup(&self.stack, &pnode.snapshot().dirs, name)?;
+        if r.exists() {
+            self.refuse_if(&pnode, protect::ANY, "remove from directory")?;
+            protect::refuse(self.prot_of(&r), protect::ANY, "remove")?;
+        }
         match (&r, dir) {
             (Resolved::Absent, _) => {
                 return Err(Error::new(libc::ENOENT, format!("{name:?} not found")));
@@ -545,6 +556,17 @@ impl OverlayFs {
         }
         if oldp == newp && oldname == newname {
             return Ok(());
+        }
+        // The kernel's `may_delete` of the source (and of the target it
+        // replaces or exchanges), `may_create` in the new parent.
+        self.refuse_if(&op, protect::ANY, "rename from directory")?;
+        protect::refuse(self.prot_of(&old), protect::ANY, "rename")?;
+        match new.exists() {
+            true => {
+                self.refuse_if(&np, protect::ANY, "rename over an entry of directory")?;
+                protect::refuse(self.prot_of(&new), protect::ANY, "rename over")?;
+            }
+            false => self.refuse_if(&np, protect::IMMUTABLE, "rename into directory")?,
         }
         self.check_rename_types(&old, &new, exchange)?;
         // The nodes through which the kernel holds both objects (a fresh,
@@ -898,6 +920,9 @@ impl OverlayFs {
         if node.is_dir() {
             return Err(Error::new(libc::EPERM, "hard link to a directory"));
         }
+        let np = self.node(newp)?;
+        self.refuse_if(&np, protect::IMMUTABLE, "link into directory")?;
+        self.refuse_if(&node, protect::ANY, "link")?;
         let snap = node.snapshot();
         let src = match (&snap.loc, &snap.detached) {
             // An O_TMPFILE file (the kernel links no other nameless file):

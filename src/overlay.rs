@@ -603,6 +603,13 @@ impl OverlayFs {
         let before = node.generation.load(Ordering::Acquire);
         let (fd, generation) = if opens_for_write(flags) {
             self.writable()?;
+            // The kernel's `may_open` for immutable and append-only files.
+            let appending = flags & libc::O_APPEND != 0 && flags & libc::O_TRUNC == 0;
+            let refused = match appending {
+                true => crate::protect::IMMUTABLE,
+                false => crate::protect::ANY,
+            };
+            self.refuse_if(&node, refused, "open for writing")?;
             let loc = self.copy_up(&node, flags & libc::O_TRUNC != 0)?;
             // Without O_APPEND: writes come with their offsets (the kernel
             // keeps the position), which pwrite on an O_APPEND fd ignores;

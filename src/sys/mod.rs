@@ -395,6 +395,38 @@ pub fn set_inode_flags(fd: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
     cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_SETFLAGS, &f) }).map(drop)
 }
 
+/// `FS_IOC_FSSETXATTR`: sets a file's extended flags from a `struct
+/// fsxattr` (28 bytes).
+pub fn set_fsxattr(fd: BorrowedFd<'_>, fsx: &[u8; 28]) -> io::Result<()> {
+    const FS_IOC_FSSETXATTR: u32 = libc::_IOW::<[u8; 28]>(b'X' as u32, 32) as u32;
+    // SAFETY: FS_IOC_FSSETXATTR reads a 28-byte struct, which `fsx` is.
+    cvt(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            FS_IOC_FSSETXATTR as libc::Ioctl,
+            fsx.as_ptr(),
+        )
+    })
+    .map(drop)
+}
+
+/// The `statx` attributes (`STATX_ATTR_IMMUTABLE`, `STATX_ATTR_APPEND`,
+/// ...) of `name` in `dir` (`dir` itself for an empty name, also `O_PATH`),
+/// never following a symlink; only those its filesystem reports.
+pub fn stat_attributes(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<u64> {
+    // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if name.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+    // SAFETY: valid fd and C string, a writable statx buffer.
+    cvt(unsafe { libc::statx(dir.as_raw_fd(), name.as_ptr(), flags, 0, &mut stx) })?;
+    Ok(stx.stx_attributes & stx.stx_attributes_mask)
+}
+
 /// An ioctl that fills `buf`: `FS_IOC_GETFLAGS` or `FS_IOC_FSGETXATTR`
 /// only (their arguments take 4 and 28 bytes).
 pub fn ioctl_read(fd: BorrowedFd<'_>, cmd: u32, buf: &mut [u8]) -> io::Result<()> {
