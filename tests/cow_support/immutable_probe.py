@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Probe immutable (+i) / append-only (+a) semantics on an overlay mount.
 
-usage: probe.py MOUNT UPPER [--phase all|test|recheck]
+usage: immutable_probe.py MOUNT UPPER [--phase all|test|recheck]
 
 Case A ("lo/"): objects that exist only in lower layers with the flags set on
-  the lower inodes before mounting (set up by run.sh; overlay/075 style).
+  the lower inodes before mounting (set up by the test, `immutable_and_append_only_objects` in
+  cow_differential.rs; overlay/075 style).
   Run only if MOUNT/lo exists.
 Case B ("up/"): objects created through the mount, then flagged with
   FS_IOC_SETFLAGS through the mount (generic/079 / overlay/030 style).
