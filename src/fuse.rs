@@ -315,6 +315,28 @@ impl Filesystem for LayerFs {
         }
     }
 
+    /// The kernel asks when a caller wants the birth time (`stat`, `ls
+    /// --time=birth`): the attributes, and the topmost real file's birth
+    /// time, as the kernel's overlayfs reports it.
+    fn statx(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: Option<FileHandle>,
+        _mask: u32,
+        reply: fuser::ReplyStatx,
+    ) {
+        debug!("statx({ino})");
+        let fh = fh.map(|f| f.0);
+        match guard("statx", || {
+            let a = self.ov.getattr(ino.0, fh)?;
+            Ok((a, self.ov.btime(ino.0, fh)))
+        }) {
+            Ok((a, b)) => reply.statx(&self.attr_ttl(&a), &self.to_fuse(&a), b),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn setattr(
         &self,
         req: &Request,

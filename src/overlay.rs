@@ -345,6 +345,28 @@ impl OverlayFs {
         node.cacheable() && !shared
     }
 
+    /// The birth time of `ino`'s topmost real file (through the open file
+    /// `fh` first, as `getattr`), as the kernel's overlayfs reports it;
+    /// `None` where its filesystem keeps none.
+    pub fn btime(&self, ino: u64, fh: Option<u64>) -> Option<std::time::SystemTime> {
+        if let Some(fh) = fh
+            && let Ok((_h, fd)) = self.file_fd(fh)
+        {
+            return sys::birth_time(fd.as_fd(), c"");
+        }
+        let node = self.node(ino).ok()?;
+        node.read_state(|s| {
+            if let Some(d) = s.dirs.first() {
+                return sys::birth_time(d.fd.as_fd(), c"");
+            }
+            if let Some(fd) = &s.detached {
+                return sys::birth_time(fd.as_fd(), c"");
+            }
+            let loc = s.loc.as_ref()?;
+            sys::birth_time(loc.dir.as_fd(), &loc.name)
+        })
+    }
+
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let node = self.node(ino)?;
         // Through the open file (reopened on the upper copy if the object

@@ -4666,3 +4666,48 @@ umount $M
     assert!(k.lines().count() > 600, "the probe stopped early:\n{k}");
     assert_eq!(k, t, "kernel (left) vs layerfs (right)");
 }
+
+/// Birth times (`statx` `STATX_BTIME`, what `stat` shows as "Birth"): the
+/// topmost real file's, as the kernel's overlayfs reports them — a lower
+/// file's and directory's from the lower layer, a merged directory's and a
+/// copied-up file's from the upper, a new object's its own; and `statx`
+/// says it has them. Compared as relations (which file's time each is),
+/// since the two runs make their layers at different times.
+#[test]
+fn birth_times_of_the_topmost_file() {
+    const SCRIPT: &str = r#"
+mkdir -p $L/d $L/ld $U/d $W $M
+echo x > $L/f; echo y > $L/g; echo z > $L/ld/z
+[ "$(stat -c %W $L/f)" != 0 ] || { echo "SKIP: the test directory's filesystem keeps no birth times"; exit 0; }
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+# same NAME LAYER: is NAME's birth time that of the same name in LAYER?
+same() {
+    local o=$B/${2,,}/$1; [ "$1" = . ] && o=$B/${2,,}
+    [ "$(stat -c %W "$1")" = "$(stat -c %W "$o")" ] && echo "$1 is $2's" || echo "$1 is not $2's"
+}
+same f L; same ld L; same ld/z L; same d U; same . U
+echo more >> g; same g U
+touch new; same new U; mkdir nd; same nd U
+$PY -c '
+import ctypes, struct
+libc = ctypes.CDLL(None, use_errno=True)
+buf = ctypes.create_string_buffer(256)
+for p in ("f", "ld", "g", "new"):
+    assert libc.statx(-100, p.encode(), 0x100, 0x800, buf) == 0
+    print(p, "statx btime" if struct.unpack_from("I", buf.raw, 0)[0] & 0x800 else "statx no btime")
+'
+cd /; umount $M
+"#;
+    same_on_kernel_and_layerfs(
+        "btime",
+        SCRIPT,
+        &[
+            "f is L's",
+            "d is U's",
+            "g is U's",
+            "new is U's",
+            "f statx btime",
+        ],
+    );
+}

@@ -427,6 +427,41 @@ pub fn stat_attributes(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<u64> {
     Ok(stx.stx_attributes & stx.stx_attributes_mask)
 }
 
+/// The birth time (`statx` `STATX_BTIME`) of `name` in `dir` (`dir`
+/// itself for an empty name, also `O_PATH`), never following a symlink;
+/// `None` where the filesystem keeps none.
+pub fn birth_time(dir: BorrowedFd<'_>, name: &CStr) -> Option<std::time::SystemTime> {
+    // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if name.is_empty() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+    // SAFETY: valid fd and C string, a writable statx buffer.
+    let r = unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags,
+            libc::STATX_BTIME,
+            &mut stx,
+        )
+    };
+    if r != 0 || stx.stx_mask & libc::STATX_BTIME == 0 {
+        return None;
+    }
+    let t = stx.stx_btime;
+    let secs = std::time::Duration::from_secs(t.tv_sec.unsigned_abs());
+    // Before the epoch: tv_sec negative, tv_nsec still added.
+    let whole = match t.tv_sec >= 0 {
+        true => std::time::UNIX_EPOCH + secs,
+        false => std::time::UNIX_EPOCH - secs,
+    };
+    Some(whole + std::time::Duration::from_nanos(t.tv_nsec.into()))
+}
+
 /// An ioctl that fills `buf`: `FS_IOC_GETFLAGS` or `FS_IOC_FSGETXATTR`
 /// only (their arguments take 4 and 28 bytes).
 pub fn ioctl_read(fd: BorrowedFd<'_>, cmd: u32, buf: &mut [u8]) -> io::Result<()> {

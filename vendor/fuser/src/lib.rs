@@ -72,6 +72,7 @@ pub use crate::reply::ReplyEntry;
 pub use crate::reply::ReplyIoctl;
 pub use crate::reply::ReplyLock;
 pub use crate::reply::ReplyLseek;
+pub use crate::reply::ReplyStatx;
 pub use crate::reply::ReplyOpen;
 pub use crate::reply::ReplyPoll;
 pub use crate::reply::ReplyStatfs;
@@ -987,6 +988,21 @@ pub trait Filesystem: Send + Sync + 'static {
             "[Not Implemented] fallocate(ino: {ino:#x?}, fh: {fh}, \
             offset: {offset}, length: {length}, mode: {mode})"
         );
+        reply.error(Errno::ENOSYS);
+    }
+
+    /// layerfs patch: `statx` (FUSE_STATX): the attributes, with the birth
+    /// time where known. The kernel asks when a caller wants the birth time
+    /// and takes `ENOSYS` (the default) as "use getattr from now on".
+    fn statx(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: Option<FileHandle>,
+        mask: u32,
+        reply: ReplyStatx,
+    ) {
+        log::debug!("[Not Implemented] statx(ino: {ino:#x?}, fh: {fh:?}, mask: {mask:#x})");
         reply.error(Errno::ENOSYS);
     }
 

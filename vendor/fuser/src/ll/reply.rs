@@ -120,6 +120,54 @@ impl ResponseStruct<abi::fuse_attr_out> {
     }
 }
 
+// layerfs patch: FUSE_STATX.
+impl ResponseStruct<abi::fuse_statx_out> {
+    pub(crate) fn new_statx(
+        ttl: &Duration,
+        attr: &crate::FileAttr,
+        btime: Option<std::time::SystemTime>,
+    ) -> Self {
+        const STATX_BASIC_STATS: u32 = 0x7ff;
+        const STATX_BTIME: u32 = 0x800;
+        let a = fuse_attr_from_attr(attr);
+        let t = |secs: i64, nsec: u32| abi::fuse_sx_time {
+            tv_sec: secs,
+            tv_nsec: nsec,
+            reserved: 0,
+        };
+        let mut stat = abi::fuse_statx {
+            mask: STATX_BASIC_STATS,
+            blksize: a.blksize,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            mode: a.mode as u16,
+            ino: a.ino,
+            size: a.size,
+            blocks: a.blocks,
+            atime: t(a.atime, a.atimensec),
+            ctime: t(a.ctime, a.ctimensec),
+            mtime: t(a.mtime, a.mtimensec),
+            // The kernel's `new_encode_dev` form, as in `fuse_attr`.
+            rdev_major: (a.rdev & 0xfff00) >> 8,
+            rdev_minor: (a.rdev & 0xff) | ((a.rdev >> 12) & 0xfff00),
+            ..Default::default()
+        };
+        if let Some(b) = btime {
+            let (secs, nsec) = time_from_system_time(&b);
+            stat.btime = t(secs, nsec);
+            stat.mask |= STATX_BTIME;
+        }
+        ResponseStruct(abi::fuse_statx_out {
+            attr_valid: ttl.as_secs(),
+            attr_valid_nsec: ttl.subsec_nanos(),
+            flags: 0,
+            spare: [0; 2],
+            stat,
+        })
+    }
+}
+
 #[cfg(target_os = "macos")]
 impl ResponseStruct<abi::fuse_getxtimes_out> {
     pub(crate) fn new_xtimes(bkuptime: SystemTime, crtime: SystemTime) -> Self {

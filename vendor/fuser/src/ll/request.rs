@@ -341,6 +341,27 @@ mod op {
         }
     }
 
+    /// layerfs patch: `statx` (FUSE_STATX, 7.39): the attributes with the
+    /// birth time, which the kernel asks for when a caller wants it.
+    #[derive(Debug)]
+    pub(crate) struct Statx<'a> {
+        #[expect(dead_code)]
+        header: &'a fuse_in_header,
+        arg: &'a fuse_statx_in,
+    }
+
+    impl Statx<'_> {
+        pub(crate) fn file_handle(&self) -> Option<FileHandle> {
+            GetattrFlags::from_bits_retain(self.arg.getattr_flags)
+                .contains(GetattrFlags::FUSE_GETATTR_FH)
+                .then_some(FileHandle(self.arg.fh))
+        }
+        /// The `STATX_*` mask asked for.
+        pub(crate) fn mask(&self) -> u32 {
+            self.arg.sx_mask
+        }
+    }
+
     /// Set file attributes.
     #[derive(Debug)]
     pub(crate) struct SetAttr<'a> {
@@ -1855,6 +1876,10 @@ mod op {
                 newname: data.fetch_str()?.as_ref(),
                 old_parent: INodeNo(header.nodeid),
             }),
+            fuse_opcode::FUSE_STATX => Operation::Statx(Statx {
+                header,
+                arg: data.fetch()?,
+            }),
             fuse_opcode::FUSE_LSEEK => Operation::Lseek(Lseek {
                 header,
                 arg: data.fetch()?,
@@ -1937,6 +1962,7 @@ pub(crate) enum Operation<'a> {
     ReadDirPlus(ReadDirPlus<'a>),
     Rename2(Rename2<'a>),
     Lseek(Lseek<'a>),
+    Statx(Statx<'a>),
     CopyFileRange(CopyFileRange<'a>),
 
     #[cfg(target_os = "macos")]
@@ -2101,6 +2127,7 @@ impl fmt::Display for Operation<'_> {
                 x.size()
             ),
             Operation::Rename2(x) => write!(f, "RENAME2 from {:?}, to {:?}", x.from(), x.to()),
+            Operation::Statx(x) => write!(f, "STATX mask {:#x}", x.mask()),
             Operation::Lseek(x) => write!(
                 f,
                 "LSEEK fh {:?}, offset {}, whence {}",
