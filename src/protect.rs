@@ -96,14 +96,19 @@ pub fn protattr_value(p: u8) -> Vec<u8> {
 }
 
 impl OverlayFs {
-    /// `node`'s immutable and append-only flags, read at the first call.
+    /// `node`'s immutable and append-only flags, read at the first call —
+    /// at each for a file with several names (a node per name: a flag set
+    /// through one name applies to the others, as the kernel's one inode).
     pub(crate) fn prot(&self, node: &Node) -> u8 {
+        let shared = crate::inode::is_per_name(node.ino) || !node.cacheable();
         let p = node.prot.load(Ordering::Relaxed);
-        if p & KNOWN != 0 {
+        if p & KNOWN != 0 && !shared {
             return p & ANY;
         }
         let p = node.read_state(|s| self.prot_of_state(s));
-        node.prot.store(p | KNOWN, Ordering::Relaxed);
+        if !shared {
+            node.prot.store(p | KNOWN, Ordering::Relaxed);
+        }
         p
     }
 
@@ -219,7 +224,9 @@ impl OverlayFs {
                 r => r.ctx(|| format!("remove {name:?}"))?,
             }
         }
-        node.prot.store(want | KNOWN, Ordering::Relaxed);
+        if !crate::inode::is_per_name(node.ino) && node.cacheable() {
+            node.prot.store(want | KNOWN, Ordering::Relaxed);
+        }
         if fsx {
             let mut cur = vec![0u8; 64];
             sys::ioctl_read(fd.as_fd(), FS_IOC_FSGETXATTR, &mut cur)

@@ -4711,3 +4711,37 @@ cd /; umount $M
         ],
     );
 }
+
+/// A flag set through one name of a file with several names (a node per
+/// name in layerfs) holds for the others, as for the kernel's one inode:
+/// a new upper file linked through the mount, and a lower hard link
+/// (whose copy-up breaks the link: the other name stays writable).
+#[test]
+fn immutable_flag_holds_for_every_name() {
+    const SCRIPT: &str = r#"
+mkdir -p $L/d $U $W $M
+echo l > $L/d/a; ln $L/d/a $L/d/b
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+chattr +i d 2>/dev/null && chattr -i d || { echo "SKIP: no inode flags"; cd /; umount $M; exit 0; }
+try() { "$@" 2>/dev/null && echo "$* ok" || echo "$* refused"; }
+echo n > n1; echo x >> n1; ln n1 n2
+chattr +i n1
+try sh -c 'echo y >> n2'; try chmod 600 n2; try rm n2; try mv n2 n3
+chattr -i n2
+try sh -c 'echo z >> n1'; cat n1
+chattr +a d/a
+try sh -c 'echo w > d/a'; try sh -c 'echo w > d/b'; cat d/a d/b
+chattr -a d/a
+cd /; umount $M
+"#;
+    same_on_kernel_and_layerfs(
+        "immutable-names",
+        SCRIPT,
+        &[
+            "sh -c echo y >> n2 refused",
+            "sh -c echo z >> n1 ok",
+            "sh -c echo w > d/b ok",
+        ],
+    );
+}
