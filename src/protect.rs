@@ -97,8 +97,10 @@ pub fn protattr_value(p: u8) -> Vec<u8> {
 
 impl OverlayFs {
     /// `node`'s immutable and append-only flags, read at the first call —
-    /// at each for a file with several names (a node per name: a flag set
-    /// through one name applies to the others, as the kernel's one inode).
+    /// at each for a file that may have several names (a node per name: a
+    /// flag set through one name applies to the others, as the kernel's one
+    /// inode) or is open for writing (see `Node::cacheable`). What was read
+    /// last is kept either way.
     pub(crate) fn prot(&self, node: &Node) -> u8 {
         let shared = crate::inode::is_per_name(node.ino) || !node.cacheable();
         let p = node.prot.load(Ordering::Relaxed);
@@ -106,9 +108,7 @@ impl OverlayFs {
             return p & ANY;
         }
         let p = node.read_state(|s| self.prot_of_state(s));
-        if !shared {
-            node.prot.store(p | KNOWN, Ordering::Relaxed);
-        }
+        node.prot.store(p | KNOWN, Ordering::Relaxed);
         p
     }
 
@@ -144,12 +144,16 @@ impl OverlayFs {
     }
 
     /// The flags of `name` in `dir` (`dir` itself for an empty name) in
-    /// `layer`: the real file's, and in the upper layer `overlay.protattr`.
-    /// A file that cannot be read counts as unflagged (the change asked
-    /// for then meets the error itself).
+    /// `layer`: a lower file's own; in the upper layer `overlay.protattr` —
+    /// an upper file's own flags need no check here, its filesystem refuses
+    /// what they forbid when layerfs makes the change there. A file that
+    /// cannot be read counts as unflagged (the change asked for then meets
+    /// the error itself).
     fn prot_at(&self, layer: usize, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> u8 {
         let mut p = 0;
-        if let Ok(a) = sys::stat_attributes(dir, name) {
+        if self.stack.is_lower(layer)
+            && let Ok(a) = sys::stat_attributes(dir, name)
+        {
             if a & STATX_ATTR_IMMUTABLE != 0 {
                 p |= IMMUTABLE;
             }
@@ -224,9 +228,7 @@ impl OverlayFs {
                 r => r.ctx(|| format!("remove {name:?}"))?,
             }
         }
-        if !crate::inode::is_per_name(node.ino) && node.cacheable() {
-            node.prot.store(want | KNOWN, Ordering::Relaxed);
-        }
+        node.prot.store(want | KNOWN, Ordering::Relaxed);
         if fsx {
             let mut cur = vec![0u8; 64];
             sys::ioctl_read(fd.as_fd(), FS_IOC_FSGETXATTR, &mut cur)

@@ -4664,7 +4664,18 @@ umount $M
         );
     }
     assert!(k.lines().count() > 600, "the probe stopped early:\n{k}");
-    assert_eq!(k, t, "kernel (left) vs layerfs (right)");
+    if k != t {
+        let (kl, tl): (Vec<_>, Vec<_>) = (k.lines().collect(), t.lines().collect());
+        let differ: Vec<String> = (0..kl.len().max(tl.len()))
+            .filter(|&i| kl.get(i) != tl.get(i))
+            .take(20)
+            .map(|i| format!("kernel:  {:?}\nlayerfs: {:?}", kl.get(i), tl.get(i)))
+            .collect();
+        panic!(
+            "kernel vs layerfs, first differing lines:\n{}",
+            differ.join("\n")
+        );
+    }
 }
 
 /// Birth times (`statx` `STATX_BTIME`, what `stat` shows as "Birth"): the
