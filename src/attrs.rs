@@ -15,6 +15,9 @@ use crate::sys::{self, xattr};
 /// `_IOR('X', 31, struct fsxattr)`: a file's extended flags (28 bytes).
 pub const FS_IOC_FSGETXATTR: u32 = libc::_IOR::<[u8; 28]>(b'X' as u32, 31) as u32;
 
+/// The access ACL's xattr name.
+const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+
 /// A time to set: a value, now, or unchanged.
 #[derive(Clone, Copy, Debug)]
 pub enum SetTime {
@@ -231,28 +234,70 @@ impl OverlayFs {
         sys::ftruncate(f.as_fd(), size).ctx(|| format!("truncate {name:?}"))
     }
 
-    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+    /// `caller`: who asks (setting an access ACL may clear the setgid bit).
+    pub fn setxattr(
+        &self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+        caller: Writer<'_>,
+    ) -> Result<()> {
         self.writable()?;
         let stored = self.stack.private.escape(name);
         let node = self.node(ino)?;
         self.refuse_if(&node, protect::ANY, "setxattr")?;
+        self.acl_kills_sgid(&node, name, caller)?;
         let loc = self.change_loc(&node, None, false)?;
         let c = xattr::name(&stored)?;
         self.with_upper_target(&node, &loc, |t| xattr::set(t, &c, value, flags))
             .ctx(|| format!("setxattr {c:?}"))
     }
 
-    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+    /// `caller`: who asks (removing an access ACL may clear the setgid
+    /// bit, first). As on the kernel's overlay, removing an ACL that is
+    /// not there succeeds on an upper object (its filesystem's answer) and
+    /// fails with `ENODATA` on a lower one, which is not copied up for it.
+    pub fn removexattr(&self, ino: u64, name: &[u8], caller: Writer<'_>) -> Result<()> {
         self.writable()?;
         let stored = self.stack.private.escape(name);
         let node = self.node(ino)?;
         self.refuse_if(&node, protect::ANY, "removexattr")?;
         let c = xattr::name(&stored)?;
+        let acl = name == ACL_ACCESS || name == b"system.posix_acl_default";
+        self.acl_kills_sgid(&node, name, caller)?;
         // Nothing to copy up for an xattr that is not there.
-        self.getxattr(ino, name)?;
-        let loc = self.change_loc(&node, None, false)?;
-        self.with_upper_target(&node, &loc, |t| xattr::remove(t, &c))
-            .ctx(|| format!("removexattr {c:?}"))
+        match self.getxattr(ino, name) {
+            Err(e) if acl && e.is(libc::ENODATA) && self.top_is_upper(&node) => Ok(()),
+            r => {
+                r?;
+                let loc = self.change_loc(&node, None, false)?;
+                self.with_upper_target(&node, &loc, |t| xattr::remove(t, &c))
+                    .ctx(|| format!("removexattr {c:?}"))
+            }
+        }
+    }
+
+    /// Before the access ACL of `node` is set or removed: its setgid bit
+    /// goes when the caller is neither in its group nor has `CAP_FSETID`,
+    /// as the kernel's overlay does (`ovl_set_acl`, which copies the object
+    /// up for it; the daemon's own change of the ACL keeps the bit).
+    fn acl_kills_sgid(&self, node: &Arc<Node>, name: &[u8], caller: Writer<'_>) -> Result<()> {
+        if name != ACL_ACCESS {
+            return Ok(());
+        }
+        let st = self.attr_of(node, &node.snapshot())?.st;
+        if st.st_mode & libc::S_ISGID == 0 || caller.in_group(st.st_gid) || caller.has_fsetid() {
+            return Ok(());
+        }
+        let what = || "clear setgid after an ACL change".to_string();
+        let loc = self.change_loc(node, None, false)?;
+        let o = open_at(loc.dir.as_fd(), &loc.name, libc::O_PATH | libc::O_NOFOLLOW).ctx(what)?;
+        sys::fchmod_fd(o.as_fd(), st.st_mode & 0o7777 & !libc::S_ISGID).ctx(what)?;
+        if let Some(inv) = self.invalidator.get() {
+            inv.inval_attr(node.ino);
+        }
+        Ok(())
     }
 
     /// Runs an xattr call on the upper copy at `loc` (a directory through

@@ -761,7 +761,7 @@ impl Filesystem for LayerFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -773,7 +773,8 @@ impl Filesystem for LayerFs {
         Self::empty(
             reply,
             guard("setxattr", || {
-                self.ov.setxattr(ino.0, name.as_bytes(), value, flags)
+                let w = self.writer(req, false);
+                self.ov.setxattr(ino.0, name.as_bytes(), value, flags, w)
             }),
         )
     }
@@ -790,18 +791,21 @@ impl Filesystem for LayerFs {
         debug!("listxattr({ino}, {size})");
         let pid = req.pid();
         let sees_trusted = || crate::sys::process::is_host_admin(pid);
-        match guard("listxattr", || self.ov.listxattr(ino.0, sees_trusted)) {
+        match guard("listxattr", || {
+            self.ov.listxattr(ino.0, size == 0, sees_trusted)
+        }) {
             Ok(v) => xattr_reply(reply, &v, size),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         debug!("removexattr({ino}, {name:?})");
         Self::empty(
             reply,
             guard("removexattr", || {
-                self.ov.removexattr(ino.0, name.as_bytes())
+                let w = self.writer(req, false);
+                self.ov.removexattr(ino.0, name.as_bytes(), w)
             }),
         )
     }

@@ -1112,10 +1112,25 @@ impl OverlayFs {
     /// unescaped, `trusted.*` ones only if `sees_trusted` says the caller
     /// may see them (asked only if there are any; the kernel lists them to
     /// callers with CAP_SYS_ADMIN, though the daemon's own list has them).
-    pub fn listxattr(&self, ino: u64, sees_trusted: impl FnOnce() -> bool) -> Result<Vec<u8>> {
+    /// The xattr names the caller may see; `probe` (a call with no buffer,
+    /// asking for the size): all the stored names, as the kernel's overlay
+    /// answers it — the size of the real list, the overlay's private xattrs
+    /// and `trusted.*` included (what a caller then reads is never longer).
+    pub fn listxattr(
+        &self,
+        ino: u64,
+        probe: bool,
+        sees_trusted: impl FnOnce() -> bool,
+    ) -> Result<Vec<u8>> {
         let node = self.node(ino)?;
         let names =
             self.read_xattrs(&node, &node.snapshot(), || "listxattr".into(), xattr::list)?;
+        if probe {
+            return Ok(names
+                .iter()
+                .flat_map(|n| n.iter().copied().chain([0]))
+                .collect());
+        }
         let mut sees_trusted = Some(sees_trusted);
         let mut trusted = None;
         let mut out = Vec::new();

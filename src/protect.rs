@@ -29,7 +29,6 @@
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 
-use crate::attrs::FS_IOC_FSGETXATTR;
 use crate::error::{Context, Error, Result};
 use crate::inode::{Node, NodeState};
 use crate::overlay::OverlayFs;
@@ -53,10 +52,6 @@ pub const FS_IOC_SETFLAGS: u32 = libc::FS_IOC_SETFLAGS as u32;
 /// `_IOW('X', 32, struct fsxattr)`.
 pub const FS_IOC_FSSETXATTR: u32 = libc::_IOW::<[u8; 28]>(b'X' as u32, 32) as u32;
 
-/// The flags every filesystem shares (`FS_COMMON_FL`, `FS_XFLAG_COMMON`):
-/// those taken from a request; the others stay as the upper file has them.
-const FS_COMMON_FL: u32 = 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x0200_0000 | 0x2000_0000;
-const FS_XFLAG_COMMON: u32 = 0x20 | 0x8 | 0x10 | 0x80 | 0x40 | 0x8000 | 0x200;
 const FS_XFLAG_IMMUTABLE: u32 = 0x8;
 const FS_XFLAG_APPEND: u32 = 0x10;
 
@@ -229,19 +224,15 @@ impl OverlayFs {
             }
         }
         node.prot.store(want | KNOWN, Ordering::Relaxed);
+        // The rest as asked (the kernel filled in the flags it did not
+        // change from what layerfs reported), on the upper file.
+        let flags = req & !(i_bit | a_bit);
         if fsx {
-            let mut cur = vec![0u8; 64];
-            sys::ioctl_read(fd.as_fd(), FS_IOC_FSGETXATTR, &mut cur)
-                .ctx(|| "get the upper file's flags".into())?;
-            let cur_flags = u32::from_ne_bytes(cur[..4].try_into().unwrap_or_default());
-            let flags = (cur_flags & !FS_XFLAG_COMMON) | (req & FS_XFLAG_COMMON & !(i_bit | a_bit));
             let mut arg = [0u8; 28];
             arg.copy_from_slice(&data[..28]);
             arg[..4].copy_from_slice(&flags.to_ne_bytes());
             sys::set_fsxattr(fd.as_fd(), &arg).ctx(|| "set the upper file's flags".into())?;
         } else {
-            let cur = sys::inode_flags(fd.as_fd()).ctx(|| "get the upper file's flags".into())?;
-            let flags = (cur & !FS_COMMON_FL) | (req & FS_COMMON_FL & !(i_bit | a_bit));
             sys::set_inode_flags(fd.as_fd(), flags).ctx(|| "set the upper file's flags".into())?;
         }
         if let Some(inv) = self.invalidator.get() {
