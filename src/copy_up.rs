@@ -485,14 +485,33 @@ pub fn copy_data(
     if size <= (st.st_blksize as u64).min(4096) && st.st_blocks > 0 {
         reached = copy_range(src, dst, 0, size, caps)?;
     } else {
-        let mut off: u64 = 0;
-        while off < size {
-            let Some(data) = sys::lseek(src, off as i64, libc::SEEK_DATA)? else {
+        // As the kernel's overlay copies (`ovl_copy_up_file`): in chunks of
+        // 1 MiB, a hole passed over only where the next data starts beyond
+        // the position reached, so holes inside a chunk are written as
+        // zeros and the copy takes the blocks the kernel's copy takes.
+        const CHUNK: u64 = 1 << 20;
+        let (mut pos, mut data_pos, mut seek) = (0u64, None, true);
+        while pos < size {
+            if seek && data_pos.is_none_or(|d| d < pos) {
+                match sys::lseek(src, pos as i64, libc::SEEK_DATA) {
+                    Ok(Some(d)) if d as u64 > pos => {
+                        pos = d as u64;
+                        data_pos = Some(pos);
+                        continue;
+                    }
+                    Ok(Some(d)) => data_pos = Some(d as u64),
+                    // Only a hole left.
+                    Ok(None) => break,
+                    // No SEEK_DATA: everything is copied.
+                    Err(_) => seek = false,
+                }
+            }
+            let end = (pos + CHUNK).min(size);
+            reached = copy_range(src, dst, pos, end, caps)?;
+            if reached < end {
                 break;
-            };
-            let hole = sys::lseek(src, data, libc::SEEK_HOLE)?.unwrap_or(size as i64) as u64;
-            reached = copy_range(src, dst, data as u64, hole.min(size), caps)?;
-            off = hole;
+            }
+            pos = end;
         }
     }
     // A hole at the end (or a source shorter than its lstat said).

@@ -1064,9 +1064,9 @@ impl Scenario {
         self
     }
 
-    /// Do not compare st_blocks exactly (e.g. sparse copy-ups, where the
-    /// kernel copies whole 1 MiB chunks around data and layerfs may keep
-    /// holes more precisely); pair it with an [`Scenario::upper_check`].
+    /// Do not compare st_blocks exactly (e.g. a large file whose
+    /// allocation ext4 settles late); pair it with an
+    /// [`Scenario::upper_check`].
     pub fn no_exact_blocks(mut self) -> Scenario {
         self.blocks = false;
         self
