@@ -773,18 +773,23 @@ impl OverlayFs {
         // A write to a setuid/setgid file must be seen by layerfs, which
         // clears those bits when the writer may not keep them (the kernel
         // leaves that to the filesystem: FUSE_HANDLE_KILLPRIV_V2); a
-        // passthrough write would never reach it.
-        let setid = opens_for_write(flags)
-            && fd.as_ref().is_some_and(|fd| {
-                sys::fstat(fd.as_fd())
-                    .is_ok_and(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0)
-            });
+        // passthrough write would never reach it, and its backing file,
+        // registered without CAP_FSETID, would clear them even for root.
+        // Since a later open must follow the I/O mode of those already
+        // open, no open of such a file is passed through (asked only when
+        // a backing file would be registered).
+        let setid = || {
+            !frozen
+                && fd.as_ref().is_some_and(|fd| {
+                    sys::fstat(fd.as_fd())
+                        .is_ok_and(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0)
+                })
+        };
         // On a `noatime` mount reads must not update the upper file's atime:
         // layerfs reads it with O_NOATIME, which a backing file (opened by
         // the kernel with the caller's flags) would not have.
         let reads = flags & libc::O_ACCMODE != libc::O_WRONLY;
-        let no_passthrough = setid || (reads && self.noatime);
-        let register = register.filter(|_| !no_passthrough);
+        let register = register.filter(|_| !(reads && self.noatime));
         // Decided and registered under the node's lock: two opens racing
         // must never hand the kernel two backing files, or a cached open
         // while passthrough ones are open (the kernel fails those with EIO).
@@ -793,7 +798,7 @@ impl OverlayFs {
             let mode = match (existing, register) {
                 (Some(b), _) if io.passthrough > 0 => OpenIo::Passthrough(b),
                 (_, Some(register))
-                    if (upper || frozen) && io.cached == 0 && io.passthrough == 0 =>
+                    if (upper || frozen) && io.cached == 0 && io.passthrough == 0 && !setid() =>
                 {
                     match fd.as_ref().and_then(|fd| register(fd.as_fd())) {
                         Some(b) => {
