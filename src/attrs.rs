@@ -317,24 +317,37 @@ impl OverlayFs {
     }
 
     /// Where a change of `node` goes: its upper copy (copied up first), or,
-    /// for a file whose name is gone (unlinked, or renamed over, while
-    /// open), an upper file open for it (`fh` first), as a location with an
-    /// empty name: the kernel still changes such a file through its fd.
+    /// for an object whose name is gone (unlinked, or renamed over, while
+    /// open), an upper file open for it (`fh` first) or the upper object
+    /// kept for it, as a location with an empty name: the kernel still
+    /// changes such an object through its fd. A lower object whose name is
+    /// gone cannot be copied up: `EEXIST`, the kernel's answer (its copy-up
+    /// finds the name taken, by a whiteout or another object).
     pub(crate) fn change_loc(
         &self,
         node: &Arc<Node>,
         fh: Option<u64>,
         skip_data: bool,
     ) -> Result<Loc> {
+        let upper = |dir| Loc {
+            layer: self.stack.upper().map_or(0, |u| u.index),
+            dir,
+            name: Name::default(),
+        };
         match self.copy_up(node, skip_data) {
-            Err(e) if e.is(libc::ENOENT) => match self.open_upper_file(node, fh) {
-                Some(fd) => Ok(Loc {
-                    layer: self.stack.upper().map_or(0, |u| u.index),
-                    dir: fd,
-                    name: Name::default(),
-                }),
-                None => Err(e),
-            },
+            Err(e) if e.is(libc::ENOENT) => {
+                if let Some(fd) = self.open_upper_file(node, fh) {
+                    return Ok(upper(fd));
+                }
+                match node.read_state(|s| (s.detached.clone(), s.detached_lower)) {
+                    (Some(fd), false) => Ok(upper(fd)),
+                    (Some(_), true) => Err(Error::new(
+                        libc::EEXIST,
+                        "copy-up of a lower file whose name is gone",
+                    )),
+                    (None, _) => Err(e),
+                }
+            }
             r => r,
         }
     }

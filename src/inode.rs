@@ -176,6 +176,9 @@ pub struct NodeState {
     /// An `O_PATH` fd kept when the object's last known name went away
     /// (unlinked while open, or a hard link's other name).
     pub detached: Option<Arc<OwnedFd>>,
+    /// `detached` is a lower layer's file (never copied up: changes through
+    /// an open file of it fail, see `OverlayFs::change_loc`).
+    pub detached_lower: bool,
     /// Deleted from the merged namespace (an upper object's `st_nlink`
     /// drops with it; a lower object's stays, as on the kernel).
     pub unlinked: bool,

@@ -484,19 +484,21 @@ impl OverlayFs {
     /// Keeps a deleted object reachable for those who still hold it (open
     /// files, a cwd): an `O_PATH` fd on it, and no name.
     fn detach(&self, parent: u64, name: &CStr, ino: u64, r: &Resolved) {
-        let fd = match r {
-            Resolved::NonDir { loc, .. } => {
+        let (fd, lower) = match r {
+            Resolved::NonDir { loc, .. } => (
                 sys::openat(loc.dir.as_fd(), &loc.name, libc::O_PATH, 0)
                     .ok()
-                    .map(Arc::new)
-            }
-            _ => None,
+                    .map(Arc::new),
+                self.stack.is_lower(loc.layer),
+            ),
+            _ => (None, false),
         };
         for node in self.nodes_at(parent, name, ino) {
             node.set_state(|s| {
                 s.loc = None;
                 s.unlinked = true;
                 s.detached = fd.clone();
+                s.detached_lower = lower;
             });
             // A per-name node (a name of a hard-linked file) stays in the
             // table until the kernel forgets it, which it tells later: the
@@ -1064,6 +1066,7 @@ impl OverlayFs {
             loc: None,
             dirs: Box::default(),
             detached: Some(Arc::new(path)),
+            detached_lower: false,
             unlinked: true,
         };
         let node = self

@@ -219,6 +219,7 @@ impl OverlayFs {
                 loc: None,
                 dirs: dirs.into(),
                 detached: None,
+                detached_lower: false,
                 unlinked: false,
             },
         );
@@ -501,6 +502,7 @@ impl OverlayFs {
                     loc: Some(loc),
                     dirs: dirs.into(),
                     detached: None,
+                    detached_lower: false,
                     unlinked: false,
                 },
             ),
@@ -511,6 +513,7 @@ impl OverlayFs {
                     loc: Some(loc),
                     dirs: Box::default(),
                     detached: None,
+                    detached_lower: false,
                     unlinked: false,
                 },
             ),

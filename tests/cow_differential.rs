@@ -4849,3 +4849,56 @@ cd /; umount $M
         &["f 0o104755 0o104755 3", "g 0o100777 0o100777 5"],
     );
 }
+
+/// Changes through an open file whose name is gone, as on the kernel: an
+/// upper object unlinked or renamed over (also a FIFO, and a file copied up
+/// by a truncation while open read-only) is still changed through the fd;
+/// a lower file never copied up fails with `EEXIST` (the kernel's copy-up
+/// finds its name taken). Found by a differential fuzzer.
+#[test]
+fn changes_through_fds_of_objects_whose_name_is_gone() {
+    const SCRIPT: &str = r#"
+mkdir -p $L/d $U $W $M
+echo lower > $L/d/f; echo lower > $L/d/h
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+$PY - <<'PY'
+import os
+import os, sys, stat
+def t(name, f):
+    try: r = f(); print(name, "ok", r if r is not None else "")
+    except OSError as e: print(name, "ERR", e.errno)
+# deleted lower file: metadata via fd
+fd = os.open("d/f", os.O_RDONLY); os.unlink("d/f")
+t("lower unlinked fchmod", lambda: os.fchmod(fd, 0o600))
+t("lower unlinked fsetxattr", lambda: os.setxattr(fd, "user.q", b"1"))
+t("lower unlinked futimens", lambda: os.utime(fd, (1, 2)))
+# O_TRUNC read-only open, then renamed over
+fd2 = os.open("d/h", os.O_RDONLY | os.O_TRUNC)
+open("new", "w").write("n")
+os.rename("new", "d/h")
+t("trunc then renamed-over fsetxattr", lambda: os.setxattr(fd2, "user.q", b"1"))
+t("trunc then renamed-over fchmod", lambda: os.fchmod(fd2, 0o600) or oct(os.fstat(fd2).st_mode))
+# fifo renamed over
+os.mkfifo("ff")
+fd3 = os.open("ff", os.O_RDONLY | os.O_NONBLOCK)
+open("new2", "w").write("n")
+os.rename("new2", "ff")
+t("fifo renamed-over fchmod", lambda: os.fchmod(fd3, 0o600) or oct(os.fstat(fd3).st_mode))
+# upper file unlinked, read-only fd
+open("uf", "w").write("u")
+fd4 = os.open("uf", os.O_RDONLY); os.unlink("uf")
+t("upper unlinked fchmod", lambda: os.fchmod(fd4, 0o600) or oct(os.fstat(fd4).st_mode))
+t("upper unlinked fsetxattr", lambda: os.setxattr(fd4, "user.q", b"1") or os.getxattr(fd4, "user.q"))
+PY
+cd /; umount $M
+"#;
+    same_on_kernel_and_layerfs(
+        "gone-names",
+        SCRIPT,
+        &[
+            "lower unlinked fchmod ERR 17",
+            "fifo renamed-over fchmod ok 0o10600",
+        ],
+    );
+}
