@@ -582,6 +582,16 @@ impl NodeTable {
 
     /// Records a lookup of a hard-linked lower file's name: its own node,
     /// reporting `st_ino`. None when `fresh` says the result is stale.
+    /// Whether the per-name node at `key` (if any) reports `st_ino`: the
+    /// name still leads to that node's object.
+    pub fn holds_path(&self, key: &(u64, Vec<u8>), st_ino: u64) -> bool {
+        let paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        paths
+            .ids
+            .get(key)
+            .is_some_and(|id| paths.st_inos.get(id) == Some(&st_ino))
+    }
+
     pub fn lookup_path(
         &self,
         key: (u64, Vec<u8>),

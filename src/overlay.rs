@@ -325,9 +325,13 @@ impl OverlayFs {
     }
 
     /// Whether `node`'s topmost entry is in the upper layer (read in place:
-    /// the open path asks at every OPEN).
+    /// the open path asks at every OPEN); also an upper object kept after
+    /// its name went, or an `O_TMPFILE` file.
     pub(crate) fn top_is_upper(&self, node: &Node) -> bool {
-        node.read_state(|s| s.top_layer().is_some_and(|l| self.stack.is_upper(l)))
+        node.read_state(|s| {
+            s.top_layer().is_some_and(|l| self.stack.is_upper(l))
+                || (s.detached.is_some() && !s.detached_lower)
+        })
     }
 
     /// Whether the kernel may cache attributes `st` of `node`: not while
@@ -484,6 +488,18 @@ impl OverlayFs {
         }
     }
 
+    /// Whether node `ino` (an object's own node, not a per-name one) is
+    /// the one the kernel knows `name` in `parent` by.
+    fn named_here(&self, ino: u64, parent: &Arc<Node>, name: &[u8]) -> bool {
+        self.nodes.get(ino).is_some_and(|n| {
+            n.read_state(|s| {
+                !s.unlinked
+                    && s.parent.as_ref().is_some_and(|p| Arc::ptr_eq(p, parent))
+                    && s.loc.as_ref().is_some_and(|l| l.name.to_bytes() == name)
+            })
+        })
+    }
+
     /// Enters a resolved object in the node table (one kernel lookup);
     /// None when `fresh` shows the result went stale.
     fn record_as(
@@ -523,14 +539,22 @@ impl OverlayFs {
         if fmt == libc::S_IFDIR || st.st_nlink == 1 {
             self.check_borrowed_ino(ino, &state, &st)?;
         }
-        let node = if fmt != libc::S_IFDIR && st.st_nlink > 1 {
-            let name = state
-                .loc
-                .as_ref()
-                .map(|l| l.name.to_bytes().to_vec())
-                .unwrap_or_default();
-            self.nodes
-                .lookup_path((parent.ino, name), ino, fmt, state, fresh)
+        // A name keeps the node the kernel knows it by while it leads to
+        // the same object (else the kernel would hold two inodes for one
+        // file, one of them with stale attributes): a per-name node stays
+        // after the object's other names went (a lower hard link copied up
+        // through this name, the other names unlinked), and an object's own
+        // node stays for the name it had when it gained other names.
+        let name = state.loc.as_ref().map(|l| l.name.to_bytes().to_vec());
+        let per_name = fmt != libc::S_IFDIR
+            && name.as_ref().is_some_and(|n| {
+                let key = (parent.ino, n.clone());
+                self.nodes.holds_path(&key, ino)
+                    || (st.st_nlink > 1 && !self.named_here(ino, parent, n))
+            });
+        let node = if per_name {
+            let key = (parent.ino, name.unwrap_or_default());
+            self.nodes.lookup_path(key, ino, fmt, state, fresh)
         } else {
             self.nodes
                 .lookup(ino, fmt, state, fresh, |l| self.stack.is_upper(l))

@@ -19,8 +19,11 @@
 //! `FS_IOC_FSSETXATTR`, what `chattr` uses) copies the object up and
 //! records `+i`/`+a` in `overlay.protattr`, the other flags on the upper
 //! file, as the kernel's `ovl_fileattr_set`. As on the kernel, the flags
-//! are read once per object (here: at its first change) and changes made
-//! behind the mount are not seen meanwhile.
+//! are read once per object (here: at its first change; at each for a
+//! file with several names or open for writing) and changes made behind
+//! the mount are not seen meanwhile. An upper file's own flags are not
+//! read: its filesystem refuses what they forbid when layerfs makes the
+//! change there.
 //! Not enforced (the kernel checks them on its FUSE inode, before asking
 //! layerfs): `access(W_OK)` answers 0, a shared writable `mmap` and
 //! `fcntl(F_SETFL)` dropping `O_APPEND` of an append-only file are
@@ -117,38 +120,35 @@ impl OverlayFs {
     pub(crate) fn prot_of(&self, r: &Resolved) -> u8 {
         match r {
             Resolved::Absent => 0,
-            Resolved::Dir { dirs, .. } => dirs
-                .first()
-                .map_or(0, |d| self.prot_at(d.layer, d.fd.as_fd(), c"")),
-            Resolved::NonDir { loc, .. } => self.prot_at(loc.layer, loc.dir.as_fd(), &loc.name),
+            Resolved::Dir { dirs, .. } => dirs.first().map_or(0, |d| {
+                self.prot_at(self.stack.is_upper(d.layer), d.fd.as_fd(), c"")
+            }),
+            Resolved::NonDir { loc, .. } => {
+                self.prot_at(self.stack.is_upper(loc.layer), loc.dir.as_fd(), &loc.name)
+            }
         }
     }
 
     fn prot_of_state(&self, s: &NodeState) -> u8 {
         if let Some(d) = s.dirs.first() {
-            return self.prot_at(d.layer, d.fd.as_fd(), c"");
+            return self.prot_at(self.stack.is_upper(d.layer), d.fd.as_fd(), c"");
         }
         if let Some(fd) = &s.detached {
-            let upper = self.stack.upper().map_or(0, |u| u.index);
-            return self.prot_at(upper, fd.as_fd(), c"");
+            return self.prot_at(!s.detached_lower, fd.as_fd(), c"");
         }
         match &s.loc {
-            Some(loc) => self.prot_at(loc.layer, loc.dir.as_fd(), &loc.name),
+            Some(loc) => self.prot_at(self.stack.is_upper(loc.layer), loc.dir.as_fd(), &loc.name),
             None => 0,
         }
     }
 
-    /// The flags of `name` in `dir` (`dir` itself for an empty name) in
-    /// `layer`: a lower file's own; in the upper layer `overlay.protattr` —
-    /// an upper file's own flags need no check here, its filesystem refuses
-    /// what they forbid when layerfs makes the change there. A file that
-    /// cannot be read counts as unflagged (the change asked for then meets
-    /// the error itself).
-    fn prot_at(&self, layer: usize, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> u8 {
+    /// The flags of `name` in `dir` (`dir` itself for an empty name): a
+    /// lower file's own; an upper file's `overlay.protattr` (see the module
+    /// documentation for its own flags). A file that cannot be read counts
+    /// as unflagged (the change asked for then meets the error itself).
+    fn prot_at(&self, upper: bool, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> u8 {
         let mut p = 0;
-        if self.stack.is_lower(layer)
-            && let Ok(a) = sys::stat_attributes(dir, name)
-        {
+        if !upper && let Ok(a) = sys::stat_attributes(dir, name) {
             if a & STATX_ATTR_IMMUTABLE != 0 {
                 p |= IMMUTABLE;
             }
@@ -156,7 +156,7 @@ impl OverlayFs {
                 p |= APPEND;
             }
         }
-        if self.stack.is_upper(layer) {
+        if upper {
             let target = match name.is_empty() {
                 true => xattr::Target::Fd(dir),
                 false => xattr::Target::At(dir, name),

@@ -4902,3 +4902,84 @@ cd /; umount $M
         ],
     );
 }
+
+/// A name keeps the inode the kernel knows it by while it leads to the
+/// same file, as the kernel's one inode: a lower hard link copied up
+/// through one name, then its directory listed (whose entries carry the
+/// file's attributes), then written through the open file; an upper file
+/// linked, its first name unlinked, listed, truncated through an open fd;
+/// a file that gained a name through the mount, listed, written through
+/// its first name. Sizes seen by path, by fd and by reading agree (were
+/// the old size by path: two inodes for one file). Found by a
+/// differential fuzzer.
+#[test]
+fn a_name_keeps_its_inode_when_the_files_links_change() {
+    const SCRIPT: &str = r#"
+mkdir -p $L/d $U $W $M
+head -c 100 /dev/zero > $L/a; ln $L/a $L/d/b
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+$PY - <<'PY'
+import os
+def sizes(tag, fd, path):
+    print(tag, "fstat", os.fstat(fd).st_size, "stat", os.stat(path).st_size,
+          "read", len(open(path, "rb").read()))
+fd = os.open("d/b", os.O_RDWR)
+os.listdir("d")
+os.pwrite(fd, b"x" * 7, 10000)
+sizes("lower link copied up", fd, "d/b")
+open("u1", "w").write("abc")
+os.link("u1", "u2"); os.unlink("u1")
+fd2 = os.open("u2", os.O_RDWR)
+os.listdir(".")
+os.ftruncate(fd2, 50)
+sizes("upper link, first name gone", fd2, "u2")
+open("v1", "w").write("abc")
+fd3 = os.open("v1", os.O_RDWR)
+os.link("v1", "v2")
+os.listdir(".")
+os.pwrite(fd3, b"y" * 5, 100)
+sizes("gained a name", fd3, "v1")
+print("v2", os.stat("v2").st_size)
+os.mkfifo("ff")
+fd4 = os.open("ff", os.O_RDONLY | os.O_NONBLOCK)
+os.unlink("ff")
+os.utime(fd4, (1000000000, 1000000000))
+print("unlinked fifo mtime", os.fstat(fd4).st_mtime)
+PY
+cd /; umount $M
+"#;
+    same_on_kernel_and_layerfs(
+        "name-inode",
+        SCRIPT,
+        &[
+            "lower link copied up fstat 10007 stat 10007 read 10007",
+            "upper link, first name gone fstat 50 stat 50 read 50",
+        ],
+    );
+}
+
+/// An `O_TMPFILE` file is an upper file like others (it was served as a
+/// lower one: through the page cache, whose write-back of a mapped page
+/// turned preallocated space into data): `SEEK_HOLE` after an fallocate
+/// and a write through a mapping answers as on the kernel. Found by a
+/// differential fuzzer.
+#[test]
+fn o_tmpfile_files_are_upper_files() {
+    const SCRIPT: &str = r#"
+mkdir -p $L $U $W $M
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+$PY - <<'PY'
+import os, mmap
+for kind in ("tmpfile", "named"):
+    fd = os.open(".", os.O_TMPFILE | os.O_RDWR, 0o600) if kind == "tmpfile" else os.open("f", os.O_RDWR | os.O_CREAT, 0o600)
+    os.posix_fallocate(fd, 5000, 4096)
+    m = mmap.mmap(fd, 9096); m[1:2] = b"x"; m.flush(); m.close()
+    print(kind, "SEEK_HOLE@4096", os.lseek(fd, 4096, os.SEEK_HOLE), "size", os.fstat(fd).st_size)
+    os.close(fd)
+PY
+cd /; umount $M
+"#;
+    same_on_kernel_and_layerfs("tmpfile-upper", SCRIPT, &["tmpfile SEEK_HOLE@4096 8192"]);
+}

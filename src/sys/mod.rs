@@ -292,7 +292,24 @@ pub fn proc_fd_path(fd: RawFd) -> CString {
 pub fn utimensat(dir: BorrowedFd<'_>, name: &CStr, times: &[libc::timespec; 2]) -> io::Result<()> {
     if name.is_empty() {
         // SAFETY: valid fd and a two-element timespec array.
-        return cvt(unsafe { libc::futimens(dir.as_raw_fd(), times.as_ptr()) }).map(drop);
+        let r = cvt(unsafe { libc::futimens(dir.as_raw_fd(), times.as_ptr()) }).map(drop);
+        return match r {
+            // An O_PATH fd (an object kept after its name went): by the fd
+            // itself (AT_EMPTY_PATH, Linux 5.8).
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
+                // SAFETY: valid fd, an empty C string, a two-element array.
+                cvt(unsafe {
+                    libc::utimensat(
+                        dir.as_raw_fd(),
+                        c"".as_ptr(),
+                        times.as_ptr(),
+                        libc::AT_EMPTY_PATH,
+                    )
+                })
+                .map(drop)
+            }
+            r => r,
+        };
     }
     // SAFETY: valid fd, C string and a two-element timespec array.
     cvt(unsafe {
