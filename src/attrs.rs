@@ -141,10 +141,10 @@ impl OverlayFs {
         // append-only objects: times set to now (`touch`) are refused only
         // for immutable ones; FUSE does not say whether "now" was asked
         // explicitly (`utimensat` with `UTIME_NOW`, refused for both on the
-        // kernel) or by a null times argument. A truncation through an open file (`ftruncate`: the
-        // kernel gives its handle) is refused only for an append-only one:
-        // an immutable file opened for writing before its flag was set
-        // stays truncatable, as on the kernel.
+        // kernel) or by a null times argument. A truncation through an open
+        // file (`ftruncate`: the kernel gives its handle) is refused only
+        // for an append-only one: an immutable file opened for writing
+        // before its flag was set stays truncatable, as on the kernel.
         let explicit = |t: Option<SetTime>| matches!(t, Some(SetTime::At(..)));
         let refused = if a.mode.is_some()
             || a.uid.is_some()

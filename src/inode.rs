@@ -580,8 +580,6 @@ impl NodeTable {
         Some(node)
     }
 
-    /// Records a lookup of a hard-linked lower file's name: its own node,
-    /// reporting `st_ino`. None when `fresh` says the result is stale.
     /// Whether the per-name node at `key` (if any) reports `st_ino`: the
     /// name still leads to that node's object.
     pub fn holds_path(&self, key: &(u64, Vec<u8>), st_ino: u64) -> bool {
@@ -592,6 +590,8 @@ impl NodeTable {
             .is_some_and(|id| paths.st_inos.get(id) == Some(&st_ino))
     }
 
+    /// Records a lookup of a name of a file with several names: its own
+    /// node, reporting `st_ino`. None when `fresh` says the result is stale.
     pub fn lookup_path(
         &self,
         key: (u64, Vec<u8>),

@@ -415,7 +415,7 @@ pub fn set_inode_flags(fd: BorrowedFd<'_>, flags: u32) -> io::Result<()> {
 /// `FS_IOC_FSSETXATTR`: sets a file's extended flags from a `struct
 /// fsxattr` (28 bytes).
 pub fn set_fsxattr(fd: BorrowedFd<'_>, fsx: &[u8; 28]) -> io::Result<()> {
-    const FS_IOC_FSSETXATTR: u32 = libc::_IOW::<[u8; 28]>(b'X' as u32, 32) as u32;
+    use crate::protect::FS_IOC_FSSETXATTR;
     // SAFETY: FS_IOC_FSSETXATTR reads a 28-byte struct, which `fsx` is.
     cvt(unsafe {
         libc::ioctl(
@@ -427,10 +427,9 @@ pub fn set_fsxattr(fd: BorrowedFd<'_>, fsx: &[u8; 28]) -> io::Result<()> {
     .map(drop)
 }
 
-/// The `statx` attributes (`STATX_ATTR_IMMUTABLE`, `STATX_ATTR_APPEND`,
-/// ...) of `name` in `dir` (`dir` itself for an empty name, also `O_PATH`),
-/// never following a symlink; only those its filesystem reports.
-pub fn stat_attributes(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<u64> {
+/// `statx` of `name` in `dir` (`dir` itself for an empty name, also
+/// `O_PATH`), never following a symlink, asking for `mask`.
+fn statx_at(dir: BorrowedFd<'_>, name: &CStr, mask: u32) -> io::Result<libc::statx> {
     // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     let flags = libc::AT_SYMLINK_NOFOLLOW
@@ -440,33 +439,23 @@ pub fn stat_attributes(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<u64> {
             0
         };
     // SAFETY: valid fd and C string, a writable statx buffer.
-    cvt(unsafe { libc::statx(dir.as_raw_fd(), name.as_ptr(), flags, 0, &mut stx) })?;
+    cvt(unsafe { libc::statx(dir.as_raw_fd(), name.as_ptr(), flags, mask, &mut stx) })?;
+    Ok(stx)
+}
+
+/// The `statx` attributes (`STATX_ATTR_IMMUTABLE`, `STATX_ATTR_APPEND`,
+/// ...) of `name` in `dir` (see `statx_at`); only those its filesystem
+/// reports.
+pub fn stat_attributes(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<u64> {
+    let stx = statx_at(dir, name, 0)?;
     Ok(stx.stx_attributes & stx.stx_attributes_mask)
 }
 
-/// The birth time (`statx` `STATX_BTIME`) of `name` in `dir` (`dir`
-/// itself for an empty name, also `O_PATH`), never following a symlink;
-/// `None` where the filesystem keeps none.
+/// The birth time (`statx` `STATX_BTIME`) of `name` in `dir` (see
+/// `statx_at`); `None` where the filesystem keeps none.
 pub fn birth_time(dir: BorrowedFd<'_>, name: &CStr) -> Option<std::time::SystemTime> {
-    // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let flags = libc::AT_SYMLINK_NOFOLLOW
-        | if name.is_empty() {
-            libc::AT_EMPTY_PATH
-        } else {
-            0
-        };
-    // SAFETY: valid fd and C string, a writable statx buffer.
-    let r = unsafe {
-        libc::statx(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags,
-            libc::STATX_BTIME,
-            &mut stx,
-        )
-    };
-    if r != 0 || stx.stx_mask & libc::STATX_BTIME == 0 {
+    let stx = statx_at(dir, name, libc::STATX_BTIME).ok()?;
+    if stx.stx_mask & libc::STATX_BTIME == 0 {
         return None;
     }
     let t = stx.stx_btime;
