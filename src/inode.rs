@@ -376,6 +376,8 @@ pub struct NodeTable {
     shards: Vec<RwLock<HashSet<Entry>>>,
     /// Per-name nodes of hard-linked lower files, both ways.
     paths: Mutex<PathIndex>,
+    /// How many per-name nodes live (none: no lookup takes `paths`' lock).
+    path_nodes: AtomicU64,
     next_path_id: AtomicU64,
 }
 
@@ -463,6 +465,7 @@ impl NodeTable {
             root_st_ino: AtomicU64::new(ROOT_INO),
             shards,
             paths: Mutex::new(PathIndex::default()),
+            path_nodes: AtomicU64::new(0),
             next_path_id: AtomicU64::new(PATH_ID_BASE),
         };
         let root = Arc::new(root);
@@ -583,6 +586,9 @@ impl NodeTable {
     /// Whether the per-name node at `key` (if any) reports `st_ino`: the
     /// name still leads to that node's object.
     pub fn holds_path(&self, key: &(u64, Vec<u8>), st_ino: u64) -> bool {
+        if self.path_nodes.load(Ordering::Acquire) == 0 {
+            return false;
+        }
         let paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
         paths
             .ids
@@ -629,6 +635,7 @@ impl NodeTable {
         node.lookups.store(1, Ordering::Relaxed);
         paths.set(id, key);
         paths.st_inos.insert(id, st_ino);
+        self.path_nodes.fetch_add(1, Ordering::AcqRel);
         self.shard(id)
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -690,6 +697,7 @@ impl NodeTable {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(ino);
+            self.path_nodes.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
