@@ -540,11 +540,6 @@ impl OverlayFs {
     ) -> Result<()> {
         Self::check_name(newname)?;
         self.writable()?;
-        if flags & !(sys::RENAME_EXCHANGE | sys::RENAME_NOREPLACE) != 0 {
-            // RENAME_WHITEOUT among them: refused, as the kernel's overlay
-            // refuses it.
-            return Err(Error::new(libc::EINVAL, "unsupported rename flags"));
-        }
         let exchange = flags & sys::RENAME_EXCHANGE != 0;
         let op = self.node(oldp)?;
         let np = self.node(newp)?;
@@ -556,8 +551,16 @@ impl OverlayFs {
         if new.exists() && flags & sys::RENAME_NOREPLACE != 0 {
             return Err(Error::new(libc::EEXIST, "rename target exists"));
         }
-        if oldp == newp && oldname == newname {
+        // Two names of one upper file: nothing to do, as the VFS decides
+        // for one inode before the filesystem is asked (each name of a
+        // file with several names is a node of its own here).
+        if (oldp == newp && oldname == newname) || same_upper_file(&self.stack, &old, &new) {
             return Ok(());
+        }
+        if flags & !(sys::RENAME_EXCHANGE | sys::RENAME_NOREPLACE) != 0 {
+            // RENAME_WHITEOUT among them: refused, as the kernel's overlay
+            // refuses it.
+            return Err(Error::new(libc::EINVAL, "unsupported rename flags"));
         }
         // The kernel's `may_delete` of the source (and of the target it
         // replaces or exchanges), `may_create` in the new parent.
@@ -968,6 +971,18 @@ impl OverlayFs {
         }
         let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?;
         Ok(self.record(&p.node, r)?.1)
+    }
+}
+
+/// Whether `a` and `b` are one file in the upper layer (two of its names).
+fn same_upper_file(stack: &crate::layer::Stack, a: &Resolved, b: &Resolved) -> bool {
+    match (a, b) {
+        (Resolved::NonDir { loc: la, st: sa }, Resolved::NonDir { loc: lb, st: sb }) => {
+            stack.is_upper(la.layer)
+                && stack.is_upper(lb.layer)
+                && (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+        }
+        _ => false,
     }
 }
 

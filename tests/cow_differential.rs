@@ -4983,3 +4983,35 @@ cd /; umount $M
 "#;
     same_on_kernel_and_layerfs("tmpfile-upper", SCRIPT, &["tmpfile SEEK_HOLE@4096 8192"]);
 }
+
+/// Renaming between two names of one upper file does nothing and
+/// succeeds, with any flags the VFS lets through (`RENAME_WHITEOUT`,
+/// which the overlay refuses otherwise, `RENAME_EXCHANGE`), as the VFS
+/// decides for one inode before the filesystem is asked; names of a lower
+/// hard link are separate files there, renamed for real. Found by a
+/// differential fuzzer.
+#[test]
+fn renames_between_names_of_one_file() {
+    const SCRIPT: &str = r#"
+mkdir -p $L $U $W $M
+echo l > $L/la; ln $L/la $L/lb
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+echo u > x; ln x y
+$PY - <<'PY'
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def rn(a, b, fl):
+    r = libc.renameat2(-100, a.encode(), -100, b.encode(), fl)
+    print(a, b, fl, "ok" if r == 0 else os.strerror(ctypes.get_errno()), sorted(os.listdir(".")))
+rn("x", "y", 4); rn("x", "y", 2); rn("x", "y", 0); rn("x", "y", 1)
+rn("la", "lb", 4); rn("la", "lb", 0)
+PY
+cd /; umount $M
+"#;
+    same_on_kernel_and_layerfs(
+        "same-file-rename",
+        SCRIPT,
+        &["x y 4 ok", "la lb 4 Invalid argument"],
+    );
+}
