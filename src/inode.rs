@@ -8,7 +8,10 @@
 //! link its own inode, because a copy-up through one name must not change
 //! the others; and since FUSE never says through which name an inode is
 //! used, each name must be its own node to be copied up, unlinked or
-//! renamed correctly. The attributes of an upper file with several names
+//! renamed correctly. A name keeps the node the kernel knows it by while
+//! it leads to the same file, whatever happens to the file's other names
+//! (`OverlayFs::record_as`): the kernel must never hold two inodes for one
+//! file through one name. The attributes of an upper file with several names
 //! are never cached by the kernel, so a change through one name shows
 //! through the others; a lower hard link's are (a change through one name
 //! copies that name up alone and leaves the others as they were).
