@@ -342,8 +342,11 @@ impl OverlayFs {
     /// that name alone (a separate file), leaving the others' lower file as
     /// it was.
     fn cacheable(&self, node: &Node, st: &Stat) -> bool {
+        // A per-name node of an upper file too, whatever its link count
+        // now: another node of the file (a name renamed over while open)
+        // may still change it.
         let shared = st.st_mode & libc::S_IFMT != libc::S_IFDIR
-            && st.st_nlink > 1
+            && (st.st_nlink > 1 || crate::inode::is_per_name(node.ino))
             && node.read_state(|s| {
                 s.detached.is_some() || s.top_layer().is_none_or(|l| self.stack.is_upper(l))
             });

@@ -4909,9 +4909,10 @@ cd /; umount $M
 /// file's attributes), then written through the open file; an upper file
 /// linked, its first name unlinked, listed, truncated through an open fd;
 /// a file that gained a name through the mount, listed, written through
-/// its first name. Sizes seen by path, by fd and by reading agree (were
-/// the old size by path: two inodes for one file). Found by a
-/// differential fuzzer.
+/// its first name; a file's name renamed over while open for writing,
+/// written, its other name looked at. Sizes seen by path, by fd and by
+/// reading agree (were the old size by path: two inodes for one file).
+/// Found by a differential fuzzer.
 #[test]
 fn a_name_keeps_its_inode_when_the_files_links_change() {
     const SCRIPT: &str = r#"
@@ -4941,6 +4942,15 @@ os.listdir(".")
 os.pwrite(fd3, b"y" * 5, 100)
 sizes("gained a name", fd3, "v1")
 print("v2", os.stat("v2").st_size)
+open("w1", "w").write("abc")
+os.link("w1", "w2")
+fd5 = os.open("w1", os.O_WRONLY | os.O_APPEND)
+os.mkfifo("wf"); os.listdir("."); os.stat("w2")
+os.rename("wf", "w1")
+os.listdir("."); os.stat("w2")
+os.write(fd5, b"z" * 5000)
+os.listdir(".")
+print("renamed over while open: other name", os.stat("w2").st_size, "fd", os.fstat(fd5).st_size)
 os.mkfifo("ff")
 fd4 = os.open("ff", os.O_RDONLY | os.O_NONBLOCK)
 os.unlink("ff")
@@ -4955,6 +4965,7 @@ cd /; umount $M
         &[
             "lower link copied up fstat 10007 stat 10007 read 10007",
             "upper link, first name gone fstat 50 stat 50 read 50",
+            "renamed over while open: other name 5003 fd 5003",
         ],
     );
 }
