@@ -460,9 +460,9 @@ fn unsupported(e: &std::io::Error) -> bool {
 }
 
 /// Copies the data of a file of lstat `st`: reflink when the filesystems
-/// can, else `copy_file_range` over the data segments (holes stay holes),
-/// else read/write. A file no larger than a block, with a block allocated,
-/// has no hole: it is copied whole, without looking for one.
+/// can, else `copy_file_range` (else read/write) in the kernel's chunks
+/// (see below). A file no larger than a block, with a block allocated, has
+/// no hole: it is copied whole, without looking for one.
 pub fn copy_data(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,

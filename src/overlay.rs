@@ -364,15 +364,27 @@ impl OverlayFs {
         }
         let node = self.node(ino).ok()?;
         node.read_state(|s| {
-            if let Some(d) = s.dirs.first() {
-                return sys::birth_time(d.fd.as_fd(), c"");
-            }
-            if let Some(fd) = &s.detached {
-                return sys::birth_time(fd.as_fd(), c"");
-            }
-            let loc = s.loc.as_ref()?;
-            sys::birth_time(loc.dir.as_fd(), &loc.name)
+            let (dir, name, _) = self.top_object(s)?;
+            sys::birth_time(dir, name)
         })
+    }
+
+    /// Where `s`'s topmost real object is, for `*at` calls: a directory's
+    /// or a kept object's fd with an empty name, else its name in its
+    /// layer's directory; and whether it is in the upper layer. `None` for
+    /// a deleted object.
+    pub(crate) fn top_object<'a>(
+        &self,
+        s: &'a NodeState,
+    ) -> Option<(BorrowedFd<'a>, &'a CStr, bool)> {
+        if let Some(d) = s.dirs.first() {
+            return Some((d.fd.as_fd(), c"", self.stack.is_upper(d.layer)));
+        }
+        if let Some(fd) = &s.detached {
+            return Some((fd.as_fd(), c"", !s.detached_lower));
+        }
+        let loc = s.loc.as_ref()?;
+        Some((loc.dir.as_fd(), &loc.name, self.stack.is_upper(loc.layer)))
     }
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {

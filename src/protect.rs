@@ -130,16 +130,8 @@ impl OverlayFs {
     }
 
     fn prot_of_state(&self, s: &NodeState) -> u8 {
-        if let Some(d) = s.dirs.first() {
-            return self.prot_at(self.stack.is_upper(d.layer), d.fd.as_fd(), c"");
-        }
-        if let Some(fd) = &s.detached {
-            return self.prot_at(!s.detached_lower, fd.as_fd(), c"");
-        }
-        match &s.loc {
-            Some(loc) => self.prot_at(self.stack.is_upper(loc.layer), loc.dir.as_fd(), &loc.name),
-            None => 0,
-        }
+        self.top_object(s)
+            .map_or(0, |(dir, name, upper)| self.prot_at(upper, dir, name))
     }
 
     /// The flags of `name` in `dir` (`dir` itself for an empty name): a

@@ -128,32 +128,24 @@ pub fn openat_noatime(dir: BorrowedFd<'_>, name: &CStr, flags: i32) -> io::Resul
 /// needs (`statx` `STATX_DIOALIGN`); `None` where the filesystem does not
 /// say or does not do direct I/O.
 pub fn dio_offset_align(fd: BorrowedFd<'_>) -> Option<u32> {
-    // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd, an empty C string with AT_EMPTY_PATH, and a
-    // writable statx buffer.
-    let r = unsafe {
-        libc::statx(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
-    (r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0)
+    let stx = statx_at(fd, c"", libc::STATX_DIOALIGN).ok()?;
+    (stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0)
         .then_some(stx.stx_dio_offset_align)
+}
+
+/// `AT_EMPTY_PATH` for an empty name (the call is about `dir` itself).
+fn empty_path(name: &CStr) -> libc::c_int {
+    if name.is_empty() {
+        libc::AT_EMPTY_PATH
+    } else {
+        0
+    }
 }
 
 pub fn fstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
     // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
     let mut st: Stat = unsafe { std::mem::zeroed() };
-    let flags = libc::AT_SYMLINK_NOFOLLOW
-        | if name.is_empty() {
-            libc::AT_EMPTY_PATH
-        } else {
-            0
-        };
+    let flags = libc::AT_SYMLINK_NOFOLLOW | empty_path(name);
     // SAFETY: valid fd, valid C string, `st` is writable and sized for `stat`.
     cvt(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, flags) })?;
     Ok(st)
@@ -261,12 +253,7 @@ pub fn renameat2(
 
 /// `fchownat` with `AT_SYMLINK_NOFOLLOW` (an empty name means `dir` itself).
 pub fn fchownat(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
-    let flags = libc::AT_SYMLINK_NOFOLLOW
-        | if name.is_empty() {
-            libc::AT_EMPTY_PATH
-        } else {
-            0
-        };
+    let flags = libc::AT_SYMLINK_NOFOLLOW | empty_path(name);
     // SAFETY: valid fd and C string.
     cvt(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, flags) }).map(drop)
 }
@@ -432,12 +419,7 @@ pub fn set_fsxattr(fd: BorrowedFd<'_>, fsx: &[u8; 28]) -> io::Result<()> {
 fn statx_at(dir: BorrowedFd<'_>, name: &CStr, mask: u32) -> io::Result<libc::statx> {
     // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let flags = libc::AT_SYMLINK_NOFOLLOW
-        | if name.is_empty() {
-            libc::AT_EMPTY_PATH
-        } else {
-            0
-        };
+    let flags = libc::AT_SYMLINK_NOFOLLOW | empty_path(name);
     // SAFETY: valid fd and C string, a writable statx buffer.
     cvt(unsafe { libc::statx(dir.as_raw_fd(), name.as_ptr(), flags, mask, &mut stx) })?;
     Ok(stx)
@@ -512,11 +494,7 @@ pub fn file_handle_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<(i32, Vec<
         data: [0; MAX],
     };
     let mut mount_id: libc::c_int = 0;
-    let flags = if name.is_empty() {
-        libc::AT_EMPTY_PATH
-    } else {
-        0
-    };
+    let flags = empty_path(name);
     // SAFETY: `h` has the layout of `struct file_handle` with MAX bytes of room.
     cvt(unsafe {
         libc::syscall(
