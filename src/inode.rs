@@ -1,20 +1,19 @@
 //! The inode table: FUSE inode number ↔ overlay object, with lookup counts.
 //!
 //! A node's number is normally the inode number it reports (see
-//! `layer::Stack::map_ino`), so it is stable across copy-up. The exception
-//! is a hard-linked file: each of its names gets a node of its own, with a
-//! number from a private range, keyed by (parent, name), reporting the
-//! shared `st_ino`. The kernel's overlayfs gives each name of a lower hard
-//! link its own inode, because a copy-up through one name must not change
-//! the others; and since FUSE never says through which name an inode is
-//! used, each name must be its own node to be copied up, unlinked or
-//! renamed correctly. A name keeps the node the kernel knows it by while
-//! it leads to the same file, whatever happens to the file's other names
-//! (`OverlayFs::record_as`): the kernel must never hold two inodes for one
-//! file through one name. The attributes of an upper file with several names
-//! are never cached by the kernel, so a change through one name shows
-//! through the others; a lower hard link's are (a change through one name
-//! copies that name up alone and leaves the others as they were).
+//! `layer::Stack::map_ino`), so it is stable across copy-up, and every
+//! name of one upper file leads to its one node, as every name of one
+//! file leads to one inode on the kernel's overlayfs: locks, FIFOs,
+//! inotify watches and cached attributes are the file's, whichever name
+//! they were reached by. The exception is a lower hard link: each of its
+//! names gets a node of its own, with a number from a private range, keyed
+//! by (parent, name), reporting the shared `st_ino`. The kernel's overlayfs
+//! gives each name of a lower hard link its own inode too (`index=off`),
+//! because a copy-up through one name must not change the others; and
+//! since FUSE never says through which name an inode is used, each name
+//! must be its own node to be copied up through that name alone. Once
+//! copied up, such a node is its file's node (an alias of the copy's
+//! inode number), found through any name the copy gains.
 //! Invariants: a node stays in the table while the kernel holds lookups on
 //! it (`forget` drops them); a child holds an `Arc` of its parent, so the
 //! parent chain needed for copy-up is always there; a node's location only
@@ -205,10 +204,6 @@ pub const XATTRS_SOME: u8 = 2;
 pub struct Node {
     /// The FUSE node id.
     pub ino: u64,
-    /// The kernel must not cache this node's attributes: its object got
-    /// another name through the overlay (`link`), whose node may change it
-    /// (see also `OverlayFs::cacheable`).
-    pub uncached: std::sync::atomic::AtomicBool,
     /// The kernel was given this lower file's content (`OverlayFs::prefill`).
     pub prefilled: std::sync::atomic::AtomicBool,
     /// This lower file was opened for reading once: later opens may leave
@@ -241,17 +236,18 @@ pub struct Node {
 }
 
 impl Node {
-    /// Whether the kernel may cache this node's attributes (see `uncached`,
-    /// `passthrough_writers`).
+    /// Whether the kernel may cache this node's attributes (see
+    /// `passthrough_writers`). A file's names all lead to its one node, a
+    /// lower hard link's each to its own, and a change through one of
+    /// those copies up that name alone, leaving the others' lower file as
+    /// it was.
     pub fn cacheable(&self) -> bool {
-        !self.uncached.load(Ordering::Relaxed)
-            && self.passthrough_writers.load(Ordering::Relaxed) == 0
+        self.passthrough_writers.load(Ordering::Relaxed) == 0
     }
 
     pub fn new(ino: u64, fmt: u32, state: NodeState) -> Node {
         Node {
             ino,
-            uncached: std::sync::atomic::AtomicBool::new(false),
             prefilled: std::sync::atomic::AtomicBool::new(false),
             opened: std::sync::atomic::AtomicBool::new(false),
             passthrough_writers: AtomicU32::new(0),
@@ -379,8 +375,9 @@ pub struct NodeTable {
     shards: Vec<RwLock<HashSet<Entry>>>,
     /// Per-name nodes of hard-linked lower files, both ways.
     paths: Mutex<PathIndex>,
-    /// How many per-name nodes live (none: no lookup takes `paths`' lock).
-    path_nodes: AtomicU64,
+    /// How many per-name nodes were copied up (`PathIndex::aliases`; none:
+    /// no lookup of an upper file takes `paths`' lock).
+    aliases: AtomicU64,
     next_path_id: AtomicU64,
 }
 
@@ -415,6 +412,9 @@ struct PathIndex {
     keys: HashMap<u64, (u64, Vec<u8>)>,
     /// The `st_ino` each reports.
     st_inos: HashMap<u64, u64>,
+    /// `st_ino` → the per-name node copied up to that upper file: the
+    /// node of every name the file has.
+    aliases: HashMap<u64, u64>,
 }
 
 impl PathIndex {
@@ -439,7 +439,11 @@ impl PathIndex {
     }
 
     fn remove(&mut self, id: u64) {
-        self.st_inos.remove(&id);
+        if let Some(st_ino) = self.st_inos.remove(&id)
+            && self.aliases.get(&st_ino) == Some(&id)
+        {
+            self.aliases.remove(&st_ino);
+        }
         self.unkey(id);
     }
 }
@@ -447,8 +451,8 @@ impl PathIndex {
 /// Node ids of per-name nodes: a range no real inode number reaches.
 const PATH_ID_BASE: u64 = 0xfff0_0000_0000_0000;
 
-/// Whether `ino` is a per-name node of a hard-linked file (see the module
-/// documentation).
+/// Whether `ino` is a per-name node of a lower hard link, or of the upper
+/// file one was copied up to (see the module documentation).
 pub fn is_per_name(ino: u64) -> bool {
     ino >= PATH_ID_BASE
 }
@@ -468,7 +472,7 @@ impl NodeTable {
             root_st_ino: AtomicU64::new(ROOT_INO),
             shards,
             paths: Mutex::new(PathIndex::default()),
-            path_nodes: AtomicU64::new(0),
+            aliases: AtomicU64::new(0),
             next_path_id: AtomicU64::new(PATH_ID_BASE),
         };
         let root = Arc::new(root);
@@ -497,8 +501,9 @@ impl NodeTable {
         }
     }
 
-    /// Sets the `st_ino` of the root or of a per-name node (ignored for
-    /// others, which report their id).
+    /// Sets the `st_ino` of the root, or of a per-name node copied up to
+    /// an upper file of its own (which makes it that file's node, see
+    /// `lookup_upper`); ignored for others, which report their id.
     pub fn set_st_ino(&self, node: &Node, st_ino: u64) {
         match node.ino {
             ROOT_INO => self.root_st_ino.store(st_ino, Ordering::Relaxed),
@@ -506,7 +511,13 @@ impl NodeTable {
                 // (Not for a node already forgotten.)
                 let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(v) = paths.st_inos.get_mut(&id) {
-                    *v = st_ino;
+                    let old = std::mem::replace(v, st_ino);
+                    if paths.aliases.get(&old) == Some(&id) {
+                        paths.aliases.remove(&old);
+                    }
+                    paths.aliases.insert(st_ino, id);
+                    let n = paths.aliases.len() as u64;
+                    self.aliases.store(n, Ordering::Release);
                 }
             }
             _ => {}
@@ -586,21 +597,42 @@ impl NodeTable {
         Some(node)
     }
 
-    /// Whether the per-name node at `key` (if any) reports `st_ino`: the
-    /// name still leads to that node's object.
-    pub fn holds_path(&self, key: &(u64, Vec<u8>), st_ino: u64) -> bool {
-        if self.path_nodes.load(Ordering::Acquire) == 0 {
-            return false;
+    /// Records one kernel lookup of an upper non-directory reporting
+    /// `ino`, found at `key`: the per-name node it was copied up from if
+    /// that one lives (see `set_st_ino`), else its node by number, as
+    /// `lookup` — one node whichever of its names is looked up.
+    pub fn lookup_upper(
+        &self,
+        key: (u64, Vec<u8>),
+        ino: u64,
+        fmt: u32,
+        state: NodeState,
+        fresh: Fresh,
+        is_upper: impl Fn(usize) -> bool,
+    ) -> Option<Arc<Node>> {
+        if self.aliases.load(Ordering::Acquire) > 0 {
+            let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(&id) = paths.aliases.get(&ino) {
+                // Counted under the shard lock, as in `lookup_path`.
+                let shard = self.shard(id).write().unwrap_or_else(|e| e.into_inner());
+                if let Some(Entry(n)) = shard.get(&id).filter(|e| e.0.fmt == fmt) {
+                    if !self.refresh(n, fresh, |s| *s = state) {
+                        return None;
+                    }
+                    n.lookups.fetch_add(1, Ordering::Relaxed);
+                    let n = n.clone();
+                    drop(shard);
+                    // Its name is the one it was last found by.
+                    paths.set(id, key);
+                    return Some(n);
+                }
+            }
         }
-        let paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-        paths
-            .ids
-            .get(key)
-            .is_some_and(|id| paths.st_inos.get(id) == Some(&st_ino))
+        self.lookup(ino, fmt, state, fresh, is_upper)
     }
 
-    /// Records a lookup of a name of a file with several names: its own
-    /// node, reporting `st_ino`. None when `fresh` says the result is stale.
+    /// Records a lookup of a name of a lower hard link: its own node,
+    /// reporting `st_ino`. None when `fresh` says the result is stale.
     pub fn lookup_path(
         &self,
         key: (u64, Vec<u8>),
@@ -631,14 +663,10 @@ impl NodeTable {
             return None;
         }
         let id = self.next_path_id.fetch_add(1, Ordering::Relaxed);
-        // Whether the kernel may cache its attributes is decided per reply
-        // (`OverlayFs::cacheable`: not while its file has several names in
-        // the upper layer).
         let node = Arc::new(Node::new(id, fmt, state));
         node.lookups.store(1, Ordering::Relaxed);
         paths.set(id, key);
         paths.st_inos.insert(id, st_ino);
-        self.path_nodes.fetch_add(1, Ordering::AcqRel);
         self.shard(id)
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -696,11 +724,10 @@ impl NodeTable {
             }
         };
         if removed && ino >= PATH_ID_BASE {
-            self.paths
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(ino);
-            self.path_nodes.fetch_sub(1, Ordering::AcqRel);
+            let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+            paths.remove(ino);
+            self.aliases
+                .store(paths.aliases.len() as u64, Ordering::Release);
         }
     }
 }

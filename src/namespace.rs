@@ -552,8 +552,8 @@ impl OverlayFs {
             return Err(Error::new(libc::EEXIST, "rename target exists"));
         }
         // Two names of one upper file: nothing to do, as the VFS decides
-        // for one inode before the filesystem is asked (each name of a
-        // file with several names is a node of its own here).
+        // for one inode before the filesystem is asked (here for names the
+        // kernel may not know as one yet, e.g. made outside the overlay).
         if (oldp == newp && oldname == newname) || same_upper_file(&self.stack, &old, &new) {
             return Ok(());
         }
@@ -957,18 +957,8 @@ impl OverlayFs {
             sys::linkat(src.dir.as_fd(), &src.name, p.upper.fd.as_fd(), newname)
                 .ctx(|| "link".into())?;
         }
-        // The object now has several names, served by several nodes: none
-        // of them may have its attributes cached any more.
-        let st_ino = self.nodes.st_ino(&node);
-        for n in [Some(node.clone()), self.nodes.get(st_ino)]
-            .into_iter()
-            .flatten()
-        {
-            n.uncached.store(true, std::sync::atomic::Ordering::Relaxed);
-            if let Some(inv) = self.invalidator.get() {
-                inv.inval_attr(n.ino);
-            }
-        }
+        // The new name leads to the object's node (`record_as`), whose
+        // link count and ctime the kernel updates itself.
         let r = resolve::lookup(&self.stack, &p.node.snapshot().dirs, newname)?;
         Ok(self.record(&p.node, r)?.1)
     }

@@ -320,7 +320,7 @@ impl OverlayFs {
         Ok(Attr {
             ino: node.ino,
             st,
-            cache: self.cacheable(node, &st),
+            cache: node.cacheable(),
         })
     }
 
@@ -332,25 +332,6 @@ impl OverlayFs {
             s.top_layer().is_some_and(|l| self.stack.is_upper(l))
                 || (s.detached.is_some() && !s.detached_lower)
         })
-    }
-
-    /// Whether the kernel may cache attributes `st` of `node`: not while
-    /// `Node::cacheable` says no, nor for a file linked under several names
-    /// in the upper layer, which a change through another name's node would
-    /// alter behind this one's back. A lower hard link's names may be
-    /// cached: each has its own node, and a change through one copies up
-    /// that name alone (a separate file), leaving the others' lower file as
-    /// it was.
-    fn cacheable(&self, node: &Node, st: &Stat) -> bool {
-        // A per-name node of an upper file too, whatever its link count
-        // now: another node of the file (a name renamed over while open)
-        // may still change it.
-        let shared = st.st_mode & libc::S_IFMT != libc::S_IFDIR
-            && (st.st_nlink > 1 || crate::inode::is_per_name(node.ino))
-            && node.read_state(|s| {
-                s.detached.is_some() || s.top_layer().is_none_or(|l| self.stack.is_upper(l))
-            });
-        node.cacheable() && !shared
     }
 
     /// The birth time of `ino`'s topmost real file (through the open file
@@ -403,7 +384,7 @@ impl OverlayFs {
             return Ok(Attr {
                 ino,
                 st,
-                cache: self.cacheable(&node, &st),
+                cache: node.cacheable(),
             });
         }
         self.attr_of(&node, &node.snapshot())
@@ -503,18 +484,6 @@ impl OverlayFs {
         }
     }
 
-    /// Whether node `ino` (an object's own node, not a per-name one) is
-    /// the one the kernel knows `name` in `parent` by.
-    fn named_here(&self, ino: u64, parent: &Arc<Node>, name: &[u8]) -> bool {
-        self.nodes.get(ino).is_some_and(|n| {
-            n.read_state(|s| {
-                !s.unlinked
-                    && s.parent.as_ref().is_some_and(|p| Arc::ptr_eq(p, parent))
-                    && s.loc.as_ref().is_some_and(|l| l.name.to_bytes() == name)
-            })
-        })
-    }
-
     /// Enters a resolved object in the node table (one kernel lookup);
     /// None when `fresh` shows the result went stale.
     fn record_as(
@@ -551,25 +520,24 @@ impl OverlayFs {
         };
         let merged = state.dirs.len() > 1;
         let fmt = st.st_mode & libc::S_IFMT;
-        if fmt == libc::S_IFDIR || st.st_nlink == 1 {
+        let upper = state.top_layer().is_some_and(|l| self.stack.is_upper(l));
+        // Each name of a lower hard link is a node of its own (the kernel's
+        // `index=off`: a copy-up through one name leaves the others); every
+        // name of any other file leads to the file's one node.
+        let per_name = fmt != libc::S_IFDIR && st.st_nlink > 1 && !upper;
+        if !per_name {
             self.check_borrowed_ino(ino, &state, &st)?;
         }
-        // A name keeps the node the kernel knows it by while it leads to
-        // the same object (else the kernel would hold two inodes for one
-        // file, one of them with stale attributes): a per-name node stays
-        // after the object's other names went (a lower hard link copied up
-        // through this name, the other names unlinked), and an object's own
-        // node stays for the name it had when it gained other names.
-        let name = state.loc.as_ref().map(|l| l.name.to_bytes().to_vec());
-        let per_name = fmt != libc::S_IFDIR
-            && name.as_ref().is_some_and(|n| {
-                let key = (parent.ino, n.clone());
-                self.nodes.holds_path(&key, ino)
-                    || (st.st_nlink > 1 && !self.named_here(ino, parent, n))
-            });
+        let key = || {
+            let name = state.loc.as_ref().map(|l| l.name.to_bytes().to_vec());
+            (parent.ino, name.unwrap_or_default())
+        };
         let node = if per_name {
-            let key = (parent.ino, name.unwrap_or_default());
-            self.nodes.lookup_path(key, ino, fmt, state, fresh)
+            self.nodes.lookup_path(key(), ino, fmt, state, fresh)
+        } else if fmt != libc::S_IFDIR && upper {
+            let key = key();
+            self.nodes
+                .lookup_upper(key, ino, fmt, state, fresh, |l| self.stack.is_upper(l))
         } else {
             self.nodes
                 .lookup(ino, fmt, state, fresh, |l| self.stack.is_upper(l))
@@ -580,7 +548,7 @@ impl OverlayFs {
             st.st_nlink = 1;
         }
         st.st_ino = self.nodes.st_ino(&node);
-        let cache = self.cacheable(&node, &st);
+        let cache = node.cacheable();
         Ok(Some((
             node.clone(),
             Attr {
@@ -674,7 +642,22 @@ impl OverlayFs {
                 false => crate::protect::ANY,
             };
             self.refuse_if(&node, refused, "open for writing")?;
-            let loc = self.copy_up(&node, flags & libc::O_TRUNC != 0)?;
+            // An upper file whose name the node had is gone is opened
+            // through the object kept for it: it may have other names the
+            // kernel opens it by, or be reopened through `/proc/self/fd`.
+            let kept = node.read_state(|s| {
+                (s.loc.is_none() && !s.detached_lower)
+                    .then(|| s.detached.clone())
+                    .flatten()
+            });
+            let loc = match kept {
+                Some(fd) => Loc {
+                    layer: self.stack.upper().map_or(0, |u| u.index),
+                    dir: fd,
+                    name: crate::inode::Name::default(),
+                },
+                None => self.copy_up(&node, flags & libc::O_TRUNC != 0)?,
+            };
             // Without O_APPEND: writes come with their offsets (the kernel
             // keeps the position), which pwrite on an O_APPEND fd ignores;
             // but an append-only (chattr +a) file opens only with it.
@@ -686,6 +669,9 @@ impl OverlayFs {
                     | DAEMON_IO_ONLY);
             let (dir, name) = (loc.dir.as_fd(), loc.name.as_c_str());
             let open = |f| match self.noatime {
+                _ if name.is_empty() => {
+                    sys::reopen(dir, f | (libc::O_NOATIME * self.noatime as i32))
+                }
                 true => sys::openat_noatime(dir, name, f),
                 false => sys::openat(dir, name, f, 0),
             };
@@ -1048,9 +1034,7 @@ impl OverlayFs {
     /// then sends the name alone. Looking it up again would cost a
     /// resolution and make the kernel drop the inode's cached ACLs.
     pub fn holds_entry(&self, parent: u64, name: &[u8], st_ino: u64) -> bool {
-        if let Some(n) = self.nodes.get(st_ino)
-            && !n.uncached.load(Ordering::Relaxed)
-        {
+        if let Some(n) = self.nodes.get(st_ino) {
             let s = n.state.read().unwrap_or_else(|e| e.into_inner());
             return !s.unlinked
                 && s.parent.as_ref().is_some_and(|p| p.ino == parent)

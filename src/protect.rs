@@ -95,12 +95,10 @@ pub fn protattr_value(p: u8) -> Vec<u8> {
 
 impl OverlayFs {
     /// `node`'s immutable and append-only flags, read at the first call —
-    /// at each for a file that may have several names (a node per name: a
-    /// flag set through one name applies to the others, as the kernel's one
-    /// inode) or is open for writing (see `Node::cacheable`). What was read
-    /// last is kept either way.
+    /// at each for a file open for writing (see `Node::cacheable`). What was
+    /// read last is kept either way.
     pub(crate) fn prot(&self, node: &Node) -> u8 {
-        let shared = crate::inode::is_per_name(node.ino) || !node.cacheable();
+        let shared = !node.cacheable();
         let p = node.prot.load(Ordering::Relaxed);
         if p & KNOWN != 0 && !shared {
             return p & ANY;

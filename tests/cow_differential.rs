@@ -4995,6 +4995,157 @@ cd /; umount $M
     same_on_kernel_and_layerfs("tmpfile-upper", SCRIPT, &["tmpfile SEEK_HOLE@4096 8192"]);
 }
 
+/// A file whose names all lead to one node keeps working through the
+/// names left when the name that node was last found by goes (unlinked,
+/// renamed over, moved and unlinked): writes, reads, chmod, xattrs,
+/// truncation, times, links and renames through the other name, for a file
+/// made in the upper layer, copied-up ones and a lower hard link's copy.
+/// (With one node per file, opening such a file for writing failed with
+/// `ENOENT` until the node learnt another name.)
+#[test]
+fn a_file_keeps_working_through_its_other_names() {
+    const SCRIPT: &str = r#"
+mkdir -p $L/d $U $W $M
+echo l > $L/la; ln $L/la $L/lb; echo o > $L/orig; echo p > $L/d/p
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+echo u > x; ln x y; rm y
+echo v > x2; ln x2 y2; echo other > o; mv o y2
+ln orig o2; rm o2
+ln la lc; rm lc
+mkdir sc; ln d/p sc/p; mv sc/p sc/q; rm sc/q
+$PY - <<'PY'
+import os, errno
+def t(label, f):
+    try:
+        r = f()
+        print(label, "ok" if r is None else r)
+    except OSError as e:
+        print(label, errno.errorcode[e.errno])
+for n in ["x", "x2", "orig", "la", "d/p"]:
+    def w():
+        fd = os.open(n, os.O_WRONLY | os.O_APPEND); os.write(fd, b"+"); os.close(fd)
+    t(n + " append", w)
+    t(n + " read", lambda: open(n, "rb").read())
+    t(n + " chmod", lambda: os.chmod(n, 0o600))
+    t(n + " setxattr", lambda: os.setxattr(n, "user.k", b"v"))
+    t(n + " getxattr", lambda: os.getxattr(n, "user.k"))
+    t(n + " listxattr", lambda: sorted(os.listxattr(n)))
+    t(n + " truncate", lambda: os.truncate(n, 1))
+    t(n + " utime", lambda: os.utime(n, (5, 5)))
+    st = os.stat(n)
+    print(n, "stat", oct(st.st_mode), st.st_nlink, st.st_size, st.st_mtime)
+    t(n + " link", lambda: os.link(n, n + ".l"))
+    t(n + " rename", lambda: os.rename(n, n + ".r"))
+    t(n + " stat .l", lambda: (os.stat(n + ".l").st_nlink, os.stat(n + ".l").st_size))
+    t(n + " unlink .l", lambda: os.unlink(n + ".l"))
+    t(n + " stat .r", lambda: (os.stat(n + ".r").st_nlink, os.stat(n + ".r").st_size, oct(os.stat(n + ".r").st_mode)))
+PY
+ls -la | sed 1d | awk '{print $1, $2, $5, $9}'
+cd /; umount $M
+ls -la $U | sed 1d | awk '{print $1, $2, $5, $9}'
+"#;
+    same_on_kernel_and_layerfs(
+        "other-names",
+        SCRIPT,
+        &[
+            "x append ok",
+            "x2 read b'v\\n+'",
+            "la stat .r (1, 1, '0o100600')",
+        ],
+    );
+}
+
+/// Every name of an upper file is one inode, as on the kernel: a lock
+/// taken through one name (`flock`, OFD locks) holds against opens of the
+/// other, a FIFO's names lead to one pipe, and an inotify watch on one
+/// name sees writes and chmods through the other — for a file made in the
+/// upper layer, a copied-up one, and a lower hard link's copy, which gets
+/// names of its own. A lower hard link's names stay separate inodes (the
+/// kernel's `index=off`). Before, each further name of an upper file was a
+/// node of its own: locks did not conflict, the FIFO's writer found no
+/// reader (`ENXIO`), the watch saw nothing.
+#[test]
+fn names_of_one_file_share_locks_fifos_and_watches() {
+    const SCRIPT: &str = r#"
+mkdir -p $L $U $W $M
+echo l > $L/la; ln $L/la $L/lb; echo o > $L/orig
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+echo u > x; ln x y
+mkfifo f; ln f g
+echo more >> orig; ln orig orig2
+echo c >> la; ln la lc
+$PY - <<'PY'
+import ctypes, fcntl, os, struct, errno
+def flk(a, b):
+    fa = os.open(a, os.O_RDWR); fb = os.open(b, os.O_RDWR)
+    fcntl.flock(fa, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fb, fcntl.LOCK_EX | fcntl.LOCK_NB); r = "free"
+    except OSError as e:
+        r = errno.errorcode[e.errno]
+    # OFD locks
+    F_OFD_SETLK = 37
+    lk = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0)
+    fcntl.fcntl(fa, F_OFD_SETLK, lk)
+    try:
+        fcntl.fcntl(fb, F_OFD_SETLK, lk); r2 = "free"
+    except OSError as e:
+        r2 = errno.errorcode[e.errno]
+    os.close(fa); os.close(fb)
+    print("flock", a, b, r, "ofd", r2)
+for a, b in [("x", "y"), ("orig", "orig2"), ("la", "lc"), ("la", "lb"), ("lb", "lc")]:
+    flk(a, b)
+# a FIFO's two names: one pipe
+rd = os.open("g", os.O_RDONLY | os.O_NONBLOCK)
+try:
+    wr = os.open("f", os.O_WRONLY | os.O_NONBLOCK); os.write(wr, b"hi"); os.close(wr)
+    print("fifo", os.read(rd, 10))
+except OSError as e:
+    print("fifo", errno.errorcode[e.errno])
+os.close(rd)
+# inotify on one name sees changes through the other
+libc = ctypes.CDLL(None, use_errno=True)
+ino = libc.inotify_init1(os.O_NONBLOCK)
+for name in ["y", "orig2", "lc", "lb"]:
+    libc.inotify_add_watch(ino, name.encode(), 0x2 | 0x4)  # MODIFY | ATTRIB
+def events():
+    try:
+        buf = os.read(ino, 4096)
+    except BlockingIOError:
+        return []
+    out, i = [], 0
+    while i < len(buf):
+        wd, mask, cookie, ln = struct.unpack_from("iIII", buf, i)
+        out.append((wd, hex(mask))); i += 16 + ln
+    return out
+for name in ["x", "orig", "la"]:
+    with open(name, "a") as f: f.write("z")
+    os.chmod(name, 0o640)
+    print("inotify", name, events())
+for a, b in [("x", "y"), ("orig", "orig2"), ("la", "lc"), ("la", "lb")]:
+    sa, sb = os.stat(a), os.stat(b)
+    print("stat", a, b, sa.st_ino == sb.st_ino, sa.st_nlink, sb.st_nlink, sa.st_size, sb.st_size, oct(sb.st_mode))
+os.unlink("x")
+print("after unlink", os.stat("y").st_nlink)
+PY
+cd /; umount $M
+"#;
+    same_on_kernel_and_layerfs(
+        "one-inode-per-file",
+        SCRIPT,
+        &[
+            "flock x y EAGAIN ofd EAGAIN",
+            "flock la lc EAGAIN ofd EAGAIN",
+            "flock la lb free ofd free",
+            "fifo b'hi'",
+            "inotify orig [(2, '0x2'), (2, '0x4')]",
+            "after unlink 1",
+        ],
+    );
+}
+
 /// Renaming between two names of one upper file does nothing and
 /// succeeds, with any flags the VFS lets through (`RENAME_WHITEOUT`,
 /// which the overlay refuses otherwise, `RENAME_EXCHANGE`), as the VFS
