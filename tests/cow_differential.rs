@@ -4995,6 +4995,43 @@ cd /; umount $M
     same_on_kernel_and_layerfs("tmpfile-upper", SCRIPT, &["tmpfile SEEK_HOLE@4096 8192"]);
 }
 
+/// Data written through one name of a file shows through its other names
+/// at once: to a reader that opened the file (lower then) before a `link`
+/// copied it up and a writer changed it through the new name, and, with
+/// `writeback` (layerfs only; the kernel runs its default twice), in the
+/// size the other name reports after an append. Before, each name was a
+/// node of its own: the reader kept the lower data, and `writeback`'s
+/// kernel-kept size hid the append.
+#[test]
+fn writes_show_through_every_name_of_a_file() {
+    const SCRIPT: &str = r#"
+case "$MNT_CMD" in mount*) WB="" ;; *) WB=",passthrough=off,writeback" ;; esac
+for opts in "" "$WB"; do
+rm -rf $B/l $B/u $B/w; mkdir -p $L $U $W $M
+echo lowerdata > $L/f
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W$opts $M
+cd $M
+$PY - <<'PY'
+import os
+r = open("f", "rb")
+print("r1", r.read())
+os.link("f", "g")
+with open("g", "r+b") as w:
+    w.write(b"UPPER")
+r.seek(0); print("r2", r.read())
+print("fresh", open("f", "rb").read())
+PY
+echo one > a; ln a b; echo two >> a; cat b; stat -c "%s %h" b
+cd /; umount $M
+done
+"#;
+    same_on_kernel_and_layerfs(
+        "writes-through-names",
+        SCRIPT,
+        &["r2 b'UPPERdata\\n'", "two\n8 2\n"],
+    );
+}
+
 /// A file whose names all lead to one node keeps working through the
 /// names left when the name that node was last found by goes (unlinked,
 /// renamed over, moved and unlinked): writes, reads, chmod, xattrs,
