@@ -451,12 +451,6 @@ impl PathIndex {
 /// Node ids of per-name nodes: a range no real inode number reaches.
 const PATH_ID_BASE: u64 = 0xfff0_0000_0000_0000;
 
-/// Whether `ino` is a per-name node of a lower hard link, or of the upper
-/// file one was copied up to (see the module documentation).
-pub fn is_per_name(ino: u64) -> bool {
-    ino >= PATH_ID_BASE
-}
-
 const SHARDS: usize = 64;
 
 /// The shard of a node id, in the node table and the I/O-mode table.

@@ -94,13 +94,13 @@ pub fn protattr_value(p: u8) -> Vec<u8> {
 }
 
 impl OverlayFs {
-    /// `node`'s immutable and append-only flags, read at the first call —
-    /// at each for a file open for writing (see `Node::cacheable`). What was
-    /// read last is kept either way.
+    /// `node`'s immutable and append-only flags, read at the first call:
+    /// every later change of them goes through this node (all names of a
+    /// file lead to it; a lower hard link's names each to their own, and
+    /// a change through one copies that name up alone).
     pub(crate) fn prot(&self, node: &Node) -> u8 {
-        let shared = !node.cacheable();
         let p = node.prot.load(Ordering::Relaxed);
-        if p & KNOWN != 0 && !shared {
+        if p & KNOWN != 0 {
             return p & ANY;
         }
         let p = node.read_state(|s| self.prot_of_state(s));
