@@ -54,6 +54,10 @@ struct CopyUp<'a> {
     /// What the data copy from the source's layer cannot do (`NO_CLONE`,
     /// `NO_COPY_RANGE`).
     caps: &'a std::sync::atomic::AtomicU8,
+    /// Set once the copy has its `overlay.origin` (not for a lower hard
+    /// link, nor where the upper refuses it: `user.*` xattrs on a special
+    /// file or symlink with `userxattr`, no file handles).
+    origin: std::cell::Cell<bool>,
 }
 
 pub fn timespecs(st: &Stat) -> [libc::timespec; 2] {
@@ -145,6 +149,7 @@ impl OverlayFs {
                 .filter(|d| d.layer == src.layer)
                 .map(|d| d.fd.as_fd()),
             caps: &self.copy_caps[src.layer],
+            origin: std::cell::Cell::new(false),
         };
         debug!("copy-up {:?} (ino {})", src.name, node.ino);
         // A lower hard link's copy gets an inode number of its own: the
@@ -170,12 +175,18 @@ impl OverlayFs {
             });
         } else {
             node.set_state(|st| st.loc = Some(loc.clone()));
-            if st.st_nlink > 1 {
-                // A lower hard link (a per-name node): the copy is a new file
-                // with its own inode number, as with the kernel's index=off.
+            if st.st_nlink > 1 || !ctx.origin.get() {
                 let up = sys::fstatat(dest.fd.as_fd(), &src.name).ctx(|| "stat copy".into())?;
-                self.nodes
-                    .set_st_ino(node, self.stack.map_ino(dest.layer, up.st_ino));
+                let own = self.stack.map_ino(dest.layer, up.st_ino);
+                match st.st_nlink > 1 {
+                    // A lower hard link (a per-name node): the copy is a new
+                    // file with its own inode number, as with the kernel's
+                    // index=off.
+                    true => self.nodes.set_st_ino(node, own),
+                    // A copy without an origin is found by its own number
+                    // through its other names (`link`): this node.
+                    false => self.nodes.alias(node, own),
+                }
             }
         }
         // The kernel's cached attributes describe the lower object: the copy
@@ -438,7 +449,8 @@ impl OverlayFs {
         // No origin for a lower hard link: the copy is a new, separate file.
         let hardlink = c.st.st_mode & libc::S_IFMT != libc::S_IFDIR && c.st.st_nlink > 1;
         if !hardlink && let Ok(origin) = layer::make_origin_at(c.src_dir, c.name) {
-            let _ = xattr::set(dst, &self.stack.xname("origin"), &origin, 0);
+            let set = xattr::set(dst, &self.stack.xname("origin"), &origin, 0);
+            c.origin.set(set.is_ok());
         }
         Ok(())
     }

@@ -375,8 +375,8 @@ pub struct NodeTable {
     shards: Vec<RwLock<HashSet<Entry>>>,
     /// Per-name nodes of hard-linked lower files, both ways.
     paths: Mutex<PathIndex>,
-    /// How many per-name nodes were copied up (`PathIndex::aliases`; none:
-    /// no lookup of an upper file takes `paths`' lock).
+    /// How many aliases there are (`PathIndex::aliases`; none: no lookup of
+    /// an upper file takes `paths`' lock).
     aliases: AtomicU64,
     next_path_id: AtomicU64,
 }
@@ -412,9 +412,14 @@ struct PathIndex {
     keys: HashMap<u64, (u64, Vec<u8>)>,
     /// The `st_ino` each reports.
     st_inos: HashMap<u64, u64>,
-    /// `st_ino` → the per-name node copied up to that upper file: the
-    /// node of every name the file has.
+    /// The number an upper file would have as a node of its own → the
+    /// node it was copied up from, which every name of the file leads to:
+    /// a lower hard link's per-name node, or a node whose copy has no
+    /// `overlay.origin` to take the lower's number from (see
+    /// `NodeTable::alias`).
     aliases: HashMap<u64, u64>,
+    /// Node id → its alias.
+    alias_of: HashMap<u64, u64>,
 }
 
 impl PathIndex {
@@ -439,12 +444,17 @@ impl PathIndex {
     }
 
     fn remove(&mut self, id: u64) {
-        if let Some(st_ino) = self.st_inos.remove(&id)
-            && self.aliases.get(&st_ino) == Some(&id)
-        {
-            self.aliases.remove(&st_ino);
-        }
+        self.st_inos.remove(&id);
+        self.unalias(id);
         self.unkey(id);
+    }
+
+    fn unalias(&mut self, id: u64) {
+        if let Some(ino) = self.alias_of.remove(&id)
+            && self.aliases.get(&ino) == Some(&id)
+        {
+            self.aliases.remove(&ino);
+        }
     }
 }
 
@@ -496,8 +506,8 @@ impl NodeTable {
     }
 
     /// Sets the `st_ino` of the root, or of a per-name node copied up to
-    /// an upper file of its own (which makes it that file's node, see
-    /// `lookup_upper`); ignored for others, which report their id.
+    /// an upper file of its own (which makes it that file's node: `alias`);
+    /// ignored for others, which report their id.
     pub fn set_st_ino(&self, node: &Node, st_ino: u64) {
         match node.ino {
             ROOT_INO => self.root_st_ino.store(st_ino, Ordering::Relaxed),
@@ -505,17 +515,46 @@ impl NodeTable {
                 // (Not for a node already forgotten.)
                 let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(v) = paths.st_inos.get_mut(&id) {
-                    let old = std::mem::replace(v, st_ino);
-                    if paths.aliases.get(&old) == Some(&id) {
-                        paths.aliases.remove(&old);
-                    }
-                    paths.aliases.insert(st_ino, id);
-                    let n = paths.aliases.len() as u64;
-                    self.aliases.store(n, Ordering::Release);
+                    *v = st_ino;
+                    self.alias_locked(&mut paths, id, st_ino);
                 }
             }
             _ => {}
         }
+    }
+
+    /// `node` was copied up to an upper file that would otherwise be found
+    /// as node `ino` (its own inode number, having no origin to take the
+    /// lower's from): every name of that file leads to `node` while the
+    /// kernel holds it (`lookup_upper`).
+    pub fn alias(&self, node: &Node, ino: u64) {
+        if ino == node.ino || self.get(node.ino).is_none() {
+            return;
+        }
+        let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        self.alias_locked(&mut paths, node.ino, ino);
+    }
+
+    fn alias_locked(&self, paths: &mut PathIndex, id: u64, ino: u64) {
+        paths.unalias(id);
+        paths.aliases.insert(ino, id);
+        paths.alias_of.insert(id, ino);
+        self.aliases
+            .store(paths.aliases.len() as u64, Ordering::Release);
+    }
+
+    /// The node an upper file numbered `ino` was copied up from (`alias`).
+    pub fn aliased(&self, ino: u64) -> Option<Arc<Node>> {
+        if self.aliases.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let id = *self
+            .paths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .aliases
+            .get(&ino)?;
+        self.get(id)
     }
 
     pub fn get(&self, ino: u64) -> Option<Arc<Node>> {
@@ -591,10 +630,10 @@ impl NodeTable {
         Some(node)
     }
 
-    /// Records one kernel lookup of an upper non-directory reporting
-    /// `ino`, found at `key`: the per-name node it was copied up from if
-    /// that one lives (see `set_st_ino`), else its node by number, as
-    /// `lookup` — one node whichever of its names is looked up.
+    /// Records one kernel lookup of an upper non-directory numbered `ino`,
+    /// found at `key`: the node it was copied up from if that one lives and
+    /// has it as its alias (`alias`), else its node by number, as `lookup`
+    /// — one node whichever of its names is looked up.
     pub fn lookup_upper(
         &self,
         key: (u64, Vec<u8>),
@@ -616,8 +655,10 @@ impl NodeTable {
                     n.lookups.fetch_add(1, Ordering::Relaxed);
                     let n = n.clone();
                     drop(shard);
-                    // Its name is the one it was last found by.
-                    paths.set(id, key);
+                    if id >= PATH_ID_BASE {
+                        // Its name is the one it was last found by.
+                        paths.set(id, key);
+                    }
                     return Some(n);
                 }
             }
@@ -717,7 +758,7 @@ impl NodeTable {
                 None => false,
             }
         };
-        if removed && ino >= PATH_ID_BASE {
+        if removed && (ino >= PATH_ID_BASE || self.aliases.load(Ordering::Acquire) > 0) {
             let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
             paths.remove(ino);
             self.aliases

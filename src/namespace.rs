@@ -508,17 +508,20 @@ impl OverlayFs {
     }
 
     /// The nodes through which the kernel may hold the object at `name` in
-    /// `parent`: its per-name node, and the node of its inode number if that
-    /// node is located at this very name.
+    /// `parent`: its per-name node, and the node of its inode number (or
+    /// the one it was copied up from, `NodeTable::alias`) if that node is
+    /// located at this very name.
     fn nodes_at(&self, parent: u64, name: &CStr, st_ino: u64) -> Vec<Arc<Node>> {
         let mut v: Vec<Arc<Node>> = self
             .nodes
             .get_path(&(parent, name.to_bytes().to_vec()))
             .into_iter()
             .collect();
-        if let Some(n) = self.nodes.get(st_ino)
-            && !v.iter().any(|x| Arc::ptr_eq(x, &n))
-        {
+        let own = [self.nodes.get(st_ino), self.nodes.aliased(st_ino)];
+        for n in own.into_iter().flatten() {
+            if v.iter().any(|x| Arc::ptr_eq(x, &n)) {
+                continue;
+            }
             let s = n.snapshot();
             let here = s.parent.as_ref().map(|p| p.ino) == Some(parent)
                 && s.loc.as_ref().is_some_and(|l| l.name.as_c_str() == name);

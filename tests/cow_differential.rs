@@ -4995,6 +4995,60 @@ cd /; umount $M
     same_on_kernel_and_layerfs("tmpfile-upper", SCRIPT, &["tmpfile SEEK_HOLE@4096 8192"]);
 }
 
+/// A lower FIFO and symlink given another name through the mount stay one
+/// inode under both names, also with `userxattr`, where their copies get
+/// no `overlay.origin` (no `user.*` xattrs on special files): a reader of
+/// one name meets a writer of the other. Before, the new name of such a
+/// copy led to a node of its own number (a fuzzer find). The kernel's
+/// overlay is the oracle without `userxattr`; with it, it gives the two
+/// names two inodes itself (the new name's hashed by its upper inode, the
+/// old one's by its lower, for want of an origin: two pipes), so there
+/// layerfs must answer as it does without.
+#[test]
+fn copies_without_origin_keep_one_inode() {
+    const SCRIPT: &str = r#"
+for opts in "" ",userxattr"; do
+echo "== $opts"
+rm -rf $L $U $W; mkdir -p $L $U $W $M
+mkfifo $L/e; ln -s target $L/s
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W$opts $M
+cd $M
+ln e m; ln s t
+$PY - <<'PY'
+import errno, os
+rd = os.open("m", os.O_RDONLY | os.O_NONBLOCK)
+try:
+    wr = os.open("e", os.O_WRONLY | os.O_NONBLOCK); os.write(wr, b"hi"); os.close(wr)
+    print("fifo", os.read(rd, 10))
+except OSError as e:
+    print("fifo", errno.errorcode[e.errno])
+os.close(rd)
+print("links", os.lstat("e").st_nlink, os.lstat("m").st_nlink, os.lstat("s").st_nlink, os.readlink("t"))
+PY
+rm e; stat -c "%h %F" m; rm t; stat -c "%h %F" s
+cd /; umount $M
+done
+"#;
+    let (k, t) = script_on_kernel_and_layerfs("no-origin-one-inode", SCRIPT);
+    let section = |out: &str, n: usize| out.split("== ").nth(n).map(|x| x.to_string());
+    let k0 = section(&k, 1).expect("kernel output");
+    assert!(
+        k0.contains("fifo b'hi'\nlinks 2 2 2 target\n1 fifo\n1 symbolic link"),
+        "the kernel's side of the test changed:\n{k}"
+    );
+    assert_eq!(
+        section(&t, 1),
+        Some(k0.clone()),
+        "kernel (left) vs layerfs (right)"
+    );
+    let user = section(&t, 2).expect("layerfs userxattr output");
+    assert_eq!(
+        user.trim_start_matches(",userxattr"),
+        k0,
+        "layerfs with userxattr (left) vs without (right)"
+    );
+}
+
 /// Data written through one name of a file shows through its other names
 /// at once: to a reader that opened the file (lower then) before a `link`
 /// copied it up and a writer changed it through the new name, and, with
