@@ -15,6 +15,17 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+/// Held by the tests that look at ring threads' scheduling classes: one
+/// of them keeps every CPU busy with spinning threads for up to 20 s,
+/// which holds another's ring threads in (or out of) the idle class —
+/// once in CI both failed side by side, each waiting 20 s for a class
+/// change the other's load prevented.
+static SCHED_CLASSES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn sched_classes() -> std::sync::MutexGuard<'static, ()> {
+    SCHED_CLASSES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Whether mounts made now are offered FUSE-over-io-uring.
 fn uring_offered() -> bool {
     fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
@@ -191,6 +202,7 @@ fn policies_become(m: &Layerfs, secs: u64, ok: impl Fn(&[(String, i32)]) -> bool
 /// while: they return at a request after that.)
 #[test]
 fn uring_idle_puts_ring_threads_in_the_idle_class() {
+    let _classes = sched_classes();
     for opts in [None, Some("uring=idle")] {
         let (_s, m) = mounted_with_f("transport-idle", opts);
         let policies = ring_policies(m.pid);
@@ -222,6 +234,7 @@ fn pin(cpu: usize) {
 /// once the CPU is free again. Requests stay served meanwhile.
 #[test]
 fn starving_idle_ring_threads_move_to_the_normal_class() {
+    let _classes = sched_classes();
     if !uring_offered() {
         return;
     }
@@ -298,6 +311,7 @@ fn starving_idle_ring_threads_move_to_the_normal_class() {
 
 #[test]
 fn uring_normal_keeps_ring_threads_in_the_normal_class() {
+    let _classes = sched_classes();
     let (_s, m) = mounted_with_f("transport-normal", Some("uring=normal"));
     requests(&m, 200);
     let policies = ring_policies(m.pid);
@@ -340,6 +354,7 @@ fn xattr_get(p: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
 /// once it has waited a while (5 ms) without one.
 #[test]
 fn uring_idle_commit_commits_in_the_idle_class() {
+    let _classes = sched_classes();
     if !uring_offered() {
         return;
     }
