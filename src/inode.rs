@@ -373,7 +373,8 @@ pub struct NodeTable {
     /// The root's `st_ino` (its node id is always 1).
     root_st_ino: AtomicU64,
     shards: Vec<RwLock<HashSet<Entry>>>,
-    /// Per-name nodes of hard-linked lower files, both ways.
+    /// Per-name nodes of hard-linked lower files, both ways, and the
+    /// aliases of copied-up nodes.
     paths: Mutex<PathIndex>,
     /// How many aliases there are (`PathIndex::aliases`; none: no lookup of
     /// an upper file takes `paths`' lock).
@@ -405,7 +406,7 @@ impl PartialEq for Entry {
 
 impl Eq for Entry {}
 
-/// (parent, name) ↔ node id of the per-name nodes.
+/// (parent, name) ↔ node id of the per-name nodes; aliases.
 #[derive(Default)]
 struct PathIndex {
     ids: HashMap<(u64, Vec<u8>), u64>,
@@ -528,11 +529,15 @@ impl NodeTable {
     /// lower's from): every name of that file leads to `node` while the
     /// kernel holds it (`lookup_upper`).
     pub fn alias(&self, node: &Node, ino: u64) {
-        if ino == node.ino || self.get(node.ino).is_none() {
+        if ino == node.ino {
             return;
         }
         let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-        self.alias_locked(&mut paths, node.ino, ino);
+        // (Not for a node already forgotten; the paths lock before a
+        // shard's, as in `lookup_path`.)
+        if self.get(node.ino).is_some() {
+            self.alias_locked(&mut paths, node.ino, ino);
+        }
     }
 
     fn alias_locked(&self, paths: &mut PathIndex, id: u64, ino: u64) {
@@ -631,12 +636,12 @@ impl NodeTable {
     }
 
     /// Records one kernel lookup of an upper non-directory numbered `ino`,
-    /// found at `key`: the node it was copied up from if that one lives and
+    /// found at `key()`: the node it was copied up from if that one lives and
     /// has it as its alias (`alias`), else its node by number, as `lookup`
     /// — one node whichever of its names is looked up.
     pub fn lookup_upper(
         &self,
-        key: (u64, Vec<u8>),
+        key: impl FnOnce() -> (u64, Vec<u8>),
         ino: u64,
         fmt: u32,
         state: NodeState,
@@ -657,7 +662,7 @@ impl NodeTable {
                     drop(shard);
                     if id >= PATH_ID_BASE {
                         // Its name is the one it was last found by.
-                        paths.set(id, key);
+                        paths.set(id, key());
                     }
                     return Some(n);
                 }

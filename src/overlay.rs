@@ -528,14 +528,15 @@ impl OverlayFs {
         if !per_name {
             self.check_borrowed_ino(ino, &state, &st)?;
         }
-        let key = || {
-            let name = state.loc.as_ref().map(|l| l.name.to_bytes().to_vec());
-            (parent.ino, name.unwrap_or_default())
-        };
+        let name = state
+            .loc
+            .as_ref()
+            .map(|l| l.name.clone())
+            .unwrap_or_default();
+        let key = || (parent.ino, name.to_bytes().to_vec());
         let node = if per_name {
             self.nodes.lookup_path(key(), ino, fmt, state, fresh)
         } else if fmt != libc::S_IFDIR && upper {
-            let key = key();
             self.nodes
                 .lookup_upper(key, ino, fmt, state, fresh, |l| self.stack.is_upper(l))
         } else {
