@@ -71,15 +71,24 @@ fn fmt_of_dtype(d: u8) -> Option<u32> {
     })
 }
 
-/// Lists a merged directory made of `dirs` (top to bottom).
+/// Lists a merged directory made of `dirs` (top to bottom) for layerfs's
+/// own checks (is it empty?): no layer's directory has its access time
+/// touched, as the kernel's overlay reads its layers with `O_NOATIME`.
 pub fn list(stack: &Stack, dirs: &[DirLayer]) -> Result<Vec<DirEntry>> {
-    Ok(list_noting_impure(stack, dirs)?.0)
+    Ok(merged(stack, dirs, false)?.0)
 }
 
-/// [`list`], and whether the directory is an upper-only one marked
-/// `overlay.impure` none of whose entries reports an inode number other
-/// than its own: the mark is no longer needed (the kernel then drops it).
+/// Lists a merged directory for a caller reading it, and says whether the
+/// directory is an upper-only one marked `overlay.impure` none of whose
+/// entries reports an inode number other than its own: the mark is no
+/// longer needed (the kernel then drops it). The upper directory's access
+/// time moves as a read of it moves it, as the kernel's overlay passes a
+/// reader's access on to the upper directory.
 pub fn list_noting_impure(stack: &Stack, dirs: &[DirLayer]) -> Result<(Vec<DirEntry>, bool)> {
+    merged(stack, dirs, true)
+}
+
+fn merged(stack: &Stack, dirs: &[DirLayer], read: bool) -> Result<(Vec<DirEntry>, bool)> {
     let mut seen: HashSet<Vec<u8>> = HashSet::new();
     let mut out = Vec::new();
     // Upper entries of a merged or impure upper dir may be copy-ups whose
@@ -96,8 +105,8 @@ pub fn list_noting_impure(stack: &Stack, dirs: &[DirLayer]) -> Result<(Vec<DirEn
     for dl in dirs {
         let lower = stack.is_lower(dl.layer);
         let mut hidden_below = Vec::new();
-        let entries = if lower {
-            sys::read_lower_dir(dl.fd.as_fd())
+        let entries = if lower || !read {
+            sys::read_dir_noatime(dl.fd.as_fd())
         } else {
             sys::read_dir(dl.fd.as_fd())
         }

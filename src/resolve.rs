@@ -92,7 +92,8 @@ fn has_oci_markers(dl: &DirLayer) -> Result<bool> {
     if let Some(&v) = dl.oci_markers.get() {
         return Ok(v);
     }
-    let entries = sys::read_lower_dir(dl.fd.as_fd()).ctx(|| "scan dir for .wh. markers".into())?;
+    let entries =
+        sys::read_dir_noatime(dl.fd.as_fd()).ctx(|| "scan dir for .wh. markers".into())?;
     let any = entries.iter().any(|(n, _, _)| whiteout::is_oci_marker(n));
     Ok(*dl.oci_markers.get_or_init(|| any))
 }

@@ -5086,6 +5086,34 @@ done
     );
 }
 
+/// Checking whether a directory is empty (`rmdir`, a directory renamed
+/// over it) leaves its access time alone, as the kernel's overlay reads
+/// its layers with `O_NOATIME`; a reader's listing moves it on both (a
+/// differential fuzzer find: layerfs listed the upper directory plainly,
+/// so a failed `rmdir` made its access time now).
+#[test]
+fn emptiness_checks_leave_the_access_time() {
+    const SCRIPT: &str = r#"
+mkdir -p $L/d $L/e/x $U $W $M; echo x > $L/d/f
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+touch -a -d '2001-01-01 00:00:00' d e
+rmdir d 2>&1 | sed 's/.*: //'
+mkdir n; mv -T n d 2>&1 | sed 's/.*: //'; mv -T n e 2>&1 | sed 's/.*: //'
+touch -m -d '2002-02-02 00:00:00' d e
+stat -c '%n %x %y' d e
+ls d > /dev/null
+touch -m -d '2003-03-03 00:00:00' d
+stat -c "%x" d | grep -q "^2001-" && echo "d atime kept" || echo "d atime moved"
+cd /; umount $M
+"#;
+    same_on_kernel_and_layerfs(
+        "emptiness-atime",
+        SCRIPT,
+        &["d 2001-01-01 00:00:00.000000000 +0000 2002-02-02", "d atime moved"],
+    );
+}
+
 /// A file whose names all lead to one node keeps working through the
 /// names left when the name that node was last found by goes (unlinked,
 /// renamed over, moved and unlinked): writes, reads, chmod, xattrs,

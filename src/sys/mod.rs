@@ -516,9 +516,9 @@ pub fn read_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
     read_dir_from(openat(fd, c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?)
 }
 
-/// `read_dir` of a lower layer's directory, leaving its access time alone
-/// (`openat_noatime`).
-pub fn read_lower_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
+/// `read_dir` leaving the directory's access time alone (`openat_noatime`:
+/// lower layers' directories, and listings for layerfs's own checks).
+pub fn read_dir_noatime(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, u64, u8)>> {
     read_dir_from(openat_noatime(
         fd,
         c".",
