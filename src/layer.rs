@@ -55,7 +55,13 @@ impl Stack {
             let root = if writable {
                 sys::open_path_dir(&path)
             } else {
-                sys::open_lower_root(&path)
+                sys::open_private_lower_root(&path).or_else(|e| {
+                    log::debug!(
+                        "{}: no private read-only mount ({e}): opened in place",
+                        path.display()
+                    );
+                    sys::open_lower_root(&path)
+                })
             }?;
             let dev = sys::fstat(root.as_fd())?.st_dev;
             let fs_index = match devs.iter().position(|&d| d == dev) {

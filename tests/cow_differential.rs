@@ -5086,6 +5086,33 @@ done
     );
 }
 
+/// Lower layers are taken as the kernel's overlay takes them, in private
+/// read-only `noatime` copies of their mounts: reading a lower symlink
+/// (`readlink`, `ls -l`) leaves its access time in the layer as it was,
+/// and a mount made inside a lower layer's tree is not crossed — the
+/// overlay shows the directory under it. Before, layerfs's `readlinkat`
+/// moved the lower symlink's access time, and its lookups went into the
+/// bind mount.
+#[test]
+fn lower_layers_are_private_read_only_mounts() {
+    const SCRIPT: &str = r#"
+mkdir -p $L/sub $B/other $U $W $M
+ln -s target $L/s; touch -h -a -d '2001-01-01 00:00:00' $L/s
+echo under > $L/sub/hidden; echo other > $B/other/visible
+mount --bind $B/other $L/sub
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+readlink $M/s; ls -l $M/s | sed 's/.* -> /-> /'
+ls $M/sub; cat $M/sub/*
+umount $M; umount $L/sub
+stat -c '%x' $L/s | grep -q '^2001-' && echo "lower atime kept" || echo "lower atime moved"
+"#;
+    same_on_kernel_and_layerfs(
+        "private-lowers",
+        SCRIPT,
+        &["target\n-> target\nhidden\nunder\nlower atime kept"],
+    );
+}
+
 /// Checking whether a directory is empty (`rmdir`, a directory renamed
 /// over it) leaves its access time alone, as the kernel's overlay reads
 /// its layers with `O_NOATIME`; a reader's listing moves it on both (a
@@ -5110,7 +5137,10 @@ cd /; umount $M
     same_on_kernel_and_layerfs(
         "emptiness-atime",
         SCRIPT,
-        &["d 2001-01-01 00:00:00.000000000 +0000 2002-02-02", "d atime moved"],
+        &[
+            "d 2001-01-01 00:00:00.000000000 +0000 2002-02-02",
+            "d atime moved",
+        ],
     );
 }
 
