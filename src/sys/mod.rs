@@ -74,6 +74,7 @@ pub fn open_lower_root(path: &std::path::Path) -> io::Result<OwnedFd> {
 /// the kernel's overlay takes its layers: nothing done through it changes
 /// the layer, not even an access time (a `readlink` moves a symlink's
 /// otherwise), and mounts made inside the layer's tree are not crossed.
+/// Where the mount's atime setting is locked (rootless), read-only alone.
 /// Fails where this process may not clone mounts (no `CAP_SYS_ADMIN` over
 /// the mount, kernels before 5.12).
 pub fn open_private_lower_root(path: &std::path::Path) -> io::Result<OwnedFd> {
@@ -100,24 +101,36 @@ pub fn open_private_lower_root(path: &std::path::Path) -> io::Result<OwnedFd> {
     })?;
     // SAFETY: `tree` is fresh and owned by nobody else.
     let tree = unsafe { OwnedFd::from_raw_fd(tree as RawFd) };
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOATIME,
-        attr_clr: MOUNT_ATTR_ATIME_MASK,
-        propagation: 0,
-        userns_fd: 0,
+    let set = |attr_set, attr_clr| {
+        let attr = MountAttr {
+            attr_set,
+            attr_clr,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: `tree` is a live fd, the empty path is NUL-terminated and
+        // `attr` is a `struct mount_attr` of the size passed.
+        cvt_size(unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            ) as libc::ssize_t
+        })
     };
-    // SAFETY: `tree` is a live fd, the empty path is NUL-terminated and
-    // `attr` is a `struct mount_attr` of the size passed.
-    cvt_size(unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        ) as libc::ssize_t
-    })?;
+    match set(
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOATIME,
+        MOUNT_ATTR_ATIME_MASK,
+    ) {
+        // A mount whose atime setting is locked (one a user namespace got
+        // from its parent's, as a rootless daemon's): read-only alone, its
+        // reads opened `O_NOATIME` as before.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => set(MOUNT_ATTR_RDONLY, 0),
+        r => r,
+    }?;
     openat_noatime(
         std::os::fd::AsFd::as_fd(&tree),
         c".",
