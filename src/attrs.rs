@@ -15,8 +15,9 @@ use crate::sys::{self, xattr};
 /// `_IOR('X', 31, struct fsxattr)`: a file's extended flags (28 bytes).
 pub const FS_IOC_FSGETXATTR: u32 = libc::_IOR::<[u8; 28]>(b'X' as u32, 31) as u32;
 
-/// The access ACL's xattr name.
+/// The ACLs' xattr names.
 const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
 
 /// A time to set: a value, now, or unchanged.
 #[derive(Clone, Copy, Debug)]
@@ -264,7 +265,7 @@ impl OverlayFs {
         let node = self.node(ino)?;
         self.refuse_if(&node, protect::ANY, "removexattr")?;
         let c = xattr::name(&stored)?;
-        let acl = name == ACL_ACCESS || name == b"system.posix_acl_default";
+        let acl = name == ACL_ACCESS || name == ACL_DEFAULT;
         self.acl_kills_sgid(&node, name, caller)?;
         // Nothing to copy up for an xattr that is not there.
         match self.getxattr(ino, name) {

@@ -178,14 +178,15 @@ impl OverlayFs {
             if st.st_nlink > 1 || !ctx.origin.get() {
                 let up = sys::fstatat(dest.fd.as_fd(), &src.name).ctx(|| "stat copy".into())?;
                 let own = self.stack.map_ino(dest.layer, up.st_ino);
-                match st.st_nlink > 1 {
+                if st.st_nlink > 1 {
                     // A lower hard link (a per-name node): the copy is a new
                     // file with its own inode number, as with the kernel's
                     // index=off.
-                    true => self.nodes.set_st_ino(node, own),
+                    self.nodes.set_st_ino(node, own);
+                } else {
                     // A copy without an origin is found by its own number
                     // through its other names (`link`): this node.
-                    false => self.nodes.alias(node, own),
+                    self.nodes.alias(node, own);
                 }
             }
         }

@@ -175,8 +175,9 @@ pub struct NodeState {
     pub loc: Option<Loc>,
     /// For directories: the contributing layer directories, top to bottom.
     pub dirs: Box<[DirLayer]>,
-    /// An `O_PATH` fd kept when the object's last known name went away
-    /// (unlinked while open, or a hard link's other name).
+    /// An `O_PATH` fd kept when the name the node was last found by went
+    /// away (unlinked or renamed over, while open or while the file keeps
+    /// other names); an `O_TMPFILE` file's own fd.
     pub detached: Option<Arc<OwnedFd>>,
     /// `detached` is a lower layer's file (never copied up: changes through
     /// an open file of it fail, see `OverlayFs::change_loc`).

@@ -643,22 +643,10 @@ impl OverlayFs {
                 false => crate::protect::ANY,
             };
             self.refuse_if(&node, refused, "open for writing")?;
-            // An upper file whose name the node had is gone is opened
-            // through the object kept for it: it may have other names the
-            // kernel opens it by, or be reopened through `/proc/self/fd`.
-            let kept = node.read_state(|s| {
-                (s.loc.is_none() && !s.detached_lower)
-                    .then(|| s.detached.clone())
-                    .flatten()
-            });
-            let loc = match kept {
-                Some(fd) => Loc {
-                    layer: self.stack.upper().map_or(0, |u| u.index),
-                    dir: fd,
-                    name: crate::inode::Name::default(),
-                },
-                None => self.copy_up(&node, flags & libc::O_TRUNC != 0)?,
-            };
+            // An upper file whose name the node had is gone (it may have
+            // other names the kernel opens it by, or be reopened through
+            // `/proc/self/fd`) is opened through the object kept for it.
+            let loc = self.change_loc(&node, None, flags & libc::O_TRUNC != 0)?;
             // Without O_APPEND: writes come with their offsets (the kernel
             // keeps the position), which pwrite on an O_APPEND fd ignores;
             // but an append-only (chattr +a) file opens only with it.
@@ -1144,10 +1132,10 @@ impl OverlayFs {
     /// unescaped, `trusted.*` ones only if `sees_trusted` says the caller
     /// may see them (asked only if there are any; the kernel lists them to
     /// callers with CAP_SYS_ADMIN, though the daemon's own list has them).
-    /// The xattr names the caller may see; `probe` (a call with no buffer,
-    /// asking for the size): all the stored names, as the kernel's overlay
-    /// answers it — the size of the real list, the overlay's private xattrs
-    /// and `trusted.*` included (what a caller then reads is never longer).
+    /// For a `probe` (a call with no buffer, asking for the size): all the
+    /// stored names, as the kernel's overlay answers it — the size of the
+    /// real list, the overlay's private xattrs and `trusted.*` included
+    /// (what a caller then reads is never longer).
     pub fn listxattr(
         &self,
         ino: u64,

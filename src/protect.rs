@@ -19,9 +19,9 @@
 //! `FS_IOC_FSSETXATTR`, what `chattr` uses) copies the object up and
 //! records `+i`/`+a` in `overlay.protattr`, the other flags on the upper
 //! file, as the kernel's `ovl_fileattr_set`. As on the kernel, the flags
-//! are read once per object (here: at its first change; at each for a
-//! file with several names or open for writing) and changes made behind
-//! the mount are not seen meanwhile. An upper file's own flags are not
+//! are read once per object (here: at its first change; every later change
+//! of them goes through its one node) and changes made behind the mount
+//! are not seen meanwhile. An upper file's own flags are not
 //! read: its filesystem refuses what they forbid when layerfs makes the
 //! change there.
 //! Not enforced (the kernel checks them on its FUSE inode, before asking

@@ -5113,6 +5113,33 @@ stat -c '%x' $L/s | grep -q '^2001-' && echo "lower atime kept" || echo "lower a
     );
 }
 
+/// Reopening for writing (`/proc/self/fd`) a file whose name went: an
+/// upper one opens, a lower one fails with `EEXIST` as on the kernel (its
+/// copy-up finds the name taken). Both go through `change_loc`; the open
+/// path had its own copy of that rule and answered `ENOENT` for a lower
+/// file.
+#[test]
+fn reopening_a_file_whose_name_went() {
+    const SCRIPT: &str = r#"
+mkdir -p $L $U $W $M; echo x > $L/f; mkfifo $L/p
+$MNT_CMD lowerdir=$L,upperdir=$U,workdir=$W $M
+cd $M
+$PY -c "
+import os, errno
+fd = os.open('f', os.O_RDONLY); os.unlink('f')
+try:
+    w = os.open('/proc/self/fd/%d' % fd, os.O_WRONLY); print('reopen ok')
+except OSError as e: print('reopen', errno.errorcode[e.errno])
+open('g','w').write('u'); fd = os.open('g', os.O_RDONLY); os.unlink('g')
+try:
+    w = os.open('/proc/self/fd/%d' % fd, os.O_WRONLY); os.write(w, b'Z'); print('upper reopen ok')
+except OSError as e: print('upper reopen', errno.errorcode[e.errno])
+"
+cd /; umount $M
+"#;
+    same_on_kernel_and_layerfs("reopen-gone", SCRIPT, &["reopen EEXIST\nupper reopen ok"]);
+}
+
 /// Checking whether a directory is empty (`rmdir`, a directory renamed
 /// over it) leaves its access time alone, as the kernel's overlay reads
 /// its layers with `O_NOATIME`; a reader's listing moves it on both (a
